@@ -1,0 +1,1 @@
+"""Shard format, synthetic faces, the webdataset pipeline and the LightningDataModule."""

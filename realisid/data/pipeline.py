@@ -1,0 +1,203 @@
+"""From a decoded shard sample to a training example; the webdataset pipeline around it.
+
+An example holds everything the branches need, at the experiment's resolutions:
+``image`` (3,R,R) in [-1,1]; ``face_box`` and ``crop_box`` (4,) in R-pixels (the crop box is square, on the
+VAE grid, so it maps onto whole latent pixels); ``face_crop`` (3,P,P) from the FULL-resolution photo at the
+crop box; ``pe_map`` (3,P,P) in [0,1], the pose/expression contours in crop coordinates; ``loc_map`` (1,R,R);
+``id_image`` (3,S,S) and ``id_mask`` (1,S,S), the reference face (another photo of the person when the shard
+has one); ``id_embed`` (D,) with ``has_id_embed``; ``caption``; ``face_size`` (the bins' measure).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections import Counter
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from realisid.data.guidance import contour_map, location_map
+from realisid.data.shards import SampleError, check_shards_exist, decode_sample, expand_shards
+from realisid.geometry import expand_square_box, face_size, points_to_crop, square_window
+
+log = logging.getLogger(__name__)
+
+ID_CROP_EXPAND = 1.3   # the reference face crop: face box expanded 1.3x (also how ref.jpg is cut)
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL RGB to (3, H, W) float in [-1, 1]."""
+    arr = np.asarray(img, dtype=np.float32)
+    return torch.from_numpy(arr).permute(2, 0, 1).div_(127.5).sub_(1.0)
+
+
+def crop_resized(img: Image.Image, box: Sequence[float], size: int) -> Image.Image:
+    """``box`` (floats allowed, inside the image) of ``img`` resized to ``size`` x ``size``."""
+    return img.resize((size, size), Image.BICUBIC, box=tuple(float(v) for v in box), reducing_gap=2.0)
+
+
+def identity_crop(img: Image.Image, bbox: Sequence[float], size: int) -> tuple[Image.Image, np.ndarray]:
+    """Square face crop for the identity encoder and the face's mask in it, (size, size) float32."""
+    crop_box = expand_square_box(bbox, ID_CROP_EXPAND, img.width, img.height)
+    side = crop_box[2] - crop_box[0]
+    face = [(bbox[0] - crop_box[0]) * size / side, (bbox[1] - crop_box[1]) * size / side,
+            (bbox[2] - crop_box[0]) * size / side, (bbox[3] - crop_box[1]) * size / side]
+    return crop_resized(img, crop_box, size), location_map(face, size, size, square=False)
+
+
+def centred_mask(size: int, expand: float = ID_CROP_EXPAND) -> np.ndarray:
+    """The face mask of a reference crop cut with ``expand``: its central 1/expand square."""
+    m = size * (1 - 1 / expand) / 2
+    return location_map((m, m, size - m, size - m), size, size, square=False)
+
+
+def make_example(decoded: Mapping[str, Any], *, resolution: int, vae_scale_factor: int, local_latent_size: int,
+                 crop_expand: float, id_image_size: int, soft_location: bool = False) -> dict:
+    """One training example from :func:`realisid.data.shards.decode_sample` output."""
+    img: Image.Image = decoded["image"]
+    meta = decoded["meta"]
+    W, H = img.size
+    bbox = meta["bbox"]
+    win = square_window(W, H, bbox)
+    s = resolution / float(win[2] - win[0])
+    offset = np.array(win[:2], dtype=np.float32)
+
+    def to_global(pts):
+        return (np.asarray(pts, dtype=np.float32).reshape(-1, 2) - offset) * s
+
+    face_box = to_global(np.reshape(bbox, (2, 2))).reshape(4)
+    face_box = np.clip(face_box, 0, resolution)
+    if face_box[2] - face_box[0] < 1 or face_box[3] - face_box[1] < 1:
+        raise SampleError("face_outside_view", decoded["key"], f"face box {bbox} is outside the square view {win}")
+    kps = to_global(meta["kps"])
+    landmarks = {k: to_global(v) for k, v in (meta.get("landmarks") or {}).items()}
+    image = crop_resized(img, win, resolution)
+    crop_box = expand_square_box(face_box, crop_expand, resolution, resolution, multiple=vae_factor_ok(vae_scale_factor))
+    local_px = local_latent_size * vae_scale_factor
+    full_crop_box = [crop_box[0] / s + offset[0], crop_box[1] / s + offset[1], crop_box[2] / s + offset[0], crop_box[3] / s + offset[1]]
+    face_crop = crop_resized(img, full_crop_box, local_px)
+    pe_map = contour_map(kps, landmarks, crop_box, local_px)
+    loc = location_map(face_box, resolution, resolution, soft=soft_location)
+    if decoded.get("ref") is not None:
+        id_img, id_mask = decoded["ref"].resize((id_image_size, id_image_size), Image.BICUBIC), centred_mask(id_image_size)
+    else:
+        id_img, id_mask = identity_crop(img, bbox, id_image_size)
+    emb = decoded.get("id_embed")
+    return {
+        "key": decoded["key"],
+        "image": to_tensor(image),
+        "face_box": torch.tensor(face_box, dtype=torch.float32),
+        "crop_box": torch.tensor(crop_box, dtype=torch.long),
+        "kps": torch.from_numpy(kps),
+        "face_crop": to_tensor(face_crop),
+        "pe_map": torch.from_numpy(pe_map.astype(np.float32) / 255.0).permute(2, 0, 1),
+        "loc_map": torch.from_numpy(loc)[None],
+        "id_image": to_tensor(id_img),
+        "id_mask": torch.from_numpy(id_mask)[None],
+        "id_embed": torch.from_numpy(emb) if emb is not None else torch.zeros(0),
+        "has_id_embed": emb is not None,
+        "caption": str(meta.get("caption") or ""),
+        "face_size": float(face_size(bbox, W, H)),
+    }
+
+
+def vae_factor_ok(f: int) -> int:
+    if f < 1 or f & (f - 1):
+        raise ValueError(f"VAE scale factor {f} must be a power of two")
+    return f
+
+
+def collate(examples: Sequence[dict]) -> dict:
+    out: dict[str, Any] = {}
+    for k in examples[0]:
+        vals = [e[k] for e in examples]
+        if k == "id_embed":
+            sizes = {v.numel() for v in vals}
+            out[k] = torch.stack(vals) if len(sizes) == 1 else torch.stack([v if v.numel() else torch.zeros(max(sizes)) for v in vals])
+        elif isinstance(vals[0], torch.Tensor):
+            out[k] = torch.stack(vals)
+        elif isinstance(vals[0], bool):
+            out[k] = torch.tensor(vals)
+        elif isinstance(vals[0], float):
+            out[k] = torch.tensor(vals, dtype=torch.float32)
+        else:
+            out[k] = vals
+    return out
+
+
+class ExampleMaker:
+    """Picklable map function for webdataset workers: decode, build, and count what had to be skipped."""
+
+    def __init__(self, embed_dim: int | None = None, **example_kwargs: Any):
+        self.embed_dim = embed_dim
+        self.kwargs = example_kwargs
+        self.skipped: Counter = Counter()
+
+    def __call__(self, raw: Mapping[str, Any]) -> dict | None:
+        try:
+            ex = make_example(decode_sample(raw, self.embed_dim), **self.kwargs)
+        except SampleError as err:
+            self.skipped[err.reason] += 1
+            n = sum(self.skipped.values())
+            if n <= 5 or n % 100 == 0:
+                log.warning("skipped %s (%d skipped so far in this worker: %s)", err, n, dict(self.skipped))
+            return None
+        ex["skipped"] = sum(self.skipped.values())
+        return ex
+
+
+def skip_bad_tar(exn: Exception) -> bool:
+    """webdataset handler: a corrupt tar member or unreadable shard is logged and skipped."""
+    log.warning("skipped unreadable shard data: %s: %s", type(exn).__name__, exn)
+    return True
+
+
+def train_dataset(urls: Sequence[str], maker: ExampleMaker, *, batch_size: int, shuffle_buffer: int, batches_per_epoch: int,
+                  num_workers: int, resampled: bool, world_size: int, seed: int):
+    """The webdataset training pipeline, with equal batches on every rank and worker.
+
+    ``resampled``: every worker draws shards at random with replacement (any shard count works, any number
+    of ranks). Otherwise shards are split over ranks and workers, which needs at least ranks x workers shards.
+    ``with_epoch`` fixes the batches each worker yields, so all ranks step equally and DDP never waits on a
+    rank that ran out of data.
+    """
+    import webdataset as wds
+
+    urls = list(urls)
+    per_worker = max(1, math.ceil(batches_per_epoch / max(1, num_workers)))
+    if resampled:
+        ds = wds.WebDataset(urls, resampled=True, shardshuffle=True, handler=skip_bad_tar, empty_check=False, seed=seed)
+    else:
+        needed = world_size * max(1, num_workers)
+        if len(urls) < needed:
+            raise ValueError(f"{len(urls)} train shards for {world_size} ranks x {max(1, num_workers)} workers = {needed} readers: "
+                             "some would get no data and DDP would hang; write more shards, lower data.num_workers, or set data.resampled=true")
+        ds = wds.WebDataset(urls, shardshuffle=len(urls), nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker,
+                            handler=skip_bad_tar, empty_check=False, seed=seed).repeat()
+    ds = ds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100)).map(maker).select(lambda x: x is not None)
+    return ds.batched(batch_size, collation_fn=collate, partial=False).with_epoch(per_worker)
+
+
+def load_examples(urls: Sequence[str], maker: ExampleMaker, limit: int) -> list[dict]:
+    """The first ``limit`` good examples of ``urls`` in order (validation sets are small and fixed)."""
+    import webdataset as wds
+
+    out = []
+    for raw in wds.WebDataset(list(urls), shardshuffle=False, handler=skip_bad_tar, empty_check=False):
+        ex = maker(raw)
+        if ex is not None:
+            out.append(ex)
+        if len(out) >= limit:
+            break
+    return out
+
+
+def resolve_shards(spec, what: str) -> list[str]:
+    return check_shards_exist(expand_shards(spec), what)
+
+
+def default_num_workers(requested: int) -> int:
+    return max(0, min(int(requested), (os.cpu_count() or 1)))

@@ -1,0 +1,313 @@
+"""The shard format: the contract between the shard builder (and the synthetic generator) and the pipeline.
+
+One sample is a group of tar members sharing a key (see DESIGN.md):
+``KEY.jpg`` full RGB image, ``KEY.json`` face metadata, optional ``KEY.id.npy`` identity embedding and
+optional ``KEY.ref.jpg`` reference face from another photo of the same identity. Beside the shards,
+``NAME.manifest.json`` counts what was kept and rejected. Nothing here ever unpickles.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import glob
+import io
+import json
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from realisid.geometry import DEFAULT_BINS, face_scale, face_size, scale_bin
+
+log = logging.getLogger(__name__)
+
+REQUIRED_KEYS = ("width", "height", "bbox", "kps")
+# Decompression-bomb guard: larger images are refused, not decoded (bounded memory).
+MAX_PIXELS = 64_000_000
+
+
+class SampleError(ValueError):
+    """A sample that cannot be used; ``reason`` is the short code counted in manifests and logs."""
+
+    def __init__(self, reason: str, key: str, detail: str):
+        super().__init__(f"sample {key!r}: {reason}: {detail}")
+        self.reason = reason
+        self.key = key
+        self.detail = detail
+
+
+def decode_image(data: bytes, key: str = "?", max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Bytes to an RGB PIL image with EXIF orientation applied; any failure is a ``corrupt_image``."""
+    if not data:
+        raise SampleError("corrupt_image", key, "zero-byte image")
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            w, h = probe.size
+        if w * h > max_pixels:
+            raise SampleError("huge_image", key, f"{w}x{h} exceeds {max_pixels} pixels")
+        img = Image.open(io.BytesIO(data))
+        img.load()
+        img = ImageOps.exif_transpose(img)
+    except SampleError:
+        raise
+    except Exception as exc:  # PIL raises many types for bad files
+        raise SampleError("corrupt_image", key, f"{type(exc).__name__}: {exc}") from None
+    return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB from any mode: 16-bit and float greyscale are rescaled, alpha is composited on white."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def encode_jpeg(img: Image.Image, quality: int = 95) -> bytes:
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def encode_npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(arr, dtype=np.float32), allow_pickle=False)
+    return buf.getvalue()
+
+
+def decode_npy(data: bytes, key: str = "?", dim: int | None = None) -> np.ndarray:
+    try:
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as exc:
+        raise SampleError("bad_embedding", key, f"unreadable .npy ({type(exc).__name__}: {exc})") from None
+    arr = np.asarray(arr, dtype=np.float32).reshape(-1)
+    if dim is not None and arr.shape[0] != dim:
+        raise SampleError("bad_embedding", key, f"embedding has {arr.shape[0]} values, expected {dim}")
+    if not np.all(np.isfinite(arr)):
+        raise SampleError("nan_embedding", key, "embedding contains NaN or Inf")
+    return arr
+
+
+def validate_meta(meta: Any, key: str) -> dict:
+    """Check a sample's JSON against the shard format; returns it with numeric fields as floats."""
+    if not isinstance(meta, dict):
+        raise SampleError("malformed_json", key, f"expected an object, got {type(meta).__name__}")
+    missing = [k for k in REQUIRED_KEYS if k not in meta]
+    if missing:
+        raise SampleError("malformed_json", key, f"missing fields {missing}")
+    try:
+        bbox = [float(v) for v in meta["bbox"]]
+        kps = np.asarray(meta["kps"], dtype=np.float32)
+        width, height = int(meta["width"]), int(meta["height"])
+    except (TypeError, ValueError) as exc:
+        raise SampleError("malformed_json", key, f"bad bbox/kps/size: {exc}") from None
+    if len(bbox) != 4 or not bbox[2] > bbox[0] or not bbox[3] > bbox[1]:
+        raise SampleError("malformed_json", key, f"bbox {bbox} is not x0<x1, y0<y1")
+    if kps.shape != (5, 2) or not np.all(np.isfinite(kps)):
+        raise SampleError("malformed_json", key, f"kps must be 5 finite [x, y] pairs, got shape {kps.shape}")
+    out = dict(meta)
+    out.update(bbox=bbox, kps=kps.tolist(), width=width, height=height)
+    return out
+
+
+def decode_sample(raw: Mapping[str, Any], embed_dim: int | None = None) -> dict:
+    """A raw webdataset sample (member suffix -> bytes) to ``{key, image, meta, id_embed, ref}``.
+
+    Raises :class:`SampleError` with a reason code for anything unusable.
+    """
+    key = str(raw.get("__key__", "?"))
+    if "json" not in raw:
+        raise SampleError("missing_json", key, "no .json member")
+    if "jpg" not in raw:
+        raise SampleError("missing_image", key, "no .jpg member")
+    try:
+        meta = json.loads(raw["json"])
+    except Exception as exc:
+        raise SampleError("malformed_json", key, f"{type(exc).__name__}: {exc}") from None
+    meta = validate_meta(meta, key)
+    image = decode_image(raw["jpg"], key)
+    if image.size != (meta["width"], meta["height"]):
+        raise SampleError("malformed_json", key, f"json size {meta['width']}x{meta['height']} != image size {image.size[0]}x{image.size[1]}")
+    id_embed = decode_npy(raw["id.npy"], key, embed_dim) if "id.npy" in raw else None
+    ref = decode_image(raw["ref.jpg"], key) if "ref.jpg" in raw else None
+    return {"key": key, "image": image, "meta": meta, "id_embed": id_embed, "ref": ref}
+
+
+def face_meta(image_size: tuple[int, int], bbox: Sequence[float], kps: np.ndarray, *, det_score: float,
+              identity: str | None, caption: str, source: str, landmarks: Mapping[str, Any] | None = None) -> dict:
+    """The JSON record of one sample, as DESIGN.md specifies it."""
+    width, height = image_size
+    meta = {
+        "width": int(width),
+        "height": int(height),
+        "bbox": [round(float(v), 3) for v in bbox],
+        "kps": [[round(float(x), 3), round(float(y), 3)] for x, y in np.asarray(kps).reshape(5, 2)],
+        "det_score": round(float(det_score), 4),
+        "face_scale": round(face_scale(bbox, height), 5),
+        "identity": identity,
+        "caption": caption,
+        "source": source,
+    }
+    if landmarks is not None:
+        meta["landmarks"] = {k: [[round(float(x), 3), round(float(y), 3)] for x, y in v] for k, v in landmarks.items()}
+    return meta
+
+
+@dataclass
+class ShardManifest:
+    name: str
+    face_model: str
+    bins: Mapping[str, Sequence[float]] = field(default_factory=lambda: dict(DEFAULT_BINS))
+    shards: list[str] = field(default_factory=list)
+    shard_counts: dict[str, int] = field(default_factory=dict)
+    kept: int = 0
+    rejected: Counter = field(default_factory=Counter)
+    bin_counts: Counter = field(default_factory=Counter)
+    size_histogram: Counter = field(default_factory=Counter)
+    identities: Counter = field(default_factory=Counter)
+    extra: dict = field(default_factory=dict)
+
+    def add(self, meta: Mapping[str, Any]) -> None:
+        self.kept += 1
+        size = face_size(meta["bbox"], meta["width"], meta["height"])
+        self.bin_counts[scale_bin(size, self.bins)] += 1
+        self.size_histogram[f"{min(int(size * 20), 19) / 20:.2f}"] += 1  # 0.05-wide bins of face size
+        if meta.get("identity") is not None:
+            self.identities[str(meta["identity"])] += 1
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "face_model": self.face_model,
+            "shards": self.shards,
+            "shard_counts": self.shard_counts,
+            "kept": self.kept,
+            "rejected": dict(sorted(self.rejected.items())),
+            "face_size_bins": {k: self.bin_counts.get(k, 0) for k in self.bins},
+            "face_size_histogram": dict(sorted(self.size_histogram.items())),
+            "identities": dict(sorted(self.identities.items())),
+            **self.extra,
+        }
+
+
+class FaceShardWriter:
+    """Writes samples into ``OUT_DIR/NAME-000000.tar``... and ``OUT_DIR/NAME.manifest.json``.
+
+    Each shard is written to ``.tar.tmp`` and renamed when full, so an interrupted run never leaves a
+    truncated ``.tar`` that readers would take for a finished shard.
+    """
+
+    def __init__(self, out_dir: str, name: str, *, face_model: str, maxcount: int = 1000,
+                 bins: Mapping[str, Sequence[float]] | None = None, start_index: int = 0):
+        import webdataset as wds  # local import keeps `import realisid` light
+
+        self._wds = wds
+        self.out_dir = out_dir
+        self.name = name
+        self.maxcount = int(maxcount)
+        os.makedirs(out_dir, exist_ok=True)
+        self.manifest = ShardManifest(name=name, face_model=face_model, bins=bins or dict(DEFAULT_BINS))
+        self._index = start_index
+        self._writer = None
+        self._count = 0
+        self._tmp = None
+
+    def _open(self) -> None:
+        final = os.path.join(self.out_dir, f"{self.name}-{self._index:06d}.tar")
+        self._tmp = final + ".tmp"
+        self._final = final
+        self._writer = self._wds.TarWriter(self._tmp)
+        self._count = 0
+
+    def _finish(self) -> None:
+        if self._writer is None:
+            return
+        self._writer.close()
+        os.replace(self._tmp, self._final)
+        base = os.path.basename(self._final)
+        self.manifest.shards.append(base)
+        self.manifest.shard_counts[base] = self._count
+        self._writer = None
+        self._index += 1
+
+    def write(self, key: str, image: Image.Image, meta: Mapping[str, Any], *, id_embed: np.ndarray | None = None,
+              ref: Image.Image | None = None, jpeg_quality: int = 95) -> None:
+        meta = validate_meta(dict(meta), key)
+        if (image.width, image.height) != (meta["width"], meta["height"]):
+            raise ValueError(f"sample {key!r}: image is {image.size}, meta says {meta['width']}x{meta['height']}")
+        if self._writer is None:
+            self._open()
+        sample = {"__key__": key, "jpg": encode_jpeg(image, jpeg_quality), "json": json.dumps(meta).encode()}
+        if id_embed is not None:
+            sample["id.npy"] = encode_npy(id_embed)
+        if ref is not None:
+            sample["ref.jpg"] = encode_jpeg(ref, jpeg_quality)
+        self._writer.write(sample)
+        self._count += 1
+        self.manifest.add(meta)
+        if self._count >= self.maxcount:
+            self._finish()
+
+    def reject(self, reason: str) -> None:
+        self.manifest.rejected[reason] += 1
+
+    def close(self) -> dict:
+        self._finish()
+        manifest = self.manifest.to_json()
+        path = os.path.join(self.out_dir, f"{self.name}.manifest.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(manifest, f, indent=2)
+        os.replace(path + ".tmp", path)
+        log.info("wrote %d samples in %d shards to %s", manifest["kept"], len(manifest["shards"]), self.out_dir)
+        return manifest
+
+    def __enter__(self) -> "FaceShardWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def expand_shards(spec: str | Sequence[str]) -> list[str]:
+    """Shard URLs from a brace pattern (``a-{000000..000007}.tar``), a glob, a directory or a list."""
+    import braceexpand
+
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    urls: list[str] = []
+    for s in specs:
+        s = str(s)
+        if os.path.isdir(s):
+            urls.extend(sorted(glob.glob(os.path.join(s, "*.tar"))))
+        elif any(c in s for c in "*?["):
+            urls.extend(sorted(glob.glob(s)))
+        else:
+            urls.extend(braceexpand.braceexpand(s))
+    return urls
+
+
+def check_shards_exist(urls: Iterable[str], what: str) -> list[str]:
+    urls = list(urls)
+    if not urls:
+        raise FileNotFoundError(f"{what}: the shard pattern matched no files; set it to a tar pattern like data/shards/NAME/NAME-{{000000..000009}}.tar")
+    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    missing = [u for u in local if not os.path.exists(u)]
+    if missing:
+        raise FileNotFoundError(f"{what}: {len(missing)} of {len(urls)} shards do not exist, first {missing[0]!r}; build them with `make shards` or fix the path")
+    return urls
+
+
+def read_manifest(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)

@@ -1,0 +1,1 @@
+"""Backbone loading, identity encoders and projector, the local and global ControlNet branches."""

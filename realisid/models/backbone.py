@@ -1,0 +1,192 @@
+"""The frozen text-to-image backbone: UNet, VAE, text encoder(s), tokenizer(s), noise scheduler.
+
+Loaded from a local diffusers folder (``model.pretrained``), in the SD1.5 layout or the SDXL layout (two text
+encoders and the added time ids), or built at random from the tiny config for tests. The code after loading
+is the same for all of them.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+SD15_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SDXL_PARTS = SD15_PARTS + ("text_encoder_2", "tokenizer_2")
+
+
+@dataclass
+class TextConditioning:
+    """What the UNet (and the ControlNets) need from the prompt."""
+
+    embeds: torch.Tensor                                  # (B, L, cross_attention_dim)
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None   # SDXL: text_embeds (pooled) and time_ids
+
+
+class Backbone(nn.Module):
+    """Holds the frozen parts; ``encode_text``, ``encode_images``, ``decode_latents`` are its whole API."""
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler_config: Mapping[str, Any], layout: str = "sd15",
+                 text_encoder_2=None, tokenizer_2=None, name: str = "tiny-random"):
+        super().__init__()
+        if layout not in ("sd15", "sdxl"):
+            raise ValueError(f"model.layout={layout!r}; valid layouts: sd15, sdxl")
+        self.unet = unet
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.text_encoder_2 = text_encoder_2
+        self.tokenizer = tokenizer
+        self.tokenizer_2 = tokenizer_2
+        self.scheduler_config = dict(scheduler_config)
+        self.layout = layout
+        self.name = name
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True):  # frozen: always in eval mode (no dropout, fixed norms)
+        return super().train(False)
+
+    @property
+    def cross_attention_dim(self) -> int:
+        return int(self.unet.config.cross_attention_dim)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.unet.config.in_channels)
+
+    def noise_scheduler(self):
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler.from_config(self.scheduler_config)
+
+    def sampling_scheduler(self, kind: str = "ddim"):
+        from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+        kinds = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}
+        if kind not in kinds:
+            raise ValueError(f"scheduler {kind!r} unknown; valid: {', '.join(kinds)}")
+        return kinds[kind].from_config(self.scheduler_config)
+
+    def _tokenize(self, tokenizer, prompts: Sequence[str]) -> torch.Tensor:
+        ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids
+        return ids.to(self.unet.device)
+
+    @torch.no_grad()
+    def encode_text(self, prompts: Sequence[str], image_hw: tuple[int, int] | None = None) -> TextConditioning:
+        if self.layout == "sd15":
+            out = self.text_encoder(self._tokenize(self.tokenizer, prompts))
+            return TextConditioning(out[0].to(self.unet.dtype))
+        # SDXL: penultimate hidden states of both encoders concatenated; pooled output of the second
+        h1 = self.text_encoder(self._tokenize(self.tokenizer, prompts), output_hidden_states=True).hidden_states[-2]
+        out2 = self.text_encoder_2(self._tokenize(self.tokenizer_2, prompts), output_hidden_states=True)
+        embeds = torch.cat([h1, out2.hidden_states[-2]], dim=-1).to(self.unet.dtype)
+        h, w = image_hw or (self.unet.config.sample_size * self.vae_scale_factor,) * 2
+        time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=embeds.dtype, device=embeds.device).repeat(len(prompts), 1)
+        return TextConditioning(embeds, {"text_embeds": out2[0].to(embeds.dtype), "time_ids": time_ids})
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images in [-1, 1] to scaled latents (sampled from the VAE posterior)."""
+        dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
+        z = dist.sample(generator) if generator is not None else dist.sample()
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return ((z - shift) * self.vae.config.scaling_factor).to(self.unet.dtype)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        z = latents.to(self.vae.dtype) / self.vae.config.scaling_factor + shift
+        return self.vae.decode(z).sample.clamp(-1, 1)
+
+
+def _missing_parts(path: str, layout: str | None) -> list[str]:
+    parts = SDXL_PARTS if layout == "sdxl" else SD15_PARTS
+    return [p for p in parts if not os.path.isdir(os.path.join(path, p))]
+
+
+def detect_layout(path: str) -> str:
+    return "sdxl" if os.path.isdir(os.path.join(path, "text_encoder_2")) else "sd15"
+
+
+def load_pretrained_backbone(path: str, layout: str | None = None, dtype: torch.dtype = torch.float32) -> Backbone:
+    """Load every part from a local diffusers folder; errors name the folder and what is missing."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    path = os.path.expanduser(str(path))
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model.pretrained='{path}' is not a folder; point it at a local diffusers model folder "
+                                f"(with {', '.join(SD15_PARTS)}), e.g. a snapshot of stable-diffusion-v1-5")
+    layout = layout or detect_layout(path)
+    missing = _missing_parts(path, layout)
+    if missing:
+        raise FileNotFoundError(f"model.pretrained='{path}' lacks {', '.join(m + '/' for m in missing)} "
+                                f"needed for the {layout} layout; use a complete diffusers folder")
+    from diffusers import DDPMScheduler
+
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype)
+    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype)
+    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+    scheduler_config = DDPMScheduler.load_config(path, subfolder="scheduler")
+    te2 = tok2 = None
+    if layout == "sdxl":
+        te2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", torch_dtype=dtype)
+        tok2 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2")
+    log.info("loaded %s backbone from %s", layout, path)
+    return Backbone(unet, vae, text_encoder, tokenizer, scheduler_config, layout, te2, tok2, name=path)
+
+
+def build_tiny_backbone(cfg: Mapping[str, Any], seed: int = 0) -> Backbone:
+    """Random tiny backbone from the ``model.tiny`` config (diffusers test sizes), SD1.5 layout."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from realisid.models.tokenizer import CAPTION_WORDS, build_tiny_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = build_tiny_tokenizer(CAPTION_WORDS, max_length=int(cfg["text"]["max_position_embeddings"]))
+    text_cfg = dict(cfg["text"])
+    text_cfg["vocab_size"] = len(tokenizer)
+    text_encoder = CLIPTextModel(CLIPTextConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                                pad_token_id=tokenizer.pad_token_id, **text_cfg))
+    unet = UNet2DConditionModel(**_plain(cfg["unet"]))
+    vae = AutoencoderKL(**_plain(cfg["vae"]))
+    return Backbone(unet, vae, text_encoder, tokenizer, _plain(cfg["scheduler"]), "sd15", name="tiny-random")
+
+
+def save_backbone(backbone: Backbone, path: str) -> None:
+    """Write the backbone as a diffusers folder that :func:`load_pretrained_backbone` reads back."""
+    import json
+
+    from diffusers import DDPMScheduler
+
+    backbone.unet.save_pretrained(os.path.join(path, "unet"))
+    backbone.vae.save_pretrained(os.path.join(path, "vae"))
+    backbone.text_encoder.save_pretrained(os.path.join(path, "text_encoder"))
+    backbone.tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
+    DDPMScheduler.from_config(backbone.scheduler_config).save_pretrained(os.path.join(path, "scheduler"))
+    with open(os.path.join(path, "model_index.json"), "w") as f:
+        json.dump({"_class_name": "StableDiffusionPipeline", "_realisid": "tiny base trained on synthetic faces (stand-in)"}, f, indent=2)
+
+
+def _plain(node) -> dict:
+    from omegaconf import DictConfig, OmegaConf
+
+    d = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+
+def load_backbone(model_cfg: Mapping[str, Any], seed: int = 0) -> Backbone:
+    """``model.pretrained`` set: load that folder; unset: the random tiny backbone."""
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[model_cfg.get("backbone_dtype", "fp32")]
+    if model_cfg.get("pretrained"):
+        return load_pretrained_backbone(model_cfg["pretrained"], model_cfg.get("layout"), dtype)
+    return build_tiny_backbone(model_cfg["tiny"], seed)

@@ -1,0 +1,147 @@
+"""The two trainable ControlNet branches of RealisID.
+
+Both are diffusers ``ControlNetModel`` s initialised from the frozen UNet that cross-attend to the identity
+tokens (where a ControlNet usually takes text). The ControlNet's conditioning embedding ends in a
+zero-initialised conv, so the guidance map enters as ``zero_conv(c)`` added after ``conv_in``.
+
+- :class:`LocalBranch` runs on the noisy latent cropped at the face box and up-sampled to ``latent_size``,
+  guided by the pose/expression contour map, then relocates each residual to the box.
+- :class:`GlobalBranch` runs on the whole noisy latent, guided by the location map.
+
+A branch exports as a folder: the ControlNet in diffusers format (``ControlNetModel.from_pretrained(folder)``
+loads it as it is) plus ``realisid_branch.json`` with the branch settings.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from realisid.models.relocate import crop_resize, relocate, relocate_native
+
+Residuals = tuple[list[torch.Tensor], torch.Tensor]
+BRANCH_FILE = "realisid_branch.json"
+
+
+class _ControlBranch(nn.Module):
+    kind = "?"
+
+    def __init__(self, controlnet, **settings: Any):
+        super().__init__()
+        self.controlnet = controlnet
+        self.settings = settings
+
+    @classmethod
+    def from_unet(cls, unet, conditioning_channels: int, conditioning_embedding_out_channels: Sequence[int],
+                  load_weights_from_unet: bool = True, **settings: Any):
+        from diffusers import ControlNetModel
+
+        cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=tuple(conditioning_embedding_out_channels),
+                                       load_weights_from_unet=load_weights_from_unet, conditioning_channels=conditioning_channels)
+        return cls(cn, **settings)
+
+    @property
+    def cond_scale_factor(self) -> int:
+        """Pixels of guidance map per latent pixel (the conditioning embedding's down-sampling)."""
+        return 2 ** (len(self.controlnet.config.conditioning_embedding_out_channels) - 1)
+
+    def _run(self, sample, timesteps, id_tokens, cond, added_cond_kwargs=None) -> Residuals:
+        if cond.shape[-1] != sample.shape[-1] * self.cond_scale_factor:
+            raise ValueError(f"{self.kind} guidance map is {tuple(cond.shape[-2:])} but the latent is {tuple(sample.shape[-2:])}; "
+                             f"it must be {self.cond_scale_factor}x the latent (set data.resolution / model.local.latent_size consistently)")
+        down, mid = self.controlnet(sample, timesteps, encoder_hidden_states=id_tokens, controlnet_cond=cond.to(sample.dtype),
+                                    added_cond_kwargs=added_cond_kwargs, return_dict=False)
+        return list(down), mid
+
+    def save_pretrained(self, path: str) -> None:
+        self.controlnet.save_pretrained(path, safe_serialization=True)
+        with open(os.path.join(path, BRANCH_FILE), "w") as f:
+            json.dump({"kind": self.kind, **self.settings}, f, indent=2)
+
+    @classmethod
+    def from_pretrained(cls, path: str, **overrides: Any):
+        from diffusers import ControlNetModel
+
+        meta_path = os.path.join(path, BRANCH_FILE)
+        if not os.path.exists(meta_path):
+            raise FileNotFoundError(f"'{path}' is not an exported RealisID branch (no {BRANCH_FILE}); export one with `realisid train` or point at RUN_DIR/export/<branch>")
+        with open(meta_path) as f:
+            settings = json.load(f)
+        if settings.pop("kind") != cls.kind:
+            raise ValueError(f"'{path}' holds a different branch kind than {cls.kind}")
+        settings.update(overrides)
+        return cls(ControlNetModel.from_pretrained(path), **settings)
+
+
+class LocalBranch(_ControlBranch):
+    kind = "local"
+
+    def __init__(self, controlnet, latent_size: int = 16, upsample: bool = True):
+        super().__init__(controlnet, latent_size=int(latent_size), upsample=bool(upsample))
+        self.latent_size = int(latent_size)
+        self.upsample = bool(upsample)
+
+    def forward(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, id_tokens: torch.Tensor, pe_map: torch.Tensor,
+                boxes: torch.Tensor, added_cond_kwargs: dict | None = None) -> Residuals:
+        """Residuals for the full-size UNet, non-zero only inside each face box.
+
+        ``boxes``: (B, 4) integer latent-pixel crop boxes; ``pe_map``: (B, 3, latent_size * f, latent_size * f).
+        """
+        latent_hw = tuple(noisy_latents.shape[-2:])
+        if not self.upsample:
+            return self._forward_native(noisy_latents, timesteps, id_tokens, pe_map, boxes, added_cond_kwargs)
+        crops = crop_resize(noisy_latents, boxes, self.latent_size)
+        down, mid = self._run(crops, timesteps, id_tokens, pe_map, added_cond_kwargs)
+        down = [relocate(r, boxes, latent_hw, self.latent_size) for r in down]
+        return down, relocate(mid, boxes, latent_hw, self.latent_size)
+
+    def _forward_native(self, noisy_latents, timesteps, id_tokens, pe_map, boxes, added_cond_kwargs) -> Residuals:
+        """Ablation: each crop at its own size (padded to the UNet's down-sampling), one pass per sample."""
+        import torch.nn.functional as F
+
+        multiple = 2 ** (len(self.controlnet.config.block_out_channels) - 1)
+        latent_hw = tuple(noisy_latents.shape[-2:])
+        outs: list[Residuals] = []
+        crops = crop_resize(noisy_latents, boxes, None)
+        t = timesteps.expand(len(crops)) if timesteps.ndim else timesteps.repeat(len(crops))
+        for i, crop in enumerate(crops):
+            h, w = crop.shape[-2:]
+            ph, pw = -h % multiple, -w % multiple
+            padded = F.pad(crop, (0, pw, 0, ph))
+            cond = F.interpolate(pe_map[i : i + 1], size=(h * self.cond_scale_factor, w * self.cond_scale_factor), mode="bilinear", antialias=True)
+            cond = F.pad(cond, (0, pw * self.cond_scale_factor, 0, ph * self.cond_scale_factor))
+            added = {k: v[i : i + 1] for k, v in added_cond_kwargs.items()} if added_cond_kwargs else None
+            down, mid = self._run(padded, t[i : i + 1], id_tokens[i : i + 1], cond, added)
+            box = [int(v) for v in torch.as_tensor(boxes[i]).tolist()]
+
+            def paste(r):  # drop the padding, then relocate at the residual's scale
+                s = r.shape[-2] / padded.shape[-2]
+                rh, rw = max(1, round(h * s)), max(1, round(w * s))
+                return relocate_native(r[..., :rh, :rw], box, latent_hw, (h, w))
+
+            outs.append(([paste(r) for r in down], paste(mid)))
+        down = [torch.cat([o[0][k] for o in outs], 0) for k in range(len(outs[0][0]))]
+        return down, torch.cat([o[1] for o in outs], 0)
+
+
+class GlobalBranch(_ControlBranch):
+    kind = "global"
+
+    def __init__(self, controlnet, soft_location: bool = False):
+        super().__init__(controlnet, soft_location=bool(soft_location))
+
+    def forward(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, id_tokens: torch.Tensor, loc_map: torch.Tensor,
+                added_cond_kwargs: dict | None = None) -> Residuals:
+        return self._run(noisy_latents, timesteps, id_tokens, loc_map, added_cond_kwargs)
+
+
+def add_residuals(*parts: Residuals | None) -> Residuals | None:
+    """Sum residual sets (local + global into one UNet forward); ``None`` entries are skipped."""
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        return None
+    down = [sum(p[0][k] for p in parts) for k in range(len(parts[0][0]))]
+    return down, sum(p[1] for p in parts)

@@ -1,0 +1,164 @@
+"""Identity tokens ``p_id``: a frozen identity encoder, then a trainable projection to token space.
+
+Encoders (``model.id_encoder.kind``):
+- ``clip``: CLIP image encoder on the face crop with the background zeroed, penultimate hidden states
+  (the paper's choice); weights from a local folder, or a tiny random CLIP vision model for tests.
+- ``arcface``: an insightface recognition model (.onnx in a model folder), as InstantID / IP-Adapter-FaceID.
+- ``standin``: the small ArcFace-style network trained on the synthetic identities (embedded default).
+All take ``(B, 3, S, S)`` face crops in [-1, 1] plus a ``(B, 1, S, S)`` face mask, and return either
+``(B, D)`` embeddings or ``(B, N, D)`` token features.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+ENCODER_KINDS = ("standin", "arcface", "clip")
+
+
+class IdentityEncoder(nn.Module):
+    """Frozen; subclasses implement ``_encode``."""
+
+    name = "?"
+    embed_dim = 0
+    sequence = False       # (B, N, D) token features instead of one (B, D) vector
+    mask_background = False
+
+    def __init__(self):
+        super().__init__()
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.mask_background and mask is not None:
+            images = images * mask + (1 - mask) * -1.0   # background to black, as the paper zeroes it
+        return self._encode(images)
+
+    def _encode(self, images: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class StandInEncoder(IdentityEncoder):
+    def __init__(self, path: str):
+        super().__init__()
+        from realisid.faces.standin import STANDIN_NAME, load_standin
+
+        self.net = load_standin(path)
+        self.net.requires_grad_(False)
+        self.image_size = int(self.net.config["image_size"])
+        self.embed_dim = int(self.net.config["embed_dim"])
+        self.name = STANDIN_NAME
+
+    def _encode(self, images):
+        if images.shape[-1] != self.image_size:
+            images = F.interpolate(images, size=(self.image_size,) * 2, mode="bilinear", antialias=True, align_corners=False)
+        return self.net(images)
+
+
+class ClipEncoder(IdentityEncoder):
+    sequence = True
+    mask_background = True
+    MEAN = (0.48145466, 0.4578275, 0.40821073)
+    STD = (0.26862954, 0.26130258, 0.27577711)
+
+    def __init__(self, path: str | None = None, tiny: Mapping[str, Any] | None = None):
+        super().__init__()
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+
+        if path:
+            if not os.path.isdir(os.path.expanduser(path)):
+                raise FileNotFoundError(f"model.id_encoder.path='{path}' is not a folder; give a local CLIP vision model folder "
+                                        "(e.g. a snapshot of laion/CLIP-ViT-H-14 image encoder) or use kind=standin")
+            self.model = CLIPVisionModel.from_pretrained(os.path.expanduser(path))
+            self.name = f"clip:{path}"
+        else:
+            torch.manual_seed(0)
+            self.model = CLIPVisionModel(CLIPVisionConfig(**dict(tiny or {})))
+            self.name = "clip:tiny-random (stand-in)"
+        self.model.requires_grad_(False)
+        self.image_size = int(self.model.config.image_size)
+        self.embed_dim = int(self.model.config.hidden_size)
+        self.register_buffer("mean", torch.tensor(self.MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(self.STD).view(1, 3, 1, 1), persistent=False)
+
+    def _encode(self, images):
+        x = F.interpolate(images, size=(self.image_size,) * 2, mode="bicubic", align_corners=False).clamp(-1, 1)
+        x = ((x + 1) / 2 - self.mean) / self.std
+        out = self.model(pixel_values=x.to(self.model.dtype), output_hidden_states=True)
+        return out.hidden_states[-2]
+
+
+class ArcFaceEncoder(IdentityEncoder):
+    """insightface recognition model; runs in onnxruntime, so it is frozen by construction."""
+
+    def __init__(self, model_dir: str):
+        super().__init__()
+        from realisid.faces import load_face_analyzer
+
+        self.analyzer = load_face_analyzer({"kind": "insightface", "model_dir": model_dir})
+        self.embed_dim = int(self.analyzer.embedding_dim or 512)
+        self.name = self.analyzer.name
+
+    def _encode(self, images):
+        import numpy as np
+
+        out = []
+        for img in ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy():
+            # the crop is square around the face: landmarks of a centred frontal face stand in for detection
+            s = img.shape[0]
+            kps = np.array([[0.34, 0.40], [0.66, 0.40], [0.5, 0.55], [0.37, 0.72], [0.63, 0.72]], dtype=np.float32) * s
+            out.append(torch.from_numpy(self.analyzer.embed(np.ascontiguousarray(img), kps)))
+        return torch.stack(out).to(images.device)
+
+
+def build_id_encoder(cfg: Mapping[str, Any]) -> IdentityEncoder:
+    kind = cfg.get("kind")
+    if kind == "standin":
+        return StandInEncoder(cfg["path"])
+    if kind == "clip":
+        return ClipEncoder(cfg.get("path"), cfg.get("tiny_clip"))
+    if kind == "arcface":
+        if not cfg.get("path"):
+            raise ValueError("model.id_encoder.kind=arcface needs model.id_encoder.path=/path/to/insightface/model_dir")
+        return ArcFaceEncoder(cfg["path"])
+    raise ValueError(f"model.id_encoder.kind={kind!r}; valid kinds: {', '.join(ENCODER_KINDS)}")
+
+
+class IdProjector(nn.Module):
+    """Identity features to ``num_tokens`` tokens of the cross-attention width.
+
+    A vector (ArcFace-like) goes through an MLP to all tokens at once (IP-Adapter-FaceID style); a token
+    sequence (CLIP) is read by ``num_tokens`` learned queries with one cross-attention layer (a small
+    resampler). Either way the output is layer-normed.
+    """
+
+    def __init__(self, in_dim: int, num_tokens: int, out_dim: int, sequence: bool = False, heads: int = 4):
+        super().__init__()
+        self.num_tokens, self.out_dim, self.sequence = num_tokens, out_dim, sequence
+        if sequence:
+            self.proj_in = nn.Linear(in_dim, out_dim)
+            self.queries = nn.Parameter(torch.randn(1, num_tokens, out_dim) * out_dim ** -0.5)
+            self.attn = nn.MultiheadAttention(out_dim, heads if out_dim % heads == 0 else 1, batch_first=True)
+            self.ff = nn.Sequential(nn.LayerNorm(out_dim), nn.Linear(out_dim, out_dim * 2), nn.GELU(), nn.Linear(out_dim * 2, out_dim))
+        else:
+            self.mlp = nn.Sequential(nn.Linear(in_dim, in_dim * 2), nn.GELU(), nn.Linear(in_dim * 2, out_dim * num_tokens))
+        self.norm = nn.LayerNorm(out_dim)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        if self.sequence:
+            kv = self.proj_in(feats)
+            q = self.queries.expand(feats.shape[0], -1, -1)
+            x = q + self.attn(q, kv, kv, need_weights=False)[0]
+            x = x + self.ff(x)
+        else:
+            x = self.mlp(feats).view(feats.shape[0], self.num_tokens, self.out_dim)
+        return self.norm(x)

@@ -1,0 +1,211 @@
+"""The training modules: frozen backbone and identity encoder, trainable projector and branch(es).
+
+``training_step`` is a few lines; everything it calls is built from config. The subclasses only say which
+branches they train: LocalBranchModule (the paper's "w/o global"), GlobalBranchModule ("w/o local") and
+JointModule (both, residuals summed into one UNet forward).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from realisid.models.backbone import load_backbone
+from realisid.models.branches import GlobalBranch, LocalBranch, add_residuals
+from realisid.models.id_encoder import IdProjector, build_id_encoder
+from realisid.modules.losses import face_weighted_mse, latent_mask
+
+log = logging.getLogger(__name__)
+FROZEN_PREFIXES = ("backbone.", "id_encoder.")
+
+
+class RealisIDModule(L.LightningModule):
+    branches: tuple[str, ...] = ()
+
+    def __init__(self, cfg: DictConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
+        self.strict_loading = False  # checkpoints hold only trainable weights (see on_save_checkpoint)
+        m = cfg.model
+        self.backbone = load_backbone(m, seed=cfg.experiment.seed)
+        self.id_encoder = build_id_encoder(m.id_encoder)
+        self.projector = IdProjector(self.id_encoder.embed_dim, int(m.id_tokens), self.backbone.cross_attention_dim,
+                                     sequence=self.id_encoder.sequence)
+        self.local_branch = self.global_branch = None
+        init = bool(m.init_from_unet)
+        if "local" in self.branches:
+            self.local_branch = _load_or_init(LocalBranch, m.local.get("init_from"), lambda: LocalBranch.from_unet(
+                self.backbone.unet, 3, m.local.conditioning_embedding_out_channels, init,
+                latent_size=m.local.latent_size, upsample=m.local.upsample))
+        if "global" in self.branches:
+            self.global_branch = _load_or_init(GlobalBranch, m["global"].get("init_from"), lambda: GlobalBranch.from_unet(
+                self.backbone.unet, 1, m["global"].conditioning_embedding_out_channels, init,
+                soft_location=m["global"].soft_location))
+        self.noise_scheduler = self.backbone.noise_scheduler()
+        self.register_buffer("alphas_cumprod", self.noise_scheduler.alphas_cumprod.clone().float(), persistent=False)
+        self._null_text: torch.Tensor | None = None
+
+    # ---- conditioning -------------------------------------------------------------------------------
+    def identity_features(self, batch: dict) -> torch.Tensor:
+        emb = batch.get("id_embed")
+        if (emb is not None and emb.numel() and not self.id_encoder.sequence and bool(batch["has_id_embed"].all())
+                and emb.shape[-1] == self.id_encoder.embed_dim):
+            return emb.to(self.device)
+        return self.id_encoder(batch["id_image"], batch["id_mask"])
+
+    def identity_tokens(self, batch: dict, keep: torch.Tensor | None = None) -> torch.Tensor:
+        tokens = self.projector(self.identity_features(batch).to(self.dtype))
+        if keep is not None:
+            tokens = tokens * keep.to(tokens.dtype)[:, None, None]
+        return tokens
+
+    def branch_residuals(self, noisy, t, tokens, batch, added=None):
+        parts = []
+        if self.local_branch is not None:
+            boxes = batch["crop_box"] // self.backbone.vae_scale_factor
+            parts.append(self.local_branch(noisy, t, tokens, batch["pe_map"], boxes, added))
+        if self.global_branch is not None:
+            parts.append(self.global_branch(noisy, t, tokens, self._loc_cond(batch["loc_map"], noisy), added))
+        return add_residuals(*parts)
+
+    def _loc_cond(self, loc_map, noisy):
+        """The location map at the global branch's conditioning resolution."""
+        size = noisy.shape[-1] * self.global_branch.cond_scale_factor
+        if loc_map.shape[-1] != size:
+            loc_map = torch.nn.functional.interpolate(loc_map, size=(size, size), mode="area")
+        return loc_map
+
+    def dropout_masks(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample keep masks (text, identity): drop image only, text only, or both, each with its probability."""
+        d = self.cfg.model.dropout
+        u = torch.rand(n, generator=generator, device="cpu")
+        drop_id = u < d.image
+        drop_text = (u >= d.image) & (u < d.image + d.text)
+        both = (u >= d.image + d.text) & (u < d.image + d.text + d.both)
+        return ~(drop_text | both), ~(drop_id | both)
+
+    # ---- the step -----------------------------------------------------------------------------------
+    def shared_step(self, batch: dict, generator: torch.Generator | None = None, dropout: bool = True) -> dict[str, torch.Tensor]:
+        images = batch["image"]
+        n = images.shape[0]
+        latents = self.backbone.encode_images(images, generator=_device_gen(generator, self.device))
+        noise = torch.randn(latents.shape, generator=generator, device="cpu").to(latents)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (n,), generator=generator, device="cpu").to(self.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        keep_text, keep_id = self.dropout_masks(n, generator) if dropout else (torch.ones(n, dtype=torch.bool),) * 2
+        captions = [c if k else "" for c, k in zip(batch["caption"], keep_text.tolist())]
+        text = self.backbone.encode_text(captions, tuple(images.shape[-2:]))
+        tokens = self.identity_tokens(batch, keep_id.to(self.device))
+        res = self.branch_residuals(noisy, t, tokens, batch, text.added_cond_kwargs)
+        pred = self.backbone.unet(noisy, t, encoder_hidden_states=text.embeds, added_cond_kwargs=text.added_cond_kwargs,
+                                  down_block_additional_residuals=res[0] if res else None,
+                                  mid_block_additional_residual=res[1] if res else None, return_dict=False)[0]
+        target = noise if self.noise_scheduler.config.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, t)
+        mask = latent_mask(batch["loc_map"], tuple(latents.shape[-2:]))
+        loss, full, face = face_weighted_mse(pred, target, mask, float(self.cfg.model.loss.face_lambda))
+        return {"loss": loss, "mse": full, "face_mse": face}
+
+    def training_step(self, batch: dict, batch_idx: int):
+        out = self.shared_step(batch)
+        self.log_dict({f"train/{k}": v for k, v in out.items()}, prog_bar=False, batch_size=batch["image"].shape[0])
+        self.log("loss", out["loss"], prog_bar=True, logger=False)
+        if "skipped" in batch:
+            self.log("data/skipped_samples", float(max(batch["skipped"]) if isinstance(batch["skipped"], list) else batch["skipped"].max()))
+        return out["loss"]
+
+    def validation_step(self, batch: dict, batch_idx: int):
+        g = torch.Generator().manual_seed(int(self.cfg.experiment.seed) * 7919 + batch_idx)  # same noise every validation
+        out = self.shared_step(batch, generator=g, dropout=False)
+        self.log_dict({f"val/{k}": v for k, v in out.items()}, prog_bar=False, batch_size=batch["image"].shape[0], sync_dist=True)
+        self.log("val_loss", out["loss"], prog_bar=True, logger=False, batch_size=batch["image"].shape[0], sync_dist=True)
+
+    # ---- optimisation -------------------------------------------------------------------------------
+    def trainable_modules(self) -> dict[str, torch.nn.Module]:
+        mods = {"projector": self.projector}
+        if self.local_branch is not None:
+            mods["local"] = self.local_branch
+        if self.global_branch is not None:
+            mods["global"] = self.global_branch
+        return mods
+
+    def configure_optimizers(self):
+        o = self.cfg.optim
+        params = [p for m in self.trainable_modules().values() for p in m.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=float(o.lr), weight_decay=float(o.weight_decay), betas=tuple(o.betas))
+        warm = max(1, int(o.warmup_steps))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep checkpoints to the trainable weights: the frozen backbone is reloaded from its path."""
+        sd = checkpoint["state_dict"]
+        for k in [k for k in sd if k.startswith(FROZEN_PREFIXES)]:
+            del sd[k]
+
+    # ---- export -------------------------------------------------------------------------------------
+    def export(self, out_dir: str) -> dict[str, str]:
+        """Trained parts in diffusers format: each branch a ControlNet folder, the projector in safetensors."""
+        from safetensors.torch import save_file
+
+        os.makedirs(out_dir, exist_ok=True)
+        paths = {}
+        for name, branch in (("local", self.local_branch), ("global", self.global_branch)):
+            if branch is not None:
+                branch.save_pretrained(os.path.join(out_dir, name))
+                paths[name] = os.path.join(out_dir, name)
+        proj_dir = os.path.join(out_dir, "id_projector")
+        os.makedirs(proj_dir, exist_ok=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.projector.state_dict().items()},
+                  os.path.join(proj_dir, "model.safetensors"))
+        OmegaConf.save(self.cfg, os.path.join(out_dir, "config.yaml"), resolve=True)
+        paths["id_projector"] = proj_dir
+        return paths
+
+    def pipeline(self):
+        from realisid.pipeline import RealisIDPipeline
+
+        return RealisIDPipeline.from_module(self)
+
+
+def _load_or_init(cls, path, init):
+    if path:
+        if not os.path.isdir(str(path)):
+            raise FileNotFoundError(f"branch init_from='{path}' is not a folder; give RUN_DIR/export/{cls.kind} of a finished run")
+        log.info("initialising the %s branch from %s", cls.kind, path)
+        return cls.from_pretrained(str(path))
+    return init()
+
+
+def _device_gen(generator, device):
+    if generator is None:
+        return None
+    g = torch.Generator(device=device)
+    g.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+    return g
+
+
+class LocalBranchModule(RealisIDModule):
+    branches = ("local",)
+
+
+class GlobalBranchModule(RealisIDModule):
+    branches = ("global",)
+
+
+class JointModule(RealisIDModule):
+    branches = ("local", "global")
+
+
+MODULES = {"local": LocalBranchModule, "global": GlobalBranchModule, "joint": JointModule}
+
+
+def build_module(cfg: DictConfig) -> RealisIDModule:
+    kind = cfg.experiment.module
+    if kind not in MODULES:
+        raise ValueError(f"experiment.module={kind!r}; valid: {', '.join(MODULES)}")
+    return MODULES[kind](cfg)

@@ -1,0 +1,180 @@
+"""RealisIDPipeline: sampling with the local and global branches, for one or several people.
+
+Each denoising step, for every person: one global-branch pass with that person's location map and identity
+tokens, and one local-branch pass on that person's latent crop (both batched over the three guidance
+conditions). Local residuals are relocated to each person's box and SUMMED over people; global residuals
+are AVERAGED over people; the frozen UNet runs once on the sum. Guidance (DESIGN.md):
+``eps = eps_none + g_text * (eps_t - eps_none) + g_id * (eps_ti - eps_t)``, with identity conditioning
+delayed for the first ``id_delay`` fraction of steps.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from realisid.data.guidance import contour_map, location_map
+from realisid.geometry import DEFAULT_BINS, expand_square_box, face_size, scale_bin
+from realisid.models.branches import add_residuals
+
+log = logging.getLogger(__name__)
+
+# A frontal face's 5 points relative to its box (x, y in [0, 1]), used when no landmarks are given.
+FRONTAL_KPS = np.array([[0.33, 0.42], [0.67, 0.42], [0.5, 0.6], [0.37, 0.78], [0.63, 0.78]], dtype=np.float32)
+
+
+@dataclass
+class Person:
+    """One person to place: a target box in output pixels and an identity (reference image or features)."""
+
+    box: Sequence[float]
+    id_image: torch.Tensor | None = None      # (3, S, S) in [-1, 1], a square face crop
+    id_mask: torch.Tensor | None = None       # (1, S, S)
+    id_features: torch.Tensor | None = None   # precomputed encoder output (D,) or (N, D)
+    kps: np.ndarray | None = None             # (5, 2) in output pixels; default: a frontal face in the box
+    landmarks: Mapping[str, Sequence] | None = None
+
+
+@dataclass
+class RealisIDOutput:
+    images: list[Image.Image]
+    people: list[dict] = field(default_factory=list)
+    latents: torch.Tensor | None = None
+
+
+class RealisIDPipeline:
+    def __init__(self, backbone, id_encoder, projector, local_branch=None, global_branch=None, *, resolution: int,
+                 crop_expand: float, local_latent_size: int, soft_location: bool = False, bins=None):
+        self.backbone, self.id_encoder, self.projector = backbone, id_encoder, projector
+        self.local_branch, self.global_branch = local_branch, global_branch
+        self.resolution, self.crop_expand = int(resolution), float(crop_expand)
+        self.local_latent_size, self.soft_location = int(local_latent_size), bool(soft_location)
+        self.bins = bins or DEFAULT_BINS
+
+    # ---- construction -------------------------------------------------------------------------------
+    @classmethod
+    def from_module(cls, module) -> "RealisIDPipeline":
+        c = module.cfg
+        return cls(module.backbone, module.id_encoder, module.projector, module.local_branch, module.global_branch,
+                   resolution=c.data.resolution, crop_expand=c.model.local.crop_expand, local_latent_size=c.model.local.latent_size,
+                   soft_location=c.model["global"].soft_location)
+
+    @classmethod
+    def from_export(cls, export_dir: str, backbone=None) -> "RealisIDPipeline":
+        """Load a run's exported branches (diffusers ``from_pretrained``) with the backbone its config names."""
+        from safetensors.torch import load_file
+
+        from realisid.models.backbone import load_backbone
+        from realisid.models.branches import GlobalBranch, LocalBranch
+        from realisid.models.id_encoder import IdProjector, build_id_encoder
+
+        cfg_path = os.path.join(export_dir, "config.yaml")
+        if not os.path.exists(cfg_path):
+            raise FileNotFoundError(f"'{export_dir}' has no config.yaml: not a RealisID export (expected RUN_DIR/export)")
+        c = OmegaConf.load(cfg_path)
+        backbone = backbone or load_backbone(c.model, seed=c.experiment.seed)
+        enc = build_id_encoder(c.model.id_encoder)
+        proj = IdProjector(enc.embed_dim, int(c.model.id_tokens), backbone.cross_attention_dim, sequence=enc.sequence)
+        proj.load_state_dict(load_file(os.path.join(export_dir, "id_projector", "model.safetensors")))
+        local = LocalBranch.from_pretrained(os.path.join(export_dir, "local")) if os.path.isdir(os.path.join(export_dir, "local")) else None
+        glob_ = GlobalBranch.from_pretrained(os.path.join(export_dir, "global")) if os.path.isdir(os.path.join(export_dir, "global")) else None
+        for m in (proj, local, glob_):
+            if m is not None:
+                m.eval().requires_grad_(False)
+        return cls(backbone, enc, proj, local, glob_, resolution=c.data.resolution, crop_expand=c.model.local.crop_expand,
+                   local_latent_size=c.model.local.latent_size, soft_location=c.model["global"].soft_location)
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.unet.device
+
+    # ---- per-person conditioning --------------------------------------------------------------------
+    def person_inputs(self, person: Person) -> dict[str, Any]:
+        R, f = self.resolution, self.backbone.vae_scale_factor
+        box = [float(v) for v in person.box]
+        crop_box = expand_square_box(box, self.crop_expand, R, R, multiple=f)
+        kps = person.kps if person.kps is not None else FRONTAL_KPS * [box[2] - box[0], box[3] - box[1]] + [box[0], box[1]]
+        local_px = self.local_latent_size * f
+        pe = contour_map(np.asarray(kps), person.landmarks, crop_box, local_px)
+        loc = location_map(box, R, R, soft=self.soft_location)
+        if person.id_features is not None:
+            feats = person.id_features[None].to(self.device)
+        elif person.id_image is not None:
+            mask = person.id_mask if person.id_mask is not None else torch.ones_like(person.id_image[:1])
+            feats = self.id_encoder(person.id_image[None].to(self.device), mask[None].to(self.device))
+        else:
+            raise ValueError(f"person at box {box} has neither a reference image nor identity features")
+        tokens = self.projector(feats.to(self.backbone.unet.dtype))
+        size = face_size(box, R, R)
+        return {
+            "box": box, "crop_box": list(crop_box), "tokens": tokens,
+            "latent_box": torch.tensor([[v // f for v in crop_box]]),
+            "pe_map": torch.from_numpy(pe.astype(np.float32) / 255.0).permute(2, 0, 1)[None].to(self.device),
+            "loc_map": torch.from_numpy(loc)[None, None].to(self.device),
+            "face_size": size, "bin": scale_bin(size, self.bins), "kps": np.asarray(kps).tolist(),
+        }
+
+    # ---- residuals of one step ----------------------------------------------------------------------
+    def step_residuals(self, latents: torch.Tensor, t: torch.Tensor, people: list[dict], id_on: bool,
+                       added_cond_kwargs=None, use_local: bool = True, use_global: bool = True):
+        """Residuals for a batch of 3 guidance conditions (none, text, text+identity) of one image."""
+        n = latents.shape[0]
+        local_sum, globals_ = None, []
+        for p in people:
+            null = torch.zeros_like(p["tokens"])
+            tokens = torch.cat([null] * (n - 1) + [p["tokens"] if id_on else null], 0)
+            if use_local and self.local_branch is not None:
+                r = self.local_branch(latents, t, tokens, p["pe_map"].expand(n, -1, -1, -1), p["latent_box"].expand(n, -1), added_cond_kwargs)
+                local_sum = add_residuals(local_sum, r)
+            if use_global and self.global_branch is not None:
+                size = latents.shape[-1] * self.global_branch.cond_scale_factor
+                loc = torch.nn.functional.interpolate(p["loc_map"], size=(size, size), mode="area") if p["loc_map"].shape[-1] != size else p["loc_map"]
+                globals_.append(self.global_branch(latents, t, tokens, loc.expand(n, -1, -1, -1), added_cond_kwargs))
+        global_avg = None
+        if globals_:
+            k = float(len(globals_))
+            global_avg = ([sum(g[0][i] for g in globals_) / k for i in range(len(globals_[0][0]))], sum(g[1] for g in globals_) / k)
+        return add_residuals(local_sum, global_avg)
+
+    # ---- sampling -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(self, prompt: str, people: Sequence[Person], negative_prompt: str = "", num_inference_steps: int = 30,
+                 scheduler: str = "ddim", guidance_text: float = 7.5, guidance_id: float = 5.0, id_delay: float = 0.1,
+                 seed: int = 0, use_local: bool = True, use_global: bool = True, output_type: str = "pil") -> RealisIDOutput:
+        if not people:
+            raise ValueError("give at least one person (a reference face and a target box)")
+        R, f = self.resolution, self.backbone.vae_scale_factor
+        inputs = [self.person_inputs(p) for p in people]
+        sched = self.backbone.sampling_scheduler(scheduler)
+        sched.set_timesteps(num_inference_steps, device=self.device)
+        text = self.backbone.encode_text([negative_prompt, prompt, prompt], (R, R))
+        g = torch.Generator(device="cpu").manual_seed(int(seed))
+        shape = (1, self.backbone.latent_channels, R // f, R // f)
+        latents = (torch.randn(shape, generator=g) * sched.init_noise_sigma).to(self.device, self.backbone.unet.dtype)
+        delay_steps = int(round(id_delay * num_inference_steps))
+        for i, t in enumerate(sched.timesteps):
+            x = sched.scale_model_input(torch.cat([latents] * 3), t)
+            tt = t.expand(3) if t.ndim else t.repeat(3)
+            res = self.step_residuals(x, tt, inputs, i >= delay_steps, text.added_cond_kwargs, use_local, use_global)
+            eps = self.backbone.unet(x, tt, encoder_hidden_states=text.embeds, added_cond_kwargs=text.added_cond_kwargs,
+                                     down_block_additional_residuals=res[0] if res else None,
+                                     mid_block_additional_residual=res[1] if res else None, return_dict=False)[0]
+            e_none, e_t, e_ti = eps.chunk(3)
+            eps = e_none + guidance_text * (e_t - e_none) + guidance_id * (e_ti - e_t)
+            latents = sched.step(eps, t, latents).prev_sample
+        image = self.backbone.decode_latents(latents)
+        meta = [{k: v for k, v in p.items() if k in ("box", "crop_box", "face_size", "bin", "kps")} for p in inputs]
+        if output_type == "pt":
+            return RealisIDOutput(image, meta, latents)  # type: ignore[arg-type]
+        return RealisIDOutput(tensor_to_pil(image), meta, latents)
+
+
+def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
+    arr = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a) for a in arr]

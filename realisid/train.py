@@ -1,0 +1,85 @@
+"""``realisid train``: prepare (embedded default), build the parts from config, fit, export.
+
+A run lives in ``runs/<experiment>/<timestamp>/``: ``config.yaml`` (the merged config), ``checkpoints/``,
+``tb/`` (TensorBoard), ``samples/`` (validation grids) and ``export/`` (the trained branches in diffusers format).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import time
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from realisid.config import save_config
+
+log = logging.getLogger(__name__)
+
+
+def new_run_dir(cfg: DictConfig) -> str:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = os.path.join(cfg.experiment.runs_dir, cfg.experiment.name, stamp)
+    n = 1
+    while os.path.exists(path):
+        path = os.path.join(cfg.experiment.runs_dir, cfg.experiment.name, f"{stamp}-{n}")
+        n += 1
+    return path
+
+
+def build_datamodule(cfg: DictConfig, module):
+    from realisid.data.datamodule import FaceDataModule
+
+    return FaceDataModule(cfg.data, vae_scale_factor=module.backbone.vae_scale_factor, local_latent_size=int(cfg.model.local.latent_size),
+                          crop_expand=float(cfg.model.local.crop_expand), id_image_size=int(cfg.model.id_encoder.image_size),
+                          soft_location=bool(cfg.model["global"].soft_location), seed=int(cfg.experiment.seed))
+
+
+def train(cfg: DictConfig, run_dir: str | None = None) -> dict:
+    """Train the experiment; returns paths and the loss summary."""
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from realisid.callbacks import LossSummary, ValidationImages
+    from realisid.modules import build_module
+    from realisid.prepare import prepare_embedded_default
+
+    t0 = time.time()
+    prepared = prepare_embedded_default(cfg)
+    L.seed_everything(int(cfg.experiment.seed), workers=True)
+    run_dir = run_dir or new_run_dir(cfg)
+    os.makedirs(run_dir, exist_ok=True)
+    save_config(cfg, os.path.join(run_dir, "config.yaml"))
+    module = build_module(cfg)
+    dm = build_datamodule(cfg, module)
+    tr, v = cfg.trainer, cfg.validation
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    summary = LossSummary()
+    callbacks = [
+        ModelCheckpoint(dirpath=ckpt_dir, filename="step-{step:06d}", auto_insert_metric_name=False, save_last=True,
+                        every_n_train_steps=int(tr.checkpoint_every_n_steps), save_top_k=-1),
+        LearningRateMonitor(logging_interval="step"),
+        ValidationImages(os.path.join(run_dir, "samples"), int(v.num_images), int(v.steps), float(v.guidance_text),
+                         float(v.guidance_id), float(v.id_delay)),
+        summary,
+    ]
+    logger = TensorBoardLogger(save_dir=run_dir, name="tb", version="", default_hp_metric=False)
+    trainer = L.Trainer(
+        max_steps=int(tr.max_steps), accelerator=tr.accelerator, devices=tr.devices, num_nodes=int(tr.num_nodes),
+        strategy=tr.strategy, precision=tr.precision, val_check_interval=int(tr.val_check_interval), check_val_every_n_epoch=None,
+        log_every_n_steps=int(tr.log_every_n_steps), accumulate_grad_batches=int(tr.accumulate_grad_batches),
+        gradient_clip_val=float(tr.gradient_clip_val) or None, callbacks=callbacks, logger=logger, default_root_dir=run_dir,
+        enable_progress_bar=bool(tr.enable_progress_bar), num_sanity_val_steps=0, limit_val_batches=max(1, -(-int(cfg.data.val_samples) // int(cfg.data.batch_size))),
+    )
+    log.info("identity encoder: %s | backbone: %s", module.id_encoder.name, module.backbone.name)
+    trainer.fit(module, datamodule=dm)
+    result = {"run_dir": run_dir, "tensorboard": os.path.join(run_dir, "tb"), "checkpoint": os.path.join(ckpt_dir, "last.ckpt"),
+              "samples": os.path.join(run_dir, "samples"), "prepared": prepared, **summary.summary()}
+    if trainer.is_global_zero:
+        result["export"] = os.path.join(run_dir, "export")
+        module.export(result["export"])
+    result["seconds"] = round(time.time() - t0, 1)
+    OmegaConf.save(OmegaConf.create({k: v for k, v in result.items() if k != "prepared"}), os.path.join(run_dir, "result.yaml"))
+    return result
