@@ -50,6 +50,8 @@ def bins_from_config(bins: Mapping[str, Sequence[float]] | None) -> dict[str, tu
         return dict(DEFAULT_BINS)
     out = {}
     for name, pair in bins.items():
+        if str(name).startswith("_"):
+            continue
         low, high = pair
         out[str(name)] = (float(low), math.inf if high is None else float(high))
     return out
@@ -71,8 +73,8 @@ def expand_square_box(box: Sequence[float], factor: float, width: int, height: i
     limit = (min(width, height) // multiple) * multiple
     side = int(math.ceil(max(w, h) * factor / multiple)) * multiple
     side = int(min(max(side, multiple), limit))
-    x0 = int(round((cx - side / 2.0) / multiple)) * multiple
-    y0 = int(round((cy - side / 2.0) / multiple)) * multiple
+    x0 = int(math.floor((cx - side / 2.0) / multiple + 0.5)) * multiple  # round half up, on the grid
+    y0 = int(math.floor((cy - side / 2.0) / multiple + 0.5)) * multiple
     x0 = min(max(x0, 0), (width - side) // multiple * multiple)
     y0 = min(max(y0, 0), (height - side) // multiple * multiple)
     return x0, y0, x0 + side, y0 + side
@@ -136,6 +138,6 @@ def square_window(width: int, height: int, box: Sequence[float]) -> tuple[int, i
     """
     side = min(width, height)
     cx, cy = (box[0] + box[2]) / 2.0, (box[1] + box[3]) / 2.0
-    x0 = int(round(min(max(cx - side / 2.0, 0), width - side)))
-    y0 = int(round(min(max(cy - side / 2.0, 0), height - side)))
+    x0 = int(math.floor(min(max(cx - side / 2.0, 0), width - side) + 0.5))
+    y0 = int(math.floor(min(max(cy - side / 2.0, 0), height - side) + 0.5))
     return x0, y0, x0 + side, y0 + side

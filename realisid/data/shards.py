@@ -228,7 +228,7 @@ class FaceShardWriter:
         final = os.path.join(self.out_dir, f"{self.name}-{self._index:06d}.tar")
         self._tmp = final + ".tmp"
         self._final = final
-        self._writer = self._wds.TarWriter(self._tmp)
+        self._writer = self._wds.TarWriter(self._tmp, mtime=0.0)  # byte-reproducible shards
         self._count = 0
 
     def _finish(self) -> None:

@@ -1,0 +1,60 @@
+"""Shared fixtures. Tests shrink the real experiment configs rather than keeping a separate config world."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+TINY_CLIP = "{hidden_size:32,intermediate_size:37,num_hidden_layers:2,num_attention_heads:4,image_size:32,patch_size:8}"
+# The real local_branch experiment with a random tiny backbone and a tiny random CLIP encoder: no
+# preparation, no cached artifacts needed.
+RANDOM_TINY = ["model.pretrained=", "model.id_encoder.kind=clip", "model.id_encoder.path=", f"model.id_encoder.tiny_clip={TINY_CLIP}",
+               "prepare.enabled=false"]
+
+
+@pytest.fixture
+def tiny_cfg():
+    from realisid.config import load_config
+
+    def make(exp: str = "local_branch", *overrides: str):
+        return load_config(exp, RANDOM_TINY + list(overrides))
+
+    return make
+
+
+def write_face_shards(out_dir, name="train", n=12, size=96, identities=3, with_embed=False, with_ref=True, maxcount=5):
+    """Small shards of drawn faces (ellipse head, eyes, mouth) through the real writer; returns the manifest."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from realisid.data.shards import FaceShardWriter, face_meta
+
+    rng = np.random.default_rng(0)
+    with FaceShardWriter(str(out_dir), name, face_model="test-drawn", maxcount=maxcount) as w:
+        for i in range(n):
+            img = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(0, 255, 3)))
+            d = ImageDraw.Draw(img)
+            side = int(rng.integers(size // 8, size // 2))
+            x0, y0 = int(rng.integers(0, size - side)), int(rng.integers(0, size - side))
+            box = (x0, y0, x0 + side, y0 + side)
+            d.ellipse(box, fill=(200, 160 + 20 * (i % identities), 120))
+            kps = np.array([[x0 + 0.3 * side, y0 + 0.4 * side], [x0 + 0.7 * side, y0 + 0.4 * side], [x0 + 0.5 * side, y0 + 0.6 * side],
+                            [x0 + 0.35 * side, y0 + 0.8 * side], [x0 + 0.65 * side, y0 + 0.8 * side]])
+            meta = face_meta(img.size, box, kps, det_score=0.9, identity=f"id{i % identities}", caption="a photo of a person", source="test")
+            ref = img.crop(box).resize((32, 32)) if with_ref else None
+            emb = rng.standard_normal(8).astype("float32") if with_embed else None
+            w.write(f"s{i:04d}", img, meta, id_embed=emb, ref=ref)
+        return w.manifest.to_json()
+
+
+@pytest.fixture
+def face_shards(tmp_path):
+    write_face_shards(tmp_path, "train", n=12)
+    write_face_shards(tmp_path, "val", n=4)
+    return tmp_path

@@ -1,0 +1,80 @@
+import numpy as np
+import pytest
+import torch
+
+from realisid.data.datamodule import FaceDataModule
+from realisid.data.pipeline import ExampleMaker, make_example
+from realisid.data.shards import decode_sample
+
+
+def _dm(cfg, shards, **kw):
+    data = cfg.data
+    data.train_shards = str(shards / "train-*.tar")
+    data.val_shards = str(shards / "val-*.tar")
+    data.batch_size = 4
+    data.num_workers = kw.get("workers", 0)
+    data.shuffle_buffer = 8
+    data.batches_per_epoch = 3
+    data.val_samples = 4
+    return FaceDataModule(data, vae_scale_factor=2, local_latent_size=16, crop_expand=1.6, id_image_size=32)
+
+
+def test_batch_shapes_and_ranges(tiny_cfg, face_shards):
+    dm = _dm(tiny_cfg(), face_shards)
+    dm.setup("fit")
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 3  # with_epoch: a fixed number of batches per epoch and worker
+    b = batches[0]
+    assert b["image"].shape == (4, 3, 64, 64) and b["image"].dtype == torch.float32
+    assert b["image"].min() >= -1 and b["image"].max() <= 1
+    assert b["face_crop"].shape == (4, 3, 32, 32) and b["pe_map"].shape == (4, 3, 32, 32)
+    assert b["pe_map"].min() >= 0 and b["pe_map"].max() <= 1 and b["pe_map"].sum() > 0
+    assert b["loc_map"].shape == (4, 1, 64, 64) and set(b["loc_map"].unique().tolist()) <= {0.0, 1.0}
+    assert b["id_image"].shape == (4, 3, 32, 32) and b["id_mask"].shape == (4, 1, 32, 32)
+    cb = b["crop_box"]
+    assert cb.dtype == torch.long and torch.all(cb % 2 == 0) and torch.all(cb[:, 2] - cb[:, 0] == cb[:, 3] - cb[:, 1])
+    assert torch.all(cb >= 0) and torch.all(cb <= 64)
+    fb = b["face_box"]
+    assert torch.all(cb[:, 0] <= fb[:, 0].floor()) or torch.all(cb[:, 2] - cb[:, 0] == 64)
+    assert len(b["caption"]) == 4 and isinstance(b["caption"][0], str)
+    assert len(dm.val_examples) == 4
+
+
+def test_example_geometry_is_consistent(face_shards):
+    import webdataset as wds
+
+    raw = next(iter(wds.WebDataset(str(face_shards / "train-000000.tar"), shardshuffle=False)))
+    s = decode_sample(raw)
+    ex = make_example(s, resolution=48, vae_scale_factor=2, local_latent_size=8, crop_expand=1.6, id_image_size=32)
+    scale = 48 / 96
+    np.testing.assert_allclose(ex["face_box"].numpy(), np.array(s["meta"]["bbox"]) * scale, atol=1e-4)
+    np.testing.assert_allclose(ex["kps"].numpy(), np.array(s["meta"]["kps"]) * scale, atol=1e-4)
+    # the location map covers the square face box
+    assert ex["loc_map"].sum() == pytest.approx((ex["face_box"][2] - ex["face_box"][0]).item() ** 2, abs=2 * 48)
+
+
+def test_corrupt_samples_skipped_and_counted(face_shards):
+    import io
+    import tarfile
+
+    bad = face_shards / "train-000009.tar"
+    with tarfile.open(bad, "w") as tar:
+        for name, data in (("b1.jpg", b"\xff\xd8 broken jpeg"), ("b1.json", b"{}"), ("b2.json", b"{bad")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    maker = ExampleMaker(resolution=64, vae_scale_factor=2, local_latent_size=16, crop_expand=1.6, id_image_size=32)
+    import webdataset as wds
+
+    out = [maker(r) for r in wds.WebDataset(str(bad), shardshuffle=False)]
+    assert out == [None, None]
+    assert sum(maker.skipped.values()) == 2 and set(maker.skipped) <= {"malformed_json", "missing_image", "corrupt_image"}
+
+
+def test_too_few_shards_for_split_is_a_clear_error(tiny_cfg, face_shards):
+    from realisid.data.pipeline import train_dataset
+
+    maker = ExampleMaker(resolution=64, vae_scale_factor=2, local_latent_size=16, crop_expand=1.6, id_image_size=32)
+    urls = sorted(str(p) for p in face_shards.glob("train-*.tar"))
+    with pytest.raises(ValueError, match="DDP would hang"):
+        train_dataset(urls, maker, batch_size=2, shuffle_buffer=2, batches_per_epoch=2, num_workers=2, resampled=False, world_size=4, seed=0)

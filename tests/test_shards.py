@@ -1,0 +1,78 @@
+import io
+import json
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from realisid.data.shards import FaceShardWriter, SampleError, decode_sample, encode_jpeg, encode_npy, face_meta
+
+from conftest import write_face_shards
+
+
+def _raw(tmp_path, name="train"):
+    return list(wds.WebDataset(sorted(str(p) for p in tmp_path.glob(f"{name}-*.tar")), shardshuffle=False))
+
+
+def test_round_trip_and_manifest(tmp_path):
+    manifest = write_face_shards(tmp_path, "train", n=12, with_embed=True, maxcount=5)
+    assert [p.name for p in sorted(tmp_path.glob("train-*.tar"))] == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    assert not list(tmp_path.glob("*.tmp"))
+    on_disk = json.loads((tmp_path / "train.manifest.json").read_text())
+    assert on_disk["kept"] == manifest["kept"] == 12
+    assert on_disk["shard_counts"] == {"train-000000.tar": 5, "train-000001.tar": 5, "train-000002.tar": 2}
+    assert sum(on_disk["face_size_bins"].values()) == 12 and on_disk["identities"] == {"id0": 4, "id1": 4, "id2": 4}
+    raws = _raw(tmp_path)
+    assert len(raws) == 12
+    s = decode_sample(raws[0], embed_dim=8)
+    assert s["key"] == "s0000" and s["image"].mode == "RGB" and s["image"].size == (96, 96)
+    assert s["id_embed"].dtype == np.float32 and s["id_embed"].shape == (8,)
+    assert s["ref"].size == (32, 32)
+    assert len(s["meta"]["kps"]) == 5 and s["meta"]["face_scale"] == pytest.approx((s["meta"]["bbox"][3] - s["meta"]["bbox"][1]) / 96, abs=1e-4)
+
+
+def _sample(**kw):
+    img = Image.new("RGB", (64, 64), (10, 20, 30))
+    meta = face_meta((64, 64), (10, 10, 30, 30), np.full((5, 2), 20.0), det_score=1, identity=None, caption="x", source="t")
+    raw = {"__key__": "k", "jpg": encode_jpeg(img), "json": json.dumps(meta).encode()}
+    raw.update(kw)
+    return raw
+
+
+@pytest.mark.parametrize("change,reason", [
+    ({"jpg": b""}, "corrupt_image"),
+    ({"jpg": b"not an image at all"}, "corrupt_image"),
+    ({"json": b"{not json"}, "malformed_json"),
+    ({"json": json.dumps({"width": 64}).encode()}, "malformed_json"),
+    ({"id.npy": encode_npy(np.array([1.0, np.nan]))}, "nan_embedding"),
+    ({"id.npy": b"garbage"}, "bad_embedding"),
+])
+def test_bad_samples_have_reasons(change, reason):
+    with pytest.raises(SampleError) as err:
+        decode_sample(_sample(**change))
+    assert err.value.reason == reason
+
+
+def test_missing_members_and_wrong_dim():
+    raw = _sample()
+    del raw["json"]
+    with pytest.raises(SampleError, match="missing_json"):
+        decode_sample(raw)
+    with pytest.raises(SampleError, match="expected 512"):
+        decode_sample(_sample(**{"id.npy": encode_npy(np.ones(8))}), embed_dim=512)
+
+
+def test_no_pickle_in_embeddings():
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(SampleError, match="bad_embedding"):
+        decode_sample(_sample(**{"id.npy": buf.getvalue()}))
+
+
+def test_writer_refuses_inconsistent_sample(tmp_path):
+    w = FaceShardWriter(str(tmp_path), "x", face_model="t")
+    meta = face_meta((64, 64), (10, 10, 30, 30), np.zeros((5, 2)), det_score=1, identity=None, caption="", source="t")
+    with pytest.raises(ValueError, match="image is"):
+        w.write("a", Image.new("RGB", (32, 32)), meta)
+    w.close()
