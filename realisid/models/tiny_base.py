@@ -8,6 +8,7 @@ diffusers folder and from then on loaded by path like any real backbone, frozen.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any, Mapping, Sequence
 
@@ -76,7 +77,9 @@ def train_tiny_base(model_cfg: Mapping[str, Any], base_cfg: Mapping[str, Any], u
     params = list(unet.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     steps = int(base_cfg["unet_steps"])
-    lr_sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    warm = max(1, steps // 20)  # linear warm-up over 5% of steps, then cosine decay to 10%
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: min(1.0, (i + 1) / warm) * (0.55 + 0.45 * math.cos(math.pi * min(1.0, i / max(1, steps)))))
     latents_all = mus * scale
     unet_losses = []
     for _ in tqdm(range(steps), desc="tiny base: UNet", leave=False):

@@ -1,0 +1,27 @@
+"""Face analysis: detector + landmarks + identity encoder behind one small interface.
+
+``load_face_analyzer`` builds the configured analyzer (insightface models from a local folder); the
+stand-in identity encoder for the embedded default lives in :mod:`realisid.faces.standin` (torch; import
+it from there so that ``import realisid.faces`` stays light).
+"""
+from realisid.faces.analysis import (
+    LANDMARK_NAMES,
+    Face,
+    FaceAnalyzer,
+    as_rgb_uint8,
+    face_analyzer_kinds,
+    l2_normalize,
+    load_face_analyzer,
+    register_face_analyzer,
+)
+
+__all__ = [
+    "LANDMARK_NAMES",
+    "Face",
+    "FaceAnalyzer",
+    "as_rgb_uint8",
+    "face_analyzer_kinds",
+    "l2_normalize",
+    "load_face_analyzer",
+    "register_face_analyzer",
+]
