@@ -178,3 +178,74 @@ class RealisIDPipeline:
 def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
     arr = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
     return [Image.fromarray(a) for a in arr]
+
+
+def check_boxes(boxes: Sequence[Sequence[float]], size: int, *, min_box: float, max_overlap: float, vae_scale_factor: int) -> None:
+    """Refuse boxes the pipeline cannot honour, naming the box and the fix."""
+    from realisid.geometry import box_iou
+
+    for i, b in enumerate(boxes):
+        x0, y0, x1, y1 = b
+        if x0 < 0 or y0 < 0 or x1 > size or y1 > size:
+            raise ValueError(f"box {i + 1} {_fmt(b)} is outside the {size}x{size} output; give corners within 0..{size}")
+        side = min(x1 - x0, y1 - y0)
+        if side < max(min_box, vae_scale_factor):
+            raise ValueError(f"box {i + 1} {_fmt(b)} is {side:g} px, too small to crop (minimum {max(min_box, vae_scale_factor):g} px "
+                             f"at {size} px output)")
+    for i in range(len(boxes)):
+        for j in range(i + 1, len(boxes)):
+            iou = box_iou(boxes[i], boxes[j])
+            if iou > max_overlap:
+                raise ValueError(f"boxes {i + 1} {_fmt(boxes[i])} and {j + 1} {_fmt(boxes[j])} overlap with IoU {iou:.2f} > "
+                                 f"{max_overlap:g}; move them apart or raise sampling.max_overlap")
+
+
+def _fmt(b) -> str:
+    return ",".join(f"{v:g}" for v in b)
+
+
+def reference_person(path: str, box: Sequence[float], id_image_size: int, analyzer=None) -> tuple[Person, dict]:
+    """A :class:`Person` from a reference photo and a target box.
+
+    The face in the photo comes from, in order: a sidecar ``<photo>.json`` in the shard format (bbox, kps),
+    the face analyzer (the most confident face), or, with neither, the whole photo taken as a face crop.
+    Pose/expression for the target come from the reference face's 5 points, moved into the target box.
+    """
+    import json
+
+    from realisid.data.pipeline import centred_mask, identity_crop, to_tensor
+    from realisid.data.shards import SampleError, decode_image
+
+    try:
+        with open(path, "rb") as f:
+            img = decode_image(f.read(), path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"reference '{path}' does not exist") from None
+    except SampleError as err:
+        raise ValueError(f"reference '{path}' is not a readable image ({err.detail})") from None
+    sidecar = os.path.splitext(path)[0] + ".json"
+    source = "whole image taken as a face crop"
+    if os.path.exists(sidecar):
+        try:
+            meta = json.load(open(sidecar))
+            bbox, kps = [float(v) for v in meta["bbox"]], np.asarray(meta["kps"], dtype=np.float32).reshape(5, 2)
+        except Exception as exc:
+            raise ValueError(f"reference sidecar '{sidecar}' is unreadable ({exc}); it needs bbox and kps as in the shard format") from None
+        source = f"face from {os.path.basename(sidecar)}"
+    elif analyzer is not None:
+        faces = analyzer.detect(np.asarray(img))
+        if not faces:
+            raise ValueError(f"reference '{path}': no face found by {analyzer.name}; use a photo with a visible face")
+        bbox, kps = faces[0].bbox.tolist(), faces[0].kps
+        source = f"face detected by {analyzer.name} (score {faces[0].det_score:.2f})"
+    else:
+        bbox, kps = None, None
+    if bbox is None:
+        crop = img.resize((id_image_size, id_image_size), Image.BICUBIC)
+        id_image, id_mask, target_kps = to_tensor(crop), torch.from_numpy(centred_mask(id_image_size))[None], None
+    else:
+        crop, mask = identity_crop(img, bbox, id_image_size)
+        id_image, id_mask = to_tensor(crop), torch.from_numpy(mask)[None]
+        rel = (np.asarray(kps) - [bbox[0], bbox[1]]) / [bbox[2] - bbox[0], bbox[3] - bbox[1]]
+        target_kps = (rel * [box[2] - box[0], box[3] - box[1]] + [box[0], box[1]]).astype(np.float32)
+    return Person(box=box, id_image=id_image, id_mask=id_mask, kps=target_kps), {"reference": path, "reference_face": source}

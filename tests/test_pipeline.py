@@ -1,0 +1,205 @@
+"""RealisIDPipeline: the per-step combination rules, determinism, export/reload, and the generate CLI."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from realisid.pipeline import Person, RealisIDPipeline, check_boxes
+
+from conftest import RANDOM_TINY
+
+
+@pytest.fixture(scope="module")
+def joint():
+    from realisid.config import load_config
+    from realisid.modules import build_module
+
+    cfg = load_config("joint", RANDOM_TINY + ["sampling.steps=3"])
+    m = build_module(cfg).eval()
+    torch.manual_seed(0)
+    for br in (m.local_branch, m.global_branch):  # make the zero convs non-zero so every branch output is visible
+        cn = br.controlnet
+        for p in list(cn.controlnet_down_blocks.parameters()) + list(cn.controlnet_mid_block.parameters()) + list(cn.controlnet_cond_embedding.conv_out.parameters()):
+            p.data.normal_(0, 0.05)
+    return m
+
+
+def person(box, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return Person(box=box, id_image=torch.rand(3, 32, 32, generator=g) * 2 - 1)
+
+
+def sample(pipe, people, **kw):
+    kw.setdefault("num_inference_steps", 3)
+    return pipe("a photo of a person", people, seed=kw.pop("seed", 0), output_type="pt", **kw).images
+
+
+def test_branch_switches_equal_single_branch_pipelines(joint):
+    full = joint.pipeline()
+    b = joint.backbone
+    global_only = RealisIDPipeline(b, joint.id_encoder, joint.projector, None, joint.global_branch, resolution=64, crop_expand=1.6, local_latent_size=16)
+    local_only = RealisIDPipeline(b, joint.id_encoder, joint.projector, joint.local_branch, None, resolution=64, crop_expand=1.6, local_latent_size=16)
+    people = [person((8, 8, 32, 32))]
+    torch.testing.assert_close(sample(full, people, use_local=False), sample(global_only, people), rtol=0, atol=1e-6)
+    torch.testing.assert_close(sample(full, people, use_global=False), sample(local_only, people), rtol=0, atol=1e-6)
+    assert (sample(full, people) - sample(global_only, people)).abs().max() > 1e-4  # the local branch does contribute
+
+
+@pytest.mark.parametrize("n_people", [1, 2, 3])
+def test_each_person_gets_one_local_and_one_global_pass_per_step(joint, n_people, monkeypatch):
+    pipe = joint.pipeline()
+    calls = {"local": [], "global": []}
+    for name, branch in (("local", pipe.local_branch), ("global", pipe.global_branch)):
+        original = branch.forward
+
+        def counted(*a, _orig=original, _name=name, **k):
+            calls[_name].append(a[0].shape[0])
+            return _orig(*a, **k)
+
+        monkeypatch.setattr(branch, "forward", counted)
+    boxes = [(2, 2, 20, 20), (24, 24, 42, 42), (44, 2, 62, 20)][:n_people]
+    sample(pipe, [person(b, i) for i, b in enumerate(boxes)], num_inference_steps=4)
+    assert len(calls["local"]) == 4 * n_people and len(calls["global"]) == 4 * n_people
+    assert set(calls["local"]) == {3}  # each pass carries the three guidance conditions in one batch
+
+
+def test_local_residuals_zero_outside_every_box(joint):
+    pipe = joint.pipeline()
+    boxes = [(0, 0, 16, 16), (40, 36, 64, 60)]
+    inputs = [pipe.person_inputs(person(b, i)) for i, b in enumerate(boxes)]
+    x = torch.randn(3, 4, 32, 32)
+    down, mid = pipe.step_residuals(x, torch.tensor([500] * 3), inputs, True, use_global=False)
+    from realisid.geometry import box_at_scale
+
+    for r in down + [mid]:
+        inside = torch.zeros(r.shape[-2:], dtype=torch.bool)
+        for p in inputs:
+            lb = p["latent_box"][0].tolist()
+            x0, y0, x1, y1 = box_at_scale(lb, r.shape[-1] / 32, r.shape[-1], r.shape[-2])
+            inside[y0:y1, x0:x1] = True
+        assert r[..., ~inside].abs().max() == 0 and r[..., inside].abs().max() > 0
+
+
+def test_sum_and_average_rules(joint):
+    pipe = joint.pipeline()
+    one = [pipe.person_inputs(person((8, 8, 32, 32)))]
+    two = one * 2
+    x, t = torch.randn(3, 4, 32, 32), torch.tensor([400] * 3)
+    g1 = pipe.step_residuals(x, t, one, True, use_local=False)
+    g2 = pipe.step_residuals(x, t, two, True, use_local=False)
+    for a, b in zip(g1[0] + [g1[1]], g2[0] + [g2[1]]):
+        torch.testing.assert_close(a, b)  # averaged: two identical people = one
+    l1 = pipe.step_residuals(x, t, one, True, use_global=False)
+    l2 = pipe.step_residuals(x, t, two, True, use_global=False)
+    for a, b in zip(l1[0] + [l1[1]], l2[0] + [l2[1]]):
+        torch.testing.assert_close(2 * a, b)  # summed over people
+
+
+def test_seed_determinism_and_identity_delay(joint):
+    pipe = joint.pipeline()
+    people = [person((8, 8, 32, 32))]
+    a, b, c = sample(pipe, people, seed=3), sample(pipe, people, seed=3), sample(pipe, people, seed=4)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # with the identity delayed over all steps the identity guidance term vanishes: g_id has no effect
+    d1 = sample(pipe, people, id_delay=1.0, guidance_id=0.0)
+    d2 = sample(pipe, people, id_delay=1.0, guidance_id=9.0)
+    torch.testing.assert_close(d1, d2, rtol=0, atol=1e-4)  # rows of one batch may differ in the last bits
+    e1 = sample(pipe, people, id_delay=0.0, guidance_id=0.0)
+    e2 = sample(pipe, people, id_delay=0.0, guidance_id=9.0)
+    assert (e1 - e2).abs().max() > 1e-3  # without the delay, identity guidance changes the sample
+
+
+def test_export_reload_gives_same_sample(joint, tmp_path):
+    joint.export(str(tmp_path / "export"))
+    reloaded = RealisIDPipeline.from_export(str(tmp_path / "export"), backbone=joint.backbone)
+    people = [person((8, 8, 32, 32)), person((36, 30, 60, 54), 1)]
+    torch.testing.assert_close(sample(reloaded, people), sample(joint.pipeline(), people), rtol=0, atol=1e-5)
+
+
+def test_check_boxes_errors():
+    ok = dict(min_box=8, max_overlap=0.3, vae_scale_factor=2)
+    check_boxes([(0, 0, 20, 20), (30, 30, 60, 60)], 64, **ok)
+    with pytest.raises(ValueError, match="outside the 64x64"):
+        check_boxes([(50, 50, 70, 70)], 64, **ok)
+    with pytest.raises(ValueError, match="too small to crop"):
+        check_boxes([(10, 10, 14, 30)], 64, **ok)
+    with pytest.raises(ValueError, match="overlap with IoU"):
+        check_boxes([(0, 0, 30, 30), (5, 5, 35, 35)], 64, **ok)
+
+
+@pytest.fixture(scope="module")
+def run_dir(joint, tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    joint.export(str(run / "export"))
+    return run
+
+
+def _refs(tmp_path):
+    paths = []
+    for i, colour in enumerate([(200, 150, 120), (120, 90, 60)]):
+        p = tmp_path / f"ref{i}.jpg"
+        Image.new("RGB", (48, 48), colour).save(p)
+        paths.append(str(p))
+    return paths
+
+
+def test_generate_cli_two_people(run_dir, tmp_path, capsys):
+    from realisid.cli import main
+
+    a, b = _refs(tmp_path)
+    json.dump({"bbox": [8, 8, 40, 40], "kps": [[18, 20], [30, 20], [24, 27], [19, 34], [29, 34]]}, open(tmp_path / "ref0.json", "w"))
+    out = tmp_path / "out" / "two.png"
+    rc = main(["generate", "--run", str(run_dir), "--prompt", "a photo of two people", "--ref", a, "--box", "2,10,26,34",
+               "--ref", b, "--box", "36,10,60,34", "--out", str(out), "--seed", "5", "--steps", "2"])
+    assert rc == 0
+    assert Image.open(out).size == (64, 64)
+    rec = json.load(open(tmp_path / "out" / "two.json"))
+    assert rec["seed"] == 5 and rec["steps"] == 2 and len(rec["people"]) == 2 and rec["branches"] == ["local", "global"]
+    assert rec["people"][0]["box"] == [2, 10, 26, 34] and "ref0.json" in rec["people"][0]["reference_face"]
+    assert rec["people"][1]["reference_face"].startswith("whole image")
+    # landmarks from the reference face, moved into the target box: left eye at (18-8)/32*24+2 = 9.5
+    assert rec["people"][0]["kps"][0] == pytest.approx([9.5, 19.0])
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--box", "50,50,80,80"], "outside the 64x64"),
+    (["--box", "10,10,13,13"], "too small to crop"),
+    (["--box", "2,10,26,34", "--ref", "REF", "--box", "4,12,28,36"], "overlap with IoU"),
+])
+def test_generate_cli_bad_boxes_one_line(run_dir, tmp_path, capsys, args, needle):
+    from realisid.cli import main
+
+    a, _ = _refs(tmp_path)
+    argv = ["generate", "--run", str(run_dir), "--prompt", "x", "--ref", a] + [a if v == "REF" else v for v in args]
+    assert main(argv + ["--out", str(tmp_path / "o.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and "\n" not in err and "Traceback" not in err
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_generate_reference_without_face(run_dir, tmp_path, capsys):
+    """With a face analyzer configured, a reference in which it finds no face is a one-line error."""
+    import onnx_models
+    from omegaconf import OmegaConf
+
+    from realisid.cli import main
+
+    models = tmp_path / "models"
+    models.mkdir()
+    onnx_models.make_scrfd(str(models / "det.onnx"))
+    onnx_models.make_arcface(str(models / "rec.onnx"), dim=64)
+    cfg = OmegaConf.load(run_dir / "export" / "config.yaml")
+    cfg.faces.model_dir = str(models)
+    run = tmp_path / "run2"
+    import shutil
+
+    shutil.copytree(run_dir / "export", run / "export")
+    OmegaConf.save(cfg, run / "export" / "config.yaml")
+    blank = tmp_path / "blank.jpg"
+    Image.new("RGB", (64, 64), (0, 0, 0)).save(blank)
+    assert main(["generate", "--run", str(run), "--prompt", "x", "--ref", str(blank), "--box", "8,8,40,40", "--out", str(tmp_path / "o.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no face found" in err and str(blank) in err and "\n" not in err
