@@ -56,6 +56,7 @@ def cmd_generate(args) -> int:
     from omegaconf import OmegaConf
 
     from realisid.geometry import parse_box
+    from realisid.models.backbone import vae_scale_factor_of
     from realisid.pipeline import RealisIDPipeline, check_boxes, reference_person
 
     if len(args.ref) != len(args.box):
@@ -67,13 +68,13 @@ def cmd_generate(args) -> int:
     s = cfg.sampling
     boxes = [parse_box(b) for b in args.box]
     R = int(cfg.data.resolution)
+    check_boxes(boxes, R, min_box=float(s.min_box), max_overlap=float(s.max_overlap), vae_scale_factor=vae_scale_factor_of(cfg.model))
     analyzer = None
     if cfg.faces.model_dir:
         from realisid.faces import load_face_analyzer
 
         analyzer = load_face_analyzer(cfg.faces)
     pipe = RealisIDPipeline.from_export(export)
-    check_boxes(boxes, R, min_box=float(s.min_box), max_overlap=float(s.max_overlap), vae_scale_factor=pipe.backbone.vae_scale_factor)
     people, refs = [], []
     for ref, box in zip(args.ref, boxes):
         person, info = reference_person(ref, box, int(cfg.model.id_encoder.image_size), analyzer)

@@ -46,6 +46,11 @@ def train(cfg: DictConfig, run_dir: str | None = None) -> dict:
     from realisid.modules import build_module
     from realisid.prepare import prepare_embedded_default
 
+    import warnings
+
+    # the frozen backbone is in eval mode on purpose; say so once instead of Lightning's warning
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     t0 = time.time()
     prepared = prepare_embedded_default(cfg)
     L.seed_everything(int(cfg.experiment.seed), workers=True)

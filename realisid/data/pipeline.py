@@ -169,7 +169,7 @@ def train_dataset(urls: Sequence[str], maker: ExampleMaker, *, batch_size: int, 
     urls = list(urls)
     per_worker = max(1, math.ceil(batches_per_epoch / max(1, num_workers)))
     if resampled:
-        ds = wds.WebDataset(urls, resampled=True, shardshuffle=True, handler=skip_bad_tar, empty_check=False, seed=seed)
+        ds = wds.WebDataset(urls, resampled=True, shardshuffle=False, handler=skip_bad_tar, empty_check=False, seed=seed)
     else:
         needed = world_size * max(1, num_workers)
         if len(urls) < needed:

@@ -184,6 +184,21 @@ def _plain(node) -> dict:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 
 
+def vae_scale_factor_of(model_cfg: Mapping[str, Any]) -> int:
+    """The VAE's down-sampling factor, read from config files without loading any weights."""
+    import json
+
+    if model_cfg.get("pretrained"):
+        path = os.path.join(os.path.expanduser(str(model_cfg["pretrained"])), "vae", "config.json")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"model.pretrained='{model_cfg['pretrained']}' has no vae/config.json; use a complete diffusers folder")
+        with open(path) as f:
+            channels = json.load(f)["block_out_channels"]
+    else:
+        channels = model_cfg["tiny"]["vae"]["block_out_channels"]
+    return 2 ** (len(channels) - 1)
+
+
 def load_backbone(model_cfg: Mapping[str, Any], seed: int = 0) -> Backbone:
     """``model.pretrained`` set: load that folder; unset: the random tiny backbone."""
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[model_cfg.get("backbone_dtype", "fp32")]

@@ -173,12 +173,26 @@ class RealisIDModule(L.LightningModule):
 
 
 def _load_or_init(cls, path, init):
-    if path:
-        if not os.path.isdir(str(path)):
-            raise FileNotFoundError(f"branch init_from='{path}' is not a folder; give RUN_DIR/export/{cls.kind} of a finished run")
-        log.info("initialising the %s branch from %s", cls.kind, path)
-        return cls.from_pretrained(str(path))
-    return init()
+    """A branch from an export folder, from a training checkpoint (.ckpt), or freshly initialised."""
+    if not path:
+        return init()
+    path = str(path)
+    if path.endswith(".ckpt"):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"branch init_from='{path}' does not exist; give RUN_DIR/checkpoints/last.ckpt of a run that trained the {cls.kind} branch")
+        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        prefix = f"{cls.kind}_branch."
+        weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if not weights:
+            raise ValueError(f"checkpoint '{path}' holds no {cls.kind} branch (no '{prefix}*' weights); it was trained without that branch")
+        branch = init()
+        branch.load_state_dict(weights)
+        log.info("initialising the %s branch from checkpoint %s", cls.kind, path)
+        return branch
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"branch init_from='{path}' is neither an export folder nor a .ckpt; give RUN_DIR/export/{cls.kind} or RUN_DIR/checkpoints/last.ckpt")
+    log.info("initialising the %s branch from %s", cls.kind, path)
+    return cls.from_pretrained(path)
 
 
 def _device_gen(generator, device):
