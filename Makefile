@@ -2,6 +2,7 @@
 PY      ?= .venv/bin/python
 EXP     ?= local_branch
 ARGS    ?=
+RESUME  ?=
 export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 
@@ -13,7 +14,7 @@ setup:
 	$(PY) -m pip install -e '.[dev]'
 
 train:
-	$(PY) -m realisid train $(EXP) $(ARGS)
+	$(PY) -m realisid train $(EXP) $(ARGS) $(if $(RESUME),--resume $(RESUME))
 
 prepare:
 	$(PY) -m realisid prepare $(EXP) $(ARGS)

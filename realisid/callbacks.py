@@ -62,7 +62,7 @@ class LossSummary(L.Callback):
         self.losses: list[float] = []
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs  # None: a skipped batch
         if loss is not None:
             self.losses.append(float(loss.detach()))
 
@@ -78,3 +78,80 @@ class LossSummary(L.Callback):
 
     def load_state_dict(self, state: dict) -> None:
         self.losses = list(state.get("losses", []))
+
+
+class DataPosition(L.Callback):
+    """Tells the datamodule which batches training used, so checkpoints record the data position."""
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        dm = trainer.datamodule
+        if dm is not None and hasattr(dm, "note_batch") and "data_stream" in batch:
+            dm.note_batch(batch)
+
+
+class SaveOnInterrupt(L.Callback):
+    """SIGTERM (Lightning stops at the next step boundary) or Ctrl-C: write ``last.ckpt`` and stop.
+
+    Ctrl-C is turned into a request to stop after the current step, so the checkpoint never holds a
+    half-applied optimizer step. A second Ctrl-C interrupts at once.
+    """
+
+    def __init__(self, ckpt_path: str):
+        self.ckpt_path = ckpt_path
+        self.interrupted: str | None = None
+        self._stop = False
+        self._old_sigint = None
+
+    def on_train_start(self, trainer, module) -> None:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._old_sigint = signal.getsignal(signal.SIGINT)
+
+            def request_stop(signum, frame):
+                if self._stop:  # second Ctrl-C
+                    raise KeyboardInterrupt
+                log.warning("Ctrl-C: saving a checkpoint after this step and stopping (press again to abort now)")
+                self._stop = True
+
+            signal.signal(signal.SIGINT, request_stop)
+
+    def _save(self, trainer, why: str) -> None:
+        self.interrupted = why
+        trainer.save_checkpoint(self.ckpt_path)
+        log.warning("%s at step %d: saved %s; resume with `make train RESUME=<run dir>`", why, trainer.global_step, self.ckpt_path)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if self._stop and not self.interrupted:
+            self._save(trainer, "interrupted (SIGINT)")
+            trainer.should_stop = True
+
+    def on_exception(self, trainer, module, exception: BaseException) -> None:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if isinstance(exception, SIGTERMException) and not self.interrupted:
+            self._save(trainer, "stopped by SIGTERM")
+
+    def on_train_end(self, trainer, module) -> None:
+        import signal
+
+        if self._old_sigint is not None:
+            signal.signal(signal.SIGINT, self._old_sigint)
+
+
+class BatchCounter(L.Callback):
+    """Counts the training batches each rank ran and writes ``batches-rank<R>.json`` in the run dir."""
+
+    def __init__(self, run_dir: str):
+        self.run_dir, self.count = run_dir, 0
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.count += 1
+
+    def on_train_end(self, trainer, module) -> None:
+        import json
+
+        with open(os.path.join(self.run_dir, f"batches-rank{trainer.global_rank}.json"), "w") as f:
+            json.dump({"rank": trainer.global_rank, "world_size": trainer.world_size, "batches": self.count,
+                       "global_step": trainer.global_step}, f)

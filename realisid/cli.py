@@ -20,8 +20,16 @@ def cmd_train(args) -> int:
     from realisid.config import load_config
     from realisid.train import train
 
-    cfg = load_config(args.exp, args.overrides)
-    res = train(cfg)
+    if args.resume:
+        from realisid.train import resume_config
+
+        cfg = resume_config(args.resume, args.overrides)
+        res = train(cfg, resume=args.resume)
+    else:
+        res = train(load_config(args.exp, args.overrides))
+    if res.get("interrupted"):
+        sys.stdout.write(f"{res['interrupted']}\ncheckpoint    : {res['checkpoint']}\n")
+        return 3
     lines = [
         f"run directory : {res['run_dir']}",
         f"config        : {os.path.join(res['run_dir'], 'config.yaml')}",
@@ -109,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train an experiment (experiments/<EXP>.yaml) with key=value overrides")
     t.add_argument("exp", nargs="?", default="local_branch", help="experiment name under experiments/ or a YAML path")
     t.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. trainer.max_steps=50 data.batch_size=2")
+    t.add_argument("--resume", metavar="RUN_DIR", default=None,
+                   help="continue RUN_DIR from checkpoints/last.ckpt (same step, optimizer, scheduler and data position)")
     t.set_defaults(func=cmd_train)
 
     g = sub.add_parser("generate", help="sample an image of one or several people from a trained run",
@@ -142,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, FileNotFoundError, ValueError, FloatingPointError) as err:
         if args.verbose:
             raise
         sys.stderr.write(f"realisid {args.command}: error: {err}\n")

@@ -37,12 +37,26 @@ def build_datamodule(cfg: DictConfig, module):
                           soft_location=bool(cfg.model["global"].soft_location), seed=int(cfg.experiment.seed))
 
 
-def train(cfg: DictConfig, run_dir: str | None = None) -> dict:
-    """Train the experiment; returns paths and the loss summary."""
+def resume_config(run_dir: str, overrides=()) -> DictConfig:
+    """The saved config of ``run_dir`` (plus overrides, e.g. a larger trainer.max_steps) for resuming it."""
+    from realisid.config import apply_overrides
+
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"RESUME={run_dir}: no config.yaml there; give a run directory like runs/local_branch/<timestamp>")
+    ckpt = os.path.join(run_dir, "checkpoints", "last.ckpt")
+    if not os.path.exists(ckpt):
+        raise FileNotFoundError(f"RESUME={run_dir}: no checkpoints/last.ckpt yet; the run stopped before its first checkpoint, start it again")
+    return apply_overrides(OmegaConf.load(path), list(overrides))
+
+
+def train(cfg: DictConfig, run_dir: str | None = None, resume: str | None = None) -> dict:
+    """Train the experiment, or resume ``resume`` (a run dir) from its last checkpoint; returns paths and the loss summary."""
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from realisid.callbacks import LossSummary, ValidationImages
+    from realisid.callbacks import BatchCounter, DataPosition, LossSummary, SaveOnInterrupt, ValidationImages
     from realisid.modules import build_module
     from realisid.prepare import prepare_embedded_default
 
@@ -54,15 +68,20 @@ def train(cfg: DictConfig, run_dir: str | None = None) -> dict:
     t0 = time.time()
     prepared = prepare_embedded_default(cfg)
     L.seed_everything(int(cfg.experiment.seed), workers=True)
-    run_dir = run_dir or new_run_dir(cfg)
+    run_dir = resume or run_dir or new_run_dir(cfg)
     os.makedirs(run_dir, exist_ok=True)
     save_config(cfg, os.path.join(run_dir, "config.yaml"))
+    ckpt_path = os.path.join(run_dir, "checkpoints", "last.ckpt") if resume else None
     module = build_module(cfg)
     dm = build_datamodule(cfg, module)
     tr, v = cfg.trainer, cfg.validation
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     summary = LossSummary()
+    interrupt = SaveOnInterrupt(os.path.join(ckpt_dir, "last.ckpt"))
     callbacks = [
+        DataPosition(),
+        interrupt,
+        BatchCounter(run_dir),
         ModelCheckpoint(dirpath=ckpt_dir, filename="step-{step:06d}", auto_insert_metric_name=False, save_last=True,
                         every_n_train_steps=int(tr.checkpoint_every_n_steps), save_top_k=-1),
         LearningRateMonitor(logging_interval="step"),
@@ -79,10 +98,16 @@ def train(cfg: DictConfig, run_dir: str | None = None) -> dict:
         enable_progress_bar=bool(tr.enable_progress_bar), num_sanity_val_steps=0, limit_val_batches=max(1, -(-int(cfg.data.val_samples) // int(cfg.data.batch_size))),
     )
     log.info("identity encoder: %s | backbone: %s", module.id_encoder.name, module.backbone.name)
-    trainer.fit(module, datamodule=dm)
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        pass  # SaveOnInterrupt wrote last.ckpt
     result = {"run_dir": run_dir, "tensorboard": os.path.join(run_dir, "tb"), "checkpoint": os.path.join(ckpt_dir, "last.ckpt"),
               "samples": os.path.join(run_dir, "samples"), "prepared": prepared, **summary.summary()}
-    if trainer.is_global_zero:
+    result["global_step"] = trainer.global_step
+    if interrupt.interrupted:
+        result["interrupted"] = f"{interrupt.interrupted} at step {trainer.global_step}; resume with `make train RESUME={run_dir}`"
+    elif trainer.is_global_zero:
         result["export"] = os.path.join(run_dir, "export")
         module.export(result["export"])
     result["seconds"] = round(time.time() - t0, 1)

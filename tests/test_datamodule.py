@@ -14,7 +14,6 @@ def _dm(cfg, shards, **kw):
     data.batch_size = 4
     data.num_workers = kw.get("workers", 0)
     data.shuffle_buffer = 8
-    data.batches_per_epoch = 3
     data.val_samples = 4
     return FaceDataModule(data, vae_scale_factor=2, local_latent_size=16, crop_expand=1.6, id_image_size=32)
 
@@ -22,8 +21,10 @@ def _dm(cfg, shards, **kw):
 def test_batch_shapes_and_ranges(tiny_cfg, face_shards):
     dm = _dm(tiny_cfg(), face_shards)
     dm.setup("fit")
-    batches = list(dm.train_dataloader())
-    assert len(batches) == 3  # with_epoch: a fixed number of batches per epoch and worker
+    import itertools
+
+    batches = list(itertools.islice(dm.train_dataloader(), 3))  # the stream is infinite
+    assert [b["data_consumed"] for b in batches] == [4, 8, 12] and {b["data_stream"] for b in batches} == {0}
     b = batches[0]
     assert b["image"].shape == (4, 3, 64, 64) and b["image"].dtype == torch.float32
     assert b["image"].min() >= -1 and b["image"].max() <= 1
@@ -72,9 +73,28 @@ def test_corrupt_samples_skipped_and_counted(face_shards):
 
 
 def test_too_few_shards_for_split_is_a_clear_error(tiny_cfg, face_shards):
-    from realisid.data.pipeline import train_dataset
+    from realisid.data.pipeline import TrainStream
 
     maker = ExampleMaker(resolution=64, vae_scale_factor=2, local_latent_size=16, crop_expand=1.6, id_image_size=32)
     urls = sorted(str(p) for p in face_shards.glob("train-*.tar"))
     with pytest.raises(ValueError, match="DDP would hang"):
-        train_dataset(urls, maker, batch_size=2, shuffle_buffer=2, batches_per_epoch=2, num_workers=2, resampled=False, world_size=4, seed=0)
+        TrainStream(urls, maker, batch_size=2, shuffle_buffer=2, seed=0, rank=0, world_size=4, num_workers=2, resampled=False)
+
+
+def test_stream_is_deterministic_and_resumes_exactly(face_shards):
+    import itertools
+
+    from realisid.data.pipeline import TrainStream
+
+    maker = ExampleMaker(resolution=64, vae_scale_factor=2, local_latent_size=16, crop_expand=1.6, id_image_size=32)
+    urls = sorted(str(p) for p in face_shards.glob("train-*.tar"))
+    for resampled in (True, False):
+        kw = dict(batch_size=2, shuffle_buffer=5, seed=3, rank=0, world_size=1, num_workers=1, resampled=resampled)
+        full = list(itertools.islice(iter(TrainStream(urls, maker, **kw)), 6))
+        again = list(itertools.islice(iter(TrainStream(urls, maker, **kw)), 6))
+        assert [b["key"] for b in full] == [b["key"] for b in again]
+        resumed = list(itertools.islice(iter(TrainStream(urls, maker, consumed={0: full[2]["data_consumed"]}, **kw)), 3))
+        assert [b["key"] for b in resumed] == [b["key"] for b in full[3:]]
+        assert torch.equal(resumed[0]["image"], full[3]["image"])
+        other_rank = list(itertools.islice(iter(TrainStream(urls, maker, **{**kw, "rank": 1, "world_size": 2, "resampled": True})), 3))
+        assert [b["key"] for b in other_rank] != [b["key"] for b in full[:3]]

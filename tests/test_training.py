@@ -14,7 +14,7 @@ def test_few_step_training_run_and_export(tiny_cfg, face_shards, tmp_path):
     from realisid.train import train
 
     cfg = tiny_cfg("local_branch", f"data.train_shards={face_shards}/train-*.tar", f"data.val_shards={face_shards}/val-*.tar",
-                   "data.batch_size=2", "data.num_workers=0", "data.shuffle_buffer=4", "data.val_samples=2", "data.batches_per_epoch=3",
+                   "data.batch_size=2", "data.num_workers=0", "data.shuffle_buffer=4", "data.val_samples=2",
                    "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.checkpoint_every_n_steps=3", "trainer.log_every_n_steps=1",
                    "trainer.enable_progress_bar=false", "validation.num_images=1", "validation.steps=2", f"experiment.runs_dir={tmp_path}/runs")
     res = train(cfg)

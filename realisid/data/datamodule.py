@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from realisid.data.pipeline import ExampleMaker, collate, load_examples, resolve_shards, train_dataset
+from realisid.data.pipeline import ExampleMaker, TrainStream, collate, load_examples, resolve_shards
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +23,9 @@ class FaceDataModule(L.LightningDataModule):
             embed_dim=data_cfg.get("embed_dim"), resolution=int(data_cfg["resolution"]), vae_scale_factor=vae_scale_factor,
             local_latent_size=local_latent_size, crop_expand=crop_expand, id_image_size=id_image_size, soft_location=soft_location)
         self.val_examples: list[dict] | None = None
+        # data position, saved in checkpoints: raw samples used per stream, batches used in all
+        self.consumed: dict[int, int] = {}
+        self.batches_used = 0
 
     def setup(self, stage: str | None = None) -> None:
         self.train_urls = resolve_shards(self.cfg["train_shards"], "data.train_shards")
@@ -36,16 +39,25 @@ class FaceDataModule(L.LightningDataModule):
         return (t.world_size, t.global_rank) if t is not None else (1, 0)
 
     def train_dataloader(self):
-        import webdataset as wds
-
         world, rank = self._world()
         workers = int(self.cfg["num_workers"])
-        ds = train_dataset(self.train_urls, self.maker, batch_size=int(self.cfg["batch_size"]),
-                           shuffle_buffer=int(self.cfg["shuffle_buffer"]), batches_per_epoch=int(self.cfg["batches_per_epoch"]),
-                           num_workers=workers, resampled=bool(self.cfg["resampled"]), world_size=world,
-                           seed=self.seed + 1000 * rank)
-        return wds.WebLoader(ds, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
-                             pin_memory=torch.cuda.is_available())
+        stream = TrainStream(self.train_urls, self.maker, batch_size=int(self.cfg["batch_size"]), shuffle_buffer=int(self.cfg["shuffle_buffer"]),
+                             seed=self.seed, rank=rank, world_size=world, num_workers=workers, resampled=bool(self.cfg["resampled"]),
+                             consumed=self.consumed, offset=self.batches_used % max(1, workers))
+        return DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
+                          pin_memory=torch.cuda.is_available())
+
+    def note_batch(self, batch: dict) -> None:
+        """Record that a training step used ``batch`` (called after the step)."""
+        self.consumed[int(batch["data_stream"])] = int(batch["data_consumed"])
+        self.batches_used += 1
+
+    def state_dict(self) -> dict:
+        return {"consumed": dict(self.consumed), "batches_used": self.batches_used}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consumed = {int(k): int(v) for k, v in state.get("consumed", {}).items()}
+        self.batches_used = int(state.get("batches_used", 0))
 
     def val_dataloader(self):
         if not self.val_examples:

@@ -10,7 +10,6 @@ has one); ``id_embed`` (D,) with ``has_id_embed``; ``caption``; ``face_size`` (t
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections import Counter
 from typing import Any, Mapping, Sequence
@@ -155,30 +154,79 @@ def skip_bad_tar(exn: Exception) -> bool:
     return True
 
 
-def train_dataset(urls: Sequence[str], maker: ExampleMaker, *, batch_size: int, shuffle_buffer: int, batches_per_epoch: int,
-                  num_workers: int, resampled: bool, world_size: int, seed: int):
-    """The webdataset training pipeline, with equal batches on every rank and worker.
+def _shuffled(items, bufsize: int, rng):
+    """Buffer shuffle driven by ``rng`` only, so the order is a pure function of the seed."""
+    buf: list = []
+    for x in items:
+        buf.append(x)
+        if len(buf) >= bufsize:
+            i = rng.randrange(len(buf))
+            buf[i], buf[-1] = buf[-1], buf[i]
+            yield buf.pop()
+    rng.shuffle(buf)
+    yield from buf
 
-    ``resampled``: every worker draws shards at random with replacement (any shard count works, any number
-    of ranks). Otherwise shards are split over ranks and workers, which needs at least ranks x workers shards.
-    ``with_epoch`` fixes the batches each worker yields, so all ranks step equally and DDP never waits on a
-    rank that ran out of data.
+
+class TrainStream(torch.utils.data.IterableDataset):
+    """The training stream: infinite, deterministic, resumable, equal on every rank.
+
+    Stream ``k`` of rank ``r`` draws shards with ``random.Random(f"{seed}-{r}-{k}")``: with ``resampled``,
+    shards are drawn with replacement (any shard count works for any number of ranks); otherwise each
+    stream owns every ``world x workers``-th shard and cycles through them in a fresh order each pass,
+    which needs at least ranks x workers shards. Raw samples are shuffled in a buffer BEFORE decoding, and
+    every batch carries ``data_stream`` and ``data_consumed`` (raw samples that stream has used). To resume,
+    each stream skips its consumed raw samples without decoding them, and ``offset`` rotates which worker
+    serves which stream so batches arrive in the same order as in an uninterrupted run. The stream never
+    ends, so no rank waits on another that ran out of data.
     """
-    import webdataset as wds
 
-    urls = list(urls)
-    per_worker = max(1, math.ceil(batches_per_epoch / max(1, num_workers)))
-    if resampled:
-        ds = wds.WebDataset(urls, resampled=True, shardshuffle=False, handler=skip_bad_tar, empty_check=False, seed=seed)
-    else:
-        needed = world_size * max(1, num_workers)
-        if len(urls) < needed:
-            raise ValueError(f"{len(urls)} train shards for {world_size} ranks x {max(1, num_workers)} workers = {needed} readers: "
+    def __init__(self, urls: Sequence[str], maker: ExampleMaker, *, batch_size: int, shuffle_buffer: int, seed: int, rank: int,
+                 world_size: int, num_workers: int, resampled: bool, consumed: Mapping[int, int] | None = None, offset: int = 0):
+        super().__init__()
+        self.urls, self.maker = list(urls), maker
+        self.batch_size, self.shuffle_buffer = int(batch_size), int(shuffle_buffer)
+        self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
+        self.num_workers, self.resampled = max(1, int(num_workers)), bool(resampled)
+        self.consumed, self.offset = dict(consumed or {}), int(offset)
+        needed = self.world_size * self.num_workers
+        if not self.resampled and len(self.urls) < needed:
+            raise ValueError(f"{len(self.urls)} train shards for {self.world_size} ranks x {self.num_workers} workers = {needed} readers: "
                              "some would get no data and DDP would hang; write more shards, lower data.num_workers, or set data.resampled=true")
-        ds = wds.WebDataset(urls, shardshuffle=len(urls), nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker,
-                            handler=skip_bad_tar, empty_check=False, seed=seed).repeat()
-    ds = ds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100)).map(maker).select(lambda x: x is not None)
-    return ds.batched(batch_size, collation_fn=collate, partial=False).with_epoch(per_worker)
+
+    def _urls(self, stream: int, rng):
+        if self.resampled:
+            while True:
+                yield rng.choice(self.urls)
+        mine = self.urls[self.rank * self.num_workers + stream :: self.world_size * self.num_workers]
+        while True:
+            order = list(mine)
+            rng.shuffle(order)
+            yield from order
+
+    def __iter__(self):
+        import random
+
+        from webdataset.tariterators import tarfile_samples
+
+        info = torch.utils.data.get_worker_info()
+        stream = ((info.id if info else 0) + self.offset) % self.num_workers
+        rng = random.Random(f"realisid-{self.seed}-{self.rank}-{stream}")
+        raw = tarfile_samples(({"url": u} for u in self._urls(stream, rng)), handler=skip_bad_tar)
+        skip = int(self.consumed.get(stream, 0))
+        used, batch = 0, []
+        for sample in _shuffled(raw, self.shuffle_buffer, rng):
+            used += 1
+            if used <= skip:
+                continue
+            ex = self.maker(sample)
+            if ex is None:
+                continue
+            batch.append(ex)
+            if len(batch) == self.batch_size:
+                out = collate(batch)
+                out["data_stream"], out["data_consumed"] = stream, used
+                batch = []
+                yield out
 
 
 def load_examples(urls: Sequence[str], maker: ExampleMaker, limit: int) -> list[dict]:

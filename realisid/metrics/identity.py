@@ -229,7 +229,8 @@ def _box_from_kps(kps: np.ndarray) -> list[float]:
     (x0, w), (y0, h) = box
     if not (w > 0 and h > 0):
         raise ValueError(f"kps {k.tolist()} do not look like a face (eyes above mouth, left eye left of right eye)")
-    return [float(x0), float(y0), float(x0 + w), float(y0 + h)]
+    # rounded to 1e-3 px so float noise in the fit cannot tip the crop's integer rounding (ceil of the side)
+    return [round(float(v), 3) for v in (x0, y0, x0 + w, y0 + h)]
 
 
 class StandInFaceAnalyzer:

@@ -110,12 +110,26 @@ class RealisIDModule(L.LightningModule):
         loss, full, face = face_weighted_mse(pred, target, mask, float(self.cfg.model.loss.face_lambda))
         return {"loss": loss, "mse": full, "face_mse": face}
 
+    def step_generator(self, batch_idx: int) -> torch.Generator:
+        """Noise, timesteps and dropout of a step depend only on (seed, step): a resumed run draws the same."""
+        accum = max(1, int(self.trainer.accumulate_grad_batches)) if self._trainer is not None else 1
+        key = (int(self.cfg.experiment.seed) * 1_000_003 + self.global_step * 131 + batch_idx % accum) * 7 + self.global_rank
+        return torch.Generator().manual_seed(key % (2**63 - 1))
+
     def training_step(self, batch: dict, batch_idx: int):
-        out = self.shared_step(batch)
+        out = self.shared_step(batch, generator=self.step_generator(batch_idx))
+        if not torch.isfinite(out["loss"]):
+            msg = (f"non-finite training loss {out['loss'].item()} at step {self.global_step} (batch {batch_idx}); "
+                   "lower optim.lr, check the data, or set trainer.nonfinite_loss=skip")
+            if self.cfg.trainer.nonfinite_loss == "skip":
+                log.warning("skipped batch: %s", msg)
+                self.log("train/skipped_nonfinite", 1.0, reduce_fx="sum")
+                return None
+            raise FloatingPointError(msg)
         self.log_dict({f"train/{k}": v for k, v in out.items()}, prog_bar=False, batch_size=batch["image"].shape[0])
         self.log("loss", out["loss"], prog_bar=True, logger=False)
-        if "skipped" in batch:
-            self.log("data/skipped_samples", float(max(batch["skipped"]) if isinstance(batch["skipped"], list) else batch["skipped"].max()))
+        if "skipped" in batch:  # per-stream running count of unusable samples, see ExampleMaker
+            self.log("data/skipped_samples", float(max(batch["skipped"])))
         return out["loss"]
 
     def validation_step(self, batch: dict, batch_idx: int):
@@ -142,7 +156,15 @@ class RealisIDModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep checkpoints to the trainable weights: the frozen backbone is reloaded from its path."""
+        """Keep checkpoints to the trainable weights: the frozen backbone is reloaded from its path.
+
+        A checkpoint with non-finite weights is refused, so it never replaces a good one.
+        """
+        for name, mod in self.trainable_modules().items():
+            for pname, p in mod.named_parameters():
+                if not torch.isfinite(p).all():
+                    raise FloatingPointError(f"refusing to write a checkpoint at step {self.global_step}: {name}.{pname} has NaN/Inf "
+                                             "weights; the previous checkpoint is kept")
         sd = checkpoint["state_dict"]
         for k in [k for k in sd if k.startswith(FROZEN_PREFIXES)]:
             del sd[k]
