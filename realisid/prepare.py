@@ -65,3 +65,18 @@ def prepare_embedded_default(cfg: DictConfig) -> dict:
     out["base"] = json.load(open(os.path.join(b.out_dir, "PREPARED.json")))
     out["seconds"] = round(time.time() - t0, 1)
     return out
+
+
+def wait_for_prepared(cfg: DictConfig, timeout_s: float = 3600.0) -> dict:
+    """Ranks other than 0 wait for rank 0 to finish preparing (each artifact's PREPARED.json marker)."""
+    if not cfg.prepare.enabled:
+        return {}
+    p = cfg.prepare
+    folders = [p.synthetic.out_dir, p.standin.out_dir, p.base.out_dir]
+    t0 = time.time()
+    while not all(_done(f) for f in folders):
+        if time.time() - t0 > timeout_s:
+            raise TimeoutError(f"rank 0 has not prepared {', '.join(f for f in folders if not _done(f))} after {timeout_s:.0f} s; "
+                               "run `make prepare` once before launching several ranks")
+        time.sleep(2.0)
+    return {"waited_s": round(time.time() - t0, 1)}

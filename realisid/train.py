@@ -19,6 +19,34 @@ from realisid.config import save_config
 log = logging.getLogger(__name__)
 
 
+RUN_DIR_ENV = "REALISID_RUN_DIR"
+
+
+def env_rank() -> int:
+    """This process's global rank as launchers announce it (0 before any launcher ran)."""
+    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if os.environ.get(key):
+            return int(os.environ[key])
+    return 0
+
+
+def shared_run_dir(cfg: DictConfig) -> str:
+    """The run directory every rank of a job agrees on.
+
+    ``REALISID_RUN_DIR`` wins (ranks that Lightning launches inherit it from rank 0); under SLURM or torchrun
+    the job id names it; a lone process makes a new timestamped one.
+    """
+    if os.environ.get(RUN_DIR_ENV):
+        return os.environ[RUN_DIR_ENV]
+    job = os.environ.get("SLURM_JOB_ID") or (os.environ.get("TORCHELASTIC_RUN_ID") if os.environ.get("TORCHELASTIC_RUN_ID") not in (None, "none") else None)
+    if job:
+        return os.path.join(cfg.experiment.runs_dir, cfg.experiment.name, f"job-{job}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("several ranks were launched but none says which run directory to share; "
+                         f"set {RUN_DIR_ENV}=runs/<exp>/<name> for every rank (or use torchrun --rdzv-id / SLURM)")
+    return new_run_dir(cfg)
+
+
 def new_run_dir(cfg: DictConfig) -> str:
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     path = os.path.join(cfg.experiment.runs_dir, cfg.experiment.name, stamp)
@@ -58,7 +86,7 @@ def train(cfg: DictConfig, run_dir: str | None = None, resume: str | None = None
 
     from realisid.callbacks import BatchCounter, DataPosition, LossSummary, SaveOnInterrupt, ValidationImages
     from realisid.modules import build_module
-    from realisid.prepare import prepare_embedded_default
+    from realisid.prepare import prepare_embedded_default, wait_for_prepared
 
     import warnings
 
@@ -66,11 +94,13 @@ def train(cfg: DictConfig, run_dir: str | None = None, resume: str | None = None
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     t0 = time.time()
-    prepared = prepare_embedded_default(cfg)
+    rank = env_rank()
+    prepared = prepare_embedded_default(cfg) if rank == 0 else wait_for_prepared(cfg)
     L.seed_everything(int(cfg.experiment.seed), workers=True)
-    run_dir = resume or run_dir or new_run_dir(cfg)
+    run_dir = resume or run_dir or shared_run_dir(cfg)
     os.makedirs(run_dir, exist_ok=True)
-    save_config(cfg, os.path.join(run_dir, "config.yaml"))
+    if rank == 0:
+        save_config(cfg, os.path.join(run_dir, "config.yaml"))
     ckpt_path = os.path.join(run_dir, "checkpoints", "last.ckpt") if resume else None
     module = build_module(cfg)
     dm = build_datamodule(cfg, module)
@@ -98,10 +128,17 @@ def train(cfg: DictConfig, run_dir: str | None = None, resume: str | None = None
         enable_progress_bar=bool(tr.enable_progress_bar), num_sanity_val_steps=0, limit_val_batches=max(1, -(-int(cfg.data.val_samples) // int(cfg.data.batch_size))),
     )
     log.info("identity encoder: %s | backbone: %s", module.id_encoder.name, module.backbone.name)
+    previous = os.environ.get(RUN_DIR_ENV)
+    os.environ[RUN_DIR_ENV] = run_dir  # ranks that Lightning launches from here write into the same run
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     except SIGTERMException:
         pass  # SaveOnInterrupt wrote last.ckpt
+    finally:
+        if previous is None:
+            os.environ.pop(RUN_DIR_ENV, None)
+        else:
+            os.environ[RUN_DIR_ENV] = previous
     result = {"run_dir": run_dir, "tensorboard": os.path.join(run_dir, "tb"), "checkpoint": os.path.join(ckpt_dir, "last.ckpt"),
               "samples": os.path.join(run_dir, "samples"), "prepared": prepared, **summary.summary()}
     result["global_step"] = trainer.global_step
@@ -111,5 +148,6 @@ def train(cfg: DictConfig, run_dir: str | None = None, resume: str | None = None
         result["export"] = os.path.join(run_dir, "export")
         module.export(result["export"])
     result["seconds"] = round(time.time() - t0, 1)
-    OmegaConf.save(OmegaConf.create({k: v for k, v in result.items() if k != "prepared"}), os.path.join(run_dir, "result.yaml"))
+    if trainer.is_global_zero:
+        OmegaConf.save(OmegaConf.create({k: v for k, v in result.items() if k != "prepared"}), os.path.join(run_dir, "result.yaml"))
     return result

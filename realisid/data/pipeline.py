@@ -230,11 +230,14 @@ class TrainStream(torch.utils.data.IterableDataset):
 
 
 def load_examples(urls: Sequence[str], maker: ExampleMaker, limit: int) -> list[dict]:
-    """The first ``limit`` good examples of ``urls`` in order (validation sets are small and fixed)."""
-    import webdataset as wds
+    """The first ``limit`` good examples of ``urls`` in order (validation sets are small and fixed).
+
+    Every rank reads the same list; Lightning's distributed sampler splits it between ranks.
+    """
+    from webdataset.tariterators import tarfile_samples
 
     out = []
-    for raw in wds.WebDataset(list(urls), shardshuffle=False, handler=skip_bad_tar, empty_check=False):
+    for raw in tarfile_samples(({"url": u} for u in urls), handler=skip_bad_tar):
         ex = maker(raw)
         if ex is not None:
             out.append(ex)
