@@ -3,10 +3,12 @@ PY      ?= .venv/bin/python
 EXP     ?= local_branch
 ARGS    ?=
 RESUME  ?=
+RUN     ?=
+SWEEP   ?= branches
 export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 
-.PHONY: setup train prepare test test-fast clean-cache
+.PHONY: setup train prepare bench sweep test test-fast clean-cache
 
 setup:
 	test -x $(PY) || python3 -m venv .venv
@@ -15,6 +17,13 @@ setup:
 
 train:
 	$(PY) -m realisid train $(EXP) $(ARGS) $(if $(RESUME),--resume $(RESUME))
+
+# `make bench` benchmarks the newest joint run; EXP and RUN pick another
+bench:
+	$(PY) benchmarks/scale_bench.py $(if $(filter command line environment,$(origin EXP)),$(EXP),joint) $(ARGS) $(if $(RUN),--run $(RUN))
+
+sweep:
+	$(PY) -m realisid sweep $(SWEEP) $(ARGS)
 
 prepare:
 	$(PY) -m realisid prepare $(EXP) $(ARGS)

@@ -8,6 +8,8 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from realisid.geometry import face_size
+
 log = logging.getLogger(__name__)
 
 
@@ -155,3 +157,77 @@ class BatchCounter(L.Callback):
         with open(os.path.join(self.run_dir, f"batches-rank{trainer.global_rank}.json"), "w") as f:
             json.dump({"rank": trainer.global_rank, "world_size": trainer.world_size, "batches": self.count,
                        "global_step": trainer.global_step}, f)
+
+
+class ScaleMetrics(L.Callback):
+    """Every N validations: sample a fixed, seeded validation set spanning all face-size bins and log every
+    metric per bin (``val_metrics/<metric>/<bin>``) plus an image grid per bin (reference | sample).
+
+    Cases are split over ranks and the torchmetrics states are summed, so values are exact under DDP.
+    """
+
+    def __init__(self, cfg, every_n_validations: int, per_bin: int, steps: int):
+        self.cfg, self.every, self.per_bin, self.steps = cfg, int(every_n_validations), int(per_bin), int(steps)
+        self._evaluator = None
+        self._validations = 0
+
+    def cases(self, examples):
+        from realisid.evaluation import Case
+        from realisid.geometry import bins_from_config, scale_bin
+
+        bins = bins_from_config(self.cfg.bins)
+        chosen = {b: [] for b in bins}
+        for ex in examples:
+            b = scale_bin(face_size(ex["face_box"].tolist(), ex["image"].shape[-1], ex["image"].shape[-2]), bins)
+            if len(chosen[b]) < self.per_bin:
+                chosen[b].append(ex)
+        out = []
+        for b, exs in chosen.items():
+            for i, ex in enumerate(exs):
+                out.append(Case(prompt=ex["caption"], boxes=[ex["face_box"].tolist()], id_images=[ex["id_image"]], id_masks=[ex["id_mask"]],
+                                identities=[ex["key"].rsplit("-", 1)[0]], seed=i, tags={"bin": b}))
+        return out
+
+    @torch.no_grad()
+    def on_validation_epoch_end(self, trainer, module) -> None:
+        if trainer.sanity_checking or self.every <= 0:
+            return
+        self._validations += 1
+        if self._validations % self.every:
+            return
+        examples = trainer.datamodule.val_examples if trainer.datamodule is not None else None
+        if not examples:
+            return
+        from realisid.evaluation import build_evaluator, compute_all
+
+        if self._evaluator is None:
+            self._evaluator = build_evaluator(self.cfg, module.id_encoder.name)
+        ev = self._evaluator
+        cases = self.cases(examples)
+        mine = cases[trainer.global_rank :: trainer.world_size]
+        metrics = {k: m.to("cpu") for k, m in ev.new_metrics().items()}
+        if trainer.is_global_zero:  # the real side once, not once per rank
+            ev.add_real(metrics, [e["image"] for e in examples], [e["face_box"].tolist() for e in examples])
+        v = self.cfg.validation
+        _, images = ev.evaluate(module.pipeline(), mine, metrics, sample_kwargs={
+            "num_inference_steps": self.steps, "guidance_text": float(v.guidance_text), "guidance_id": float(v.guidance_id),
+            "id_delay": float(v.id_delay)})
+        values = compute_all(metrics)  # syncs over ranks when distributed
+        if trainer.is_global_zero and trainer.logger is not None:
+            trainer.logger.log_metrics({f"val_metrics/{k}": val for k, val in values.items() if val == val}, step=trainer.global_step)
+            exp = trainer.logger.experiment
+            if hasattr(exp, "add_image"):
+                from torchvision.utils import make_grid
+
+                R = images[0].shape[-1] if images else 0
+                for b in ev.bins:
+                    tiles = []
+                    for case, img in zip(mine, images):
+                        if case.tags["bin"] == b:
+                            ref = F.interpolate(case.id_images[0][None].float(), size=(R, R), mode="bilinear", align_corners=False)[0]
+                            tiles += [ref, img]
+                    if tiles:
+                        exp.add_image(f"val_bins/{b} (reference|sample)", (make_grid(torch.stack(tiles), nrow=2, pad_value=1.0) + 1) / 2,
+                                      trainer.global_step)
+        log.info("scale metrics at step %d: %s", trainer.global_step,
+                 ", ".join(f"{k}={values[k]:.3f}" for k in sorted(values) if k.startswith("id_sim/") and values[k] == values[k]))

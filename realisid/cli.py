@@ -109,6 +109,36 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    import datetime as _dt
+
+    from realisid.bench import newest_run, run_bench
+    from realisid.config import load_config
+
+    cfg = load_config(args.exp, args.overrides)
+    run = args.run or newest_run(cfg.experiment.runs_dir, cfg.experiment.name)
+    if run is None:
+        if not cfg.prepare.enabled:
+            raise FileNotFoundError(f"no finished run of '{args.exp}' under {cfg.experiment.runs_dir}/; give --run RUN_DIR")
+        from realisid.train import train
+
+        log.info("no finished %s run yet: training one on the embedded default first", args.exp)
+        run = train(cfg)["run_dir"]
+    out = args.out or os.path.join("benchmarks", "results", f"{_dt.date.today().isoformat()}-{cfg.experiment.name}")
+    res = run_bench(cfg, run, out)
+    sys.stdout.write(open(os.path.join(out, "table.md")).read())
+    sys.stdout.write(f"\nwritten: {out}/ (results.csv, summary.csv, bins.csv, table.md, {', '.join(os.path.basename(p) for p in res['plots'])})\n")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from realisid.sweep import run_sweep
+
+    res = run_sweep(args.sweep, args.overrides)
+    sys.stdout.write(open(res["table"]).read() + f"\nwritten: {res['out_dir']}\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="realisid", description="RealisID: identity customization with local and global ControlNet branches.")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -137,6 +167,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance-id", type=float, default=None)
     g.add_argument("--id-delay", type=float, default=None, help="fraction of steps before identity conditioning starts")
     g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="scale benchmark: identity fidelity against face size and people count (benchmarks/results/)")
+    b.add_argument("exp", nargs="?", default="joint", help="experiment whose bench/evaluation settings to use (default: joint)")
+    b.add_argument("overrides", nargs="*")
+    b.add_argument("--run", default=None, help="run directory to benchmark (default: the newest finished run of EXP; trains one if none)")
+    b.add_argument("--out", default=None, help="output folder (default: benchmarks/results/<date>-<exp>)")
+    b.set_defaults(func=cmd_bench)
+
+    sw = sub.add_parser("sweep", help="ablation sweep from experiments/sweeps/<SWEEP>.yaml: train + bench each run, one combined table")
+    sw.add_argument("sweep", help="sweep name under experiments/sweeps/ or a YAML path")
+    sw.add_argument("overrides", nargs="*", help="overrides applied to every run")
+    sw.set_defaults(func=cmd_sweep)
 
     pr = sub.add_parser("prepare", help="build the embedded default's synthetic shards, stand-in encoder and tiny base model")
     pr.add_argument("exp", nargs="?", default="local_branch")

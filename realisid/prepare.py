@@ -54,6 +54,14 @@ def prepare_embedded_default(cfg: DictConfig) -> dict:
                               seed=cfg.experiment.seed)
         _mark(st.out_dir, stats)
     out["standin"] = json.load(open(os.path.join(st.out_dir, "PREPARED.json")))
+    ev = p.eval_standin
+    if not _done(ev.out_dir):
+        from realisid.faces.standin import train_standin
+
+        log.info("training the evaluation stand-in encoder (seed %d, separate from the conditioning one; first run only)", ev.seed)
+        _mark(ev.out_dir, train_standin(train_urls, val_urls, ev.out_dir, steps=st.steps, image_size=st.image_size,
+                                        embed_dim=st.embed_dim, seed=int(ev.seed)))
+    out["eval_standin"] = json.load(open(os.path.join(ev.out_dir, "PREPARED.json")))
 
     b = p.base
     if not _done(b.out_dir):
@@ -72,7 +80,7 @@ def wait_for_prepared(cfg: DictConfig, timeout_s: float = 3600.0) -> dict:
     if not cfg.prepare.enabled:
         return {}
     p = cfg.prepare
-    folders = [p.synthetic.out_dir, p.standin.out_dir, p.base.out_dir]
+    folders = [p.synthetic.out_dir, p.standin.out_dir, p.eval_standin.out_dir, p.base.out_dir]
     t0 = time.time()
     while not all(_done(f) for f in folders):
         if time.time() - t0 > timeout_s:

@@ -84,7 +84,7 @@ def train(cfg: DictConfig, run_dir: str | None = None, resume: str | None = None
     from lightning.pytorch.loggers import TensorBoardLogger
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from realisid.callbacks import BatchCounter, DataPosition, LossSummary, SaveOnInterrupt, ValidationImages
+    from realisid.callbacks import BatchCounter, DataPosition, LossSummary, SaveOnInterrupt, ScaleMetrics, ValidationImages
     from realisid.modules import build_module
     from realisid.prepare import prepare_embedded_default, wait_for_prepared
 
@@ -119,6 +119,9 @@ def train(cfg: DictConfig, run_dir: str | None = None, resume: str | None = None
                          float(v.guidance_id), float(v.id_delay)),
         summary,
     ]
+    e = cfg.evaluation
+    if int(e.every_n_validations) > 0:
+        callbacks.append(ScaleMetrics(cfg, int(e.every_n_validations), int(e.per_bin), int(e.steps)))
     logger = TensorBoardLogger(save_dir=run_dir, name="tb", version="", default_hp_metric=False)
     trainer = L.Trainer(
         max_steps=int(tr.max_steps), accelerator=tr.accelerator, devices=tr.devices, num_nodes=int(tr.num_nodes),

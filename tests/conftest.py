@@ -15,7 +15,7 @@ TINY_CLIP = "{hidden_size:32,intermediate_size:37,num_hidden_layers:2,num_attent
 # The real local_branch experiment with a random tiny backbone and a tiny random CLIP encoder: no
 # preparation, no cached artifacts needed.
 RANDOM_TINY = ["model.pretrained=", "model.id_encoder.kind=clip", "model.id_encoder.path=", f"model.id_encoder.tiny_clip={TINY_CLIP}",
-               "prepare.enabled=false"]
+               "prepare.enabled=false", "evaluation.every_n_validations=0"]
 
 
 @pytest.fixture
@@ -58,3 +58,16 @@ def face_shards(tmp_path):
     write_face_shards(tmp_path, "train", n=12)
     write_face_shards(tmp_path, "val", n=4)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def eval_standin(tmp_path_factory):
+    """A stand-in evaluation encoder trained for a few steps on drawn faces (path)."""
+    from realisid.faces.standin import train_standin
+
+    root = tmp_path_factory.mktemp("standin")
+    write_face_shards(root, "train", n=12)
+    write_face_shards(root, "val", n=6)
+    train_standin([str(p) for p in sorted(root.glob("train-*.tar"))], [str(p) for p in sorted(root.glob("val-*.tar"))],
+                  str(root / "model"), steps=5, batch_size=8, image_size=32, embed_dim=16)
+    return str(root / "model")

@@ -78,7 +78,7 @@ def test_native_crop_ablation_runs(tiny_cfg):
     branch = LocalBranch.from_unet(bb.unet, 3, [16, 32], latent_size=16, upsample=False)
     for p in branch.controlnet.controlnet_down_blocks.parameters():
         p.data.fill_(0.1)
-    boxes = torch.tensor([[0, 0, 6, 6], [10, 12, 25, 27]])
-    down, mid = branch(torch.randn(2, 4, 32, 32), torch.tensor([3, 3]), torch.randn(2, 4, 32), torch.rand(2, 3, 32, 32), boxes)
-    assert down[0].shape == (2, 32, 32, 32)
+    boxes = torch.tensor([[0, 0, 6, 6], [10, 12, 25, 27], [3, 3, 8, 8]])  # odd sides: 15 and 5 latent pixels
+    down, mid = branch(torch.randn(3, 4, 32, 32), torch.tensor([3, 3, 3]), torch.randn(3, 4, 32), torch.rand(3, 3, 32, 32), boxes)
+    assert down[0].shape == (3, 32, 32, 32) and down[-1].shape[-2:] == (16, 16) and mid.shape[-2:] == (16, 16)
     assert down[0][0, :, 6:, :].abs().max() == 0 and down[0][0, :, :6, :6].abs().max() > 0

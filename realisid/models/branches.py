@@ -14,6 +14,7 @@ loads it as it is) plus ``realisid_branch.json`` with the branch settings.
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any, Sequence
 
@@ -117,10 +118,10 @@ class LocalBranch(_ControlBranch):
             down, mid = self._run(padded, t[i : i + 1], id_tokens[i : i + 1], cond, added)
             box = [int(v) for v in torch.as_tensor(boxes[i]).tolist()]
 
-            def paste(r):  # drop the padding, then relocate at the residual's scale
-                s = r.shape[-2] / padded.shape[-2]
-                rh, rw = max(1, round(h * s)), max(1, round(w * s))
-                return relocate_native(r[..., :rh, :rw], box, latent_hw, (h, w))
+            def paste(r):  # drop the padding, then relocate at the residual's level
+                s = r.shape[-2] / padded.shape[-2]  # exact: the padded crop divides by every level
+                rh, rw = max(1, math.ceil(h * s)), max(1, math.ceil(w * s))
+                return relocate_native(r[..., :rh, :rw], box, latent_hw, s)
 
             outs.append(([paste(r) for r in down], paste(mid)))
         down = [torch.cat([o[0][k] for o in outs], 0) for k in range(len(outs[0][0]))]

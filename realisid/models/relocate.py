@@ -50,9 +50,9 @@ def relocate(residual: torch.Tensor, boxes: torch.Tensor | Sequence[Sequence[int
     return out
 
 
-def relocate_native(residual: torch.Tensor, box: Sequence[int], latent_hw: tuple[int, int], crop_hw: tuple[int, int]) -> torch.Tensor:
-    """As :func:`relocate` for one crop processed at its native size ``crop_hw`` (no up-sampling)."""
-    scale = residual.shape[-2] / float(crop_hw[0])
+def relocate_native(residual: torch.Tensor, box: Sequence[int], latent_hw: tuple[int, int], scale: float) -> torch.Tensor:
+    """As :func:`relocate` for one crop processed at its native size (no up-sampling); ``scale`` is the
+    residual's UNet level (1, 1/2, 1/4, ...) and ``residual`` is already cut to the crop's extent."""
     out_h, out_w = _level_size(latent_hw[0], scale), _level_size(latent_hw[1], scale)
     out = residual.new_zeros(residual.shape[0], residual.shape[1], out_h, out_w)
     x0, y0, x1, y1 = box_at_scale(tuple(int(v) for v in box), scale, out_w, out_h)

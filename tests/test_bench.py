@@ -1,0 +1,81 @@
+"""The metric callback, the scale benchmark and the sweep, end to end on tiny random models."""
+import csv
+import os
+
+import pytest
+
+from conftest import RANDOM_TINY
+
+
+def _common(face_shards, eval_standin, tmp_path):
+    return RANDOM_TINY + [f"data.train_shards={face_shards}/train-*.tar", f"data.val_shards={face_shards}/val-*.tar", "data.batch_size=2",
+                          "data.num_workers=0", "data.shuffle_buffer=4", "data.val_samples=4", "trainer.enable_progress_bar=false",
+                          "validation.num_images=0", f"evaluation.standin_path={eval_standin}", f"experiment.runs_dir={tmp_path}/runs"]
+
+
+@pytest.mark.slow
+def test_metric_callback_logs_per_bin(face_shards, eval_standin, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from realisid.config import load_config
+    from realisid.train import train
+
+    cfg = load_config("joint", _common(face_shards, eval_standin, tmp_path) + [
+        "trainer.max_steps=2", "trainer.val_check_interval=2", "evaluation.every_n_validations=1", "evaluation.per_bin=1", "evaluation.steps=2"])
+    res = train(cfg)
+    acc = EventAccumulator(res["tensorboard"])
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert "val_metrics/id_sim/all" in tags and "val_metrics/face_fid/all" in tags or "val_metrics/id_sim/all" in tags
+    assert any(t.startswith("val_metrics/id_sim/") and not t.endswith("/all") for t in tags)
+    assert any(t.startswith("val_bins/") for t in acc.Tags()["images"])
+
+
+@pytest.mark.slow
+def test_scale_bench_writes_tables_and_plots(face_shards, eval_standin, tmp_path):
+    from realisid.bench import run_bench
+    from realisid.config import load_config
+    from realisid.modules import build_module
+
+    cfg = load_config("joint", _common(face_shards, eval_standin, tmp_path) + [
+        "bench.sizes_px=[64,192]", "bench.people=[1,3]", "bench.references=2", "bench.steps=2", "bench.prompts=[a photo]"])
+    module = build_module(cfg)
+    run = tmp_path / "run"
+    module.export(str(run / "export"))
+    res = run_bench(cfg, str(run), str(tmp_path / "bench"), progress=False)
+    out = tmp_path / "bench"
+    for f in ("results.csv", "summary.csv", "bins.csv", "table.md", "header.json", "similarity_vs_size.png"):
+        assert (out / f).exists(), f
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    # 3 settings x (size 64: 1 and 3 people; size 192 at 64 px: 1 person, 3 do not fit) x 2 references
+    assert len(rows) == 3 * 2 * (1 + 3 + 1)
+    assert {r["setting"] for r in rows} == {"joint", "local_only", "global_only"}
+    table = (out / "table.md").read_text()
+    assert "evaluation face analyzer" in table and "standin" in table and "do not fit" in table
+    assert "n/a" in table  # found-rate is not measured by the stand-in analyzer, and the table says so
+    assert res["header"]["conditioning identity encoder"] != res["header"]["evaluation face analyzer"]
+
+
+@pytest.mark.slow
+def test_sweep_skips_finished_runs(face_shards, eval_standin, tmp_path, monkeypatch):
+    import realisid.train
+    from realisid.sweep import run_sweep
+
+    sweep = tmp_path / "mini.yaml"
+    common = " ".join(f'"{o}"' for o in _common(face_shards, eval_standin, tmp_path))
+    sweep.write_text(f"""name: mini
+out_dir: {tmp_path}/sweep
+train: [{common.replace('" "', '", "')}, trainer.max_steps=2, trainer.val_check_interval=2, trainer.checkpoint_every_n_steps=2]
+bench: ["bench.sizes_px=[64]", "bench.people=[1]", bench.references=1, bench.steps=2, "bench.prompts=[a photo]"]
+runs:
+  local_only: {{exp: local_branch}}
+  no_upsample: {{exp: local_branch, overrides: [model.local.upsample=false]}}
+""")
+    res = run_sweep(str(sweep))
+    assert os.path.exists(res["table"]) and res["plots"]
+    rows = list(csv.DictReader(open(tmp_path / "sweep" / "summary.csv")))
+    assert {r["run"] for r in rows} == {"local_only", "no_upsample"}
+    calls = []
+    monkeypatch.setattr(realisid.train, "train", lambda *a, **k: calls.append(a))
+    run_sweep(str(sweep))
+    assert calls == []  # both runs were DONE
