@@ -8,7 +8,7 @@ SWEEP   ?= branches
 export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 
-.PHONY: setup train prepare bench sweep test test-fast clean-cache
+.PHONY: setup train prepare bench sweep shards test test-fast clean-cache
 
 setup:
 	test -x $(PY) || python3 -m venv .venv
@@ -24,6 +24,10 @@ bench:
 
 sweep:
 	$(PY) -m realisid sweep $(SWEEP) $(ARGS)
+
+# make shards SRC=/photos NAME=faces MODEL_DIR=/models/buffalo_l  ->  data/shards/faces/faces-000000.tar ...
+shards:
+	$(PY) -m realisid build-shards --src $(SRC) --out data/shards/$(NAME) $(if $(MODEL_DIR),--model-dir $(MODEL_DIR)) $(ARGS)
 
 prepare:
 	$(PY) -m realisid prepare $(EXP) $(ARGS)

@@ -180,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("overrides", nargs="*", help="overrides applied to every run")
     sw.set_defaults(func=cmd_sweep)
 
+    from realisid.data.builder import add_build_parser
+
+    add_build_parser(sub)
+
     pr = sub.add_parser("prepare", help="build the embedded default's synthetic shards, stand-in encoder and tiny base model")
     pr.add_argument("exp", nargs="?", default="local_branch")
     pr.add_argument("overrides", nargs="*")
@@ -194,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, FileNotFoundError, ValueError, FloatingPointError) as err:
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, FloatingPointError, RuntimeError) as err:
         if args.verbose:
             raise
         sys.stderr.write(f"realisid {args.command}: error: {err}\n")

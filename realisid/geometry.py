@@ -12,6 +12,10 @@ import numpy as np
 
 Box = tuple[float, float, float, float]
 
+# A frontal face's 5 points (insightface order) relative to its box, x and y in [0, 1]: used wherever a face
+# has a box but no landmarks (default pose guidance, stand-in analyzer, un-detected reference crops).
+FRONTAL_KPS = np.array([[0.33, 0.42], [0.67, 0.42], [0.5, 0.6], [0.37, 0.78], [0.63, 0.78]], dtype=np.float32)
+
 # The paper's measure: face box long side over image edge. Bins are [low, high) on that measure.
 DEFAULT_BINS: dict[str, tuple[float, float]] = {
     "tiny": (0.0, 1 / 8),

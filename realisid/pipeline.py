@@ -20,13 +20,10 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from realisid.data.guidance import contour_map, location_map
-from realisid.geometry import DEFAULT_BINS, expand_square_box, face_size, scale_bin
+from realisid.geometry import DEFAULT_BINS, FRONTAL_KPS, expand_square_box, face_size, scale_bin
 from realisid.models.branches import add_residuals
 
 log = logging.getLogger(__name__)
-
-# A frontal face's 5 points relative to its box (x, y in [0, 1]), used when no landmarks are given.
-FRONTAL_KPS = np.array([[0.33, 0.42], [0.67, 0.42], [0.5, 0.6], [0.37, 0.78], [0.63, 0.78]], dtype=np.float32)
 
 
 @dataclass

@@ -53,6 +53,8 @@ def decode_image(data: bytes, key: str = "?", max_pixels: int = MAX_PIXELS) -> I
         img = ImageOps.exif_transpose(img)
     except SampleError:
         raise
+    except Image.DecompressionBombError as exc:
+        raise SampleError("huge_image", key, str(exc)) from None
     except Exception as exc:  # PIL raises many types for bad files
         raise SampleError("corrupt_image", key, f"{type(exc).__name__}: {exc}") from None
     return to_rgb(img)
@@ -259,6 +261,15 @@ class FaceShardWriter:
         self.manifest.add(meta)
         if self._count >= self.maxcount:
             self._finish()
+
+    def abort(self) -> None:
+        """Close an interrupted run's open ``.tar.tmp`` without finishing it; finished shards stay as they are."""
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            except Exception:  # best effort: the .tmp file is removed by the next run anyway
+                log.debug("closing %s failed", self._tmp, exc_info=True)
+            self._writer = None
 
     def reject(self, reason: str) -> None:
         self.manifest.rejected[reason] += 1

@@ -23,14 +23,10 @@ import torch
 from torch import Tensor
 
 from realisid.faces.analysis import Face, as_rgb_uint8, l2_normalize
-from realisid.geometry import box_iou
+from realisid.geometry import FRONTAL_KPS, box_iou
 from realisid.metrics.binned import BinnedMetric, as_float_tensor
 
 log = logging.getLogger(__name__)
-
-# A frontal face's 5 points relative to its box (x, y in [0, 1]); the same template as
-# realisid.pipeline.FRONTAL_KPS (not imported: that module pulls in the diffusion models).
-FRONTAL_KPS = np.array([[0.33, 0.42], [0.67, 0.42], [0.5, 0.6], [0.37, 0.78], [0.63, 0.78]], dtype=np.float32)
 
 COSINE_TOLERANCE = 1e-3  # cosines outside [-1 - tol, 1 + tol] are errors (not L2-normalised inputs)
 

@@ -113,9 +113,13 @@ class ArcFaceEncoder(IdentityEncoder):
 
         out = []
         for img in ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy():
-            # the crop is square around the face: landmarks of a centred frontal face stand in for detection
+            # the crop is the face box expanded 1.3x: a frontal face's landmarks in that box stand in for detection
+            from realisid.data.pipeline import ID_CROP_EXPAND
+            from realisid.geometry import FRONTAL_KPS
+
             s = img.shape[0]
-            kps = np.array([[0.34, 0.40], [0.66, 0.40], [0.5, 0.55], [0.37, 0.72], [0.63, 0.72]], dtype=np.float32) * s
+            margin = s * (1 - 1 / ID_CROP_EXPAND) / 2
+            kps = (FRONTAL_KPS * (s - 2 * margin) + margin).astype(np.float32)
             out.append(torch.from_numpy(self.analyzer.embed(np.ascontiguousarray(img), kps)))
         return torch.stack(out).to(images.device)
 
