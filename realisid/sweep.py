@@ -1,6 +1,7 @@
 """Ablation sweeps: a sweep is a config (experiments/sweeps/*.yaml), not a script.
 
-Each entry of ``runs`` names an experiment and overrides. The runner trains it (with the sweep's ``train``
+Each entry of ``runs`` names an experiment and overrides. Runs live in ``runs/sweeps/<sweep>/<run>``, tables
+and plots in the sweep's ``out_dir``. The runner trains it (with the sweep's ``train``
 overrides), benchmarks it with the branches it trained (the sweep's ``bench`` overrides), marks it DONE,
 and finally writes one combined table and plot. Rerunning skips DONE runs and resumes interrupted ones.
 """
@@ -41,10 +42,10 @@ def run_sweep(name: str, extra_overrides=()) -> dict:
     out_dir = str(sw.out_dir)
     combined = []
     for run_name, spec in sw.runs.items():
-        run_dir = os.path.join(out_dir, "runs", run_name)
         bench_dir = os.path.join(out_dir, run_name)
         overrides = list(sw.get("train", [])) + list(spec.get("overrides", [])) + list(extra_overrides)
         cfg = load_config(str(spec.exp), overrides + list(sw.get("bench", [])))
+        run_dir = os.path.join(cfg.experiment.runs_dir, "sweeps", str(sw.name), run_name)  # checkpoints stay out of results
         if os.path.exists(os.path.join(run_dir, "DONE")):
             log.info("sweep %s: %s already done, skipped", sw.name, run_name)
         else:
