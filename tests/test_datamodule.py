@@ -98,3 +98,15 @@ def test_stream_is_deterministic_and_resumes_exactly(face_shards):
         assert torch.equal(resumed[0]["image"], full[3]["image"])
         other_rank = list(itertools.islice(iter(TrainStream(urls, maker, **{**kw, "rank": 1, "world_size": 2, "resampled": True})), 3))
         assert [b["key"] for b in other_rank] != [b["key"] for b in full[:3]]
+
+
+def test_missing_shards_are_one_clear_error(tiny_cfg, tmp_path):
+    cfg = tiny_cfg()
+    cfg.data.train_shards = str(tmp_path / "nothing-*.tar")
+    dm = _dm(cfg, tmp_path)
+    dm.cfg.train_shards = str(tmp_path / "nothing-*.tar")
+    with pytest.raises(FileNotFoundError, match=r"data.train_shards: the shard pattern matched no files"):
+        dm.setup("fit")
+    dm.cfg.train_shards = str(tmp_path / "gone-{000000..000001}.tar")
+    with pytest.raises(FileNotFoundError, match=r"data.train_shards: 2 of 2 shards do not exist, first .*gone-000000.tar.*make shards"):
+        dm.setup("fit")
