@@ -117,6 +117,27 @@ class BinnedMetric(Metric):
             vals = vals.expand(idx.numel())
         setattr(self, name, state.index_add(0, idx.to(state.device), vals.reshape(-1)))
 
+    # A score where a face the detector missed counts 0 (identity similarity, location IoU): one sum serves
+    # both means, since the sum with misses scored 0 is the sum over found faces.
+    def add_scored_states(self) -> None:
+        for name in ("score_sum", "n", "n_found"):
+            self.add_bin_state(name)
+
+    def accumulate_scored(self, idx: Tensor, scores: Tensor, found: Tensor) -> None:
+        self.accumulate("score_sum", idx, torch.where(found, scores, torch.zeros_like(scores)))
+        self.accumulate("n", idx, 1.0)
+        self.accumulate("n_found", idx, found.to(scores.dtype))
+
+    def scored_results(self, mean: str, found_mean: str, found_rate: str, n: str, n_found: str) -> dict[str, Tensor]:
+        """Mean with misses scored 0, mean over found faces, found-rate and both counts, per bin and all."""
+        out: dict[str, Tensor] = {}
+        out.update(self.binned_ratio(mean, self.score_sum, self.n))
+        out.update(self.binned_ratio(found_mean, self.score_sum, self.n_found))
+        out.update(self.binned_ratio(found_rate, self.n_found, self.n))
+        out.update(self.binned_total(n, self.n))
+        out.update(self.binned_total(n_found, self.n_found))
+        return out
+
     # ----------------------------------------------------------------------------------------- results
     def key(self, metric: str, bin_name: str) -> str:
         return f"{self.key_prefix}{metric}/{bin_name}"

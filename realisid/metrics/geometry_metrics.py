@@ -55,8 +55,7 @@ class LocationIoU(BinnedMetric):
 
     def __init__(self, bins: Mapping[str, Sequence[float]] | None = None, *, key_prefix: str = "", **kwargs):
         super().__init__(bins, key_prefix=key_prefix, **kwargs)
-        for name in ("iou_sum", "n", "n_found"):
-            self.add_bin_state(name)
+        self.add_scored_states()
 
     def update(self, detected_boxes: Tensor, target_boxes: Tensor, face_size: Tensor) -> None:  # type: ignore[override]
         det = as_float_tensor(detected_boxes, "detected_boxes", (4,))
@@ -67,20 +66,10 @@ class LocationIoU(BinnedMetric):
         if not bool(torch.isfinite(tgt).all()) or bool(((tgt[:, 2] <= tgt[:, 0]) | (tgt[:, 3] <= tgt[:, 1])).any()):
             raise ValueError(f"target_boxes must be finite, non-empty boxes (x1 > x0, y1 > y0); got {tgt.tolist()}")
         found = _found_rows(det, "detected_boxes")
-        iou = torch.where(found, boxes_iou(torch.nan_to_num(det), tgt), torch.zeros_like(tgt[:, 0]))
-        idx = self.bin_of(face_size, det.shape[0])
-        self.accumulate("iou_sum", idx, iou)
-        self.accumulate("n", idx, 1.0)
-        self.accumulate("n_found", idx, found.to(iou.dtype))
+        self.accumulate_scored(self.bin_of(face_size, det.shape[0]), boxes_iou(torch.nan_to_num(det), tgt), found)
 
     def compute(self) -> dict[str, Tensor]:  # type: ignore[override]
-        out: dict[str, Tensor] = {}
-        out.update(self.binned_ratio("loc_iou", self.iou_sum, self.n))
-        out.update(self.binned_ratio("loc_iou_found", self.iou_sum, self.n_found))
-        out.update(self.binned_ratio("loc_found_rate", self.n_found, self.n))
-        out.update(self.binned_total("loc_n", self.n))
-        out.update(self.binned_total("loc_n_found", self.n_found))
-        return out
+        return self.scored_results("loc_iou", "loc_iou_found", "loc_found_rate", "loc_n", "loc_n_found")
 
 
 class PoseError(BinnedMetric):

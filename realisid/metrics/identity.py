@@ -71,9 +71,7 @@ class IdentitySimilarity(BinnedMetric):
         if conditioning_encoder is not None and conditioning_encoder == encoder_name:
             log.warning("identity similarity is scored with the conditioning encoder itself (%s); this flatters the "
                         "model - configure a different evaluation encoder", encoder_name)
-        # One sum serves both means: the sum with misses scored 0 IS the sum over found faces.
-        for name in ("sim_sum", "n", "n_found"):
-            self.add_bin_state(name)
+        self.add_scored_states()
 
     def update(self, similarity: Tensor, found: Tensor | None, face_size: Tensor) -> None:  # type: ignore[override]
         sim = as_float_tensor(similarity, "similarity")
@@ -97,20 +95,10 @@ class IdentitySimilarity(BinnedMetric):
             i = int(out.nonzero()[0, 0])
             raise ValueError(f"similarity {float(sim[i]):.4f} at index {i} is not a cosine in [-1, 1]; "
                              "L2-normalise both embeddings before taking their dot product")
-        idx = self.bin_of(face_size, n)
-        scored = torch.where(found_t, sim, torch.zeros_like(sim))  # misses score 0
-        self.accumulate("sim_sum", idx, scored)
-        self.accumulate("n", idx, 1.0)
-        self.accumulate("n_found", idx, found_t.to(sim.dtype))
+        self.accumulate_scored(self.bin_of(face_size, n), torch.nan_to_num(sim), found_t)  # misses score 0
 
     def compute(self) -> dict[str, Tensor]:  # type: ignore[override]
-        out: dict[str, Tensor] = {}
-        out.update(self.binned_ratio("id_sim", self.sim_sum, self.n))
-        out.update(self.binned_ratio("id_sim_found", self.sim_sum, self.n_found))
-        out.update(self.binned_ratio("found_rate", self.n_found, self.n))
-        out.update(self.binned_total("n", self.n))
-        out.update(self.binned_total("n_found", self.n_found))
-        return out
+        return self.scored_results("id_sim", "id_sim_found", "found_rate", "n", "n_found")
 
     def describe(self) -> str:
         """One line for tables: the evaluation encoder (and the conditioning one when given)."""
