@@ -10,7 +10,6 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-Box = tuple[float, float, float, float]
 
 # A frontal face's 5 points (insightface order) relative to its box, x and y in [0, 1]: used wherever a face
 # has a box but no landmarks (default pose guidance, stand-in analyzer, un-detected reference crops).
@@ -82,11 +81,6 @@ def expand_square_box(box: Sequence[float], factor: float, width: int, height: i
     x0 = min(max(x0, 0), (width - side) // multiple * multiple)
     y0 = min(max(y0, 0), (height - side) // multiple * multiple)
     return x0, y0, x0 + side, y0 + side
-
-
-def scale_box(box: Sequence[float], sx: float, sy: float | None = None) -> Box:
-    sy = sx if sy is None else sy
-    return box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy
 
 
 def box_at_scale(box: Sequence[int], scale: float, width: int, height: int) -> tuple[int, int, int, int]:

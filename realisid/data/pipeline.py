@@ -248,7 +248,3 @@ def load_examples(urls: Sequence[str], maker: ExampleMaker, limit: int) -> list[
 
 def resolve_shards(spec, what: str) -> list[str]:
     return check_shards_exist(expand_shards(spec), what)
-
-
-def default_num_workers(requested: int) -> int:
-    return max(0, min(int(requested), (os.cpu_count() or 1)))
