@@ -60,9 +60,9 @@ class Evaluator:
     def reference_embedding(self, ref: np.ndarray) -> np.ndarray:
         """Evaluation-encoder embedding of a reference face crop (the crop's central face)."""
         if self.standin_faces:
-            s = ref.shape[0]
-            m = s * (1 - 1 / 1.3) / 2
-            return self.analyzer.detect_in_box(ref, [m, m, s - m, s - m]).embedding
+            from realisid.data.pipeline import id_crop_face_box
+
+            return self.analyzer.detect_in_box(ref, list(id_crop_face_box(ref.shape[0]))).embedding
         faces = self.analyzer.detect(ref)
         if not faces:
             raise ValueError(f"no face found by {self.analyzer.name} in a reference crop; evaluation needs references with faces")

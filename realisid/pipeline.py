@@ -113,7 +113,9 @@ class RealisIDPipeline:
             "box": box, "crop_box": list(crop_box), "tokens": tokens,
             "latent_box": torch.tensor([[v // f for v in crop_box]]),
             "pe_map": torch.from_numpy(pe.astype(np.float32) / 255.0).permute(2, 0, 1)[None].to(self.device),
-            "loc_map": torch.from_numpy(loc)[None, None].to(self.device),
+            # at the global branch's conditioning size once, not every step
+            "loc_map": self.global_branch.fit_location(torch.from_numpy(loc)[None, None].to(self.device), R // f)
+            if self.global_branch is not None else None,
             "face_size": size, "bin": scale_bin(size, self.bins), "kps": np.asarray(kps).tolist(),
         }
 
@@ -130,9 +132,7 @@ class RealisIDPipeline:
                 r = self.local_branch(latents, t, tokens, p["pe_map"].expand(n, -1, -1, -1), p["latent_box"].expand(n, -1), added_cond_kwargs)
                 local_sum = add_residuals(local_sum, r)
             if use_global and self.global_branch is not None:
-                size = latents.shape[-1] * self.global_branch.cond_scale_factor
-                loc = torch.nn.functional.interpolate(p["loc_map"], size=(size, size), mode="area") if p["loc_map"].shape[-1] != size else p["loc_map"]
-                globals_.append(self.global_branch(latents, t, tokens, loc.expand(n, -1, -1, -1), added_cond_kwargs))
+                globals_.append(self.global_branch(latents, t, tokens, p["loc_map"].expand(n, -1, -1, -1), added_cond_kwargs))
         global_avg = None
         if globals_:
             k = float(len(globals_))

@@ -15,7 +15,7 @@ from realisid.data.synthetic import (
     FACE_MODEL, FACE_SIZE_RANGE, HAIR_STYLES, MAX_CAPTION, Identity, RenderedFace, generate_synthetic_shards,
     make_identity, render_face, sample_face_size,
 )
-from realisid.geometry import DEFAULT_BINS, expand_square_box, face_size, scale_bin
+from realisid.geometry import DEFAULT_BINS, face_size, scale_bin
 
 LANDMARK_KEYS = {"left_brow", "right_brow", "left_eye", "right_eye", "outer_lips", "inner_lips"}
 
@@ -161,8 +161,9 @@ def test_shards_round_trip(tiny_set):
 
 
 def _crop(image: Image.Image, bbox, size: int) -> np.ndarray:
-    box = expand_square_box(bbox, 1.3, image.width, image.height)
-    return np.asarray(image.crop(box).resize((size, size), Image.BICUBIC)).astype(np.float32)
+    from realisid.data.pipeline import identity_crop
+
+    return np.asarray(identity_crop(image, bbox, size)[0]).astype(np.float32)
 
 
 def test_ref_is_the_largest_face_of_another_image(tiny_set):

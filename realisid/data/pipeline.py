@@ -10,7 +10,6 @@ has one); ``id_embed`` (D,) with ``has_id_embed``; ``caption``; ``face_size`` (t
 from __future__ import annotations
 
 import logging
-import os
 from collections import Counter
 from typing import Any, Mapping, Sequence
 
@@ -20,7 +19,7 @@ from PIL import Image
 
 from realisid.data.guidance import contour_map, location_map
 from realisid.data.shards import SampleError, check_shards_exist, decode_sample, expand_shards
-from realisid.geometry import expand_square_box, face_size, points_to_crop, square_window
+from realisid.geometry import expand_square_box, face_size, square_window
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +46,15 @@ def identity_crop(img: Image.Image, bbox: Sequence[float], size: int) -> tuple[I
     return crop_resized(img, crop_box, size), location_map(face, size, size, square=False)
 
 
-def centred_mask(size: int, expand: float = ID_CROP_EXPAND) -> np.ndarray:
-    """The face mask of a reference crop cut with ``expand``: its central 1/expand square."""
+def id_crop_face_box(size: float, expand: float = ID_CROP_EXPAND) -> tuple[float, float, float, float]:
+    """Where the face sits in a ``size`` reference crop cut with ``expand``: its central 1/expand square."""
     m = size * (1 - 1 / expand) / 2
-    return location_map((m, m, size - m, size - m), size, size, square=False)
+    return m, m, size - m, size - m
+
+
+def centred_mask(size: int, expand: float = ID_CROP_EXPAND) -> np.ndarray:
+    """The face mask of a reference crop cut with ``expand``."""
+    return location_map(id_crop_face_box(size, expand), size, size, square=False)
 
 
 def make_example(decoded: Mapping[str, Any], *, resolution: int, vae_scale_factor: int, local_latent_size: int,

@@ -34,14 +34,12 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from realisid.geometry import expand_square_box
 
 log = logging.getLogger(__name__)
 
 FACE_MODEL = "synthetic-exact-v1"
 SOURCE = "synthetic-v1"
 FACE_SIZE_RANGE = (0.07, 0.45)   # log-uniform; covers every bin of realisid.geometry.DEFAULT_BINS
-REF_CROP_FACTOR = 1.3
 MAX_CAPTION = 77
 _DEPTH = 0.85                    # face ellipsoid depth in units of the head half-width
 
@@ -625,8 +623,10 @@ def render_face(identity: Identity, rng: np.random.Generator, image_size: int = 
 # ------------------------------------------------------------------------------------------------ shards
 
 def _face_crop(image: Image.Image, bbox: Sequence[float], size: int) -> Image.Image:
-    box = expand_square_box(bbox, REF_CROP_FACTOR, image.width, image.height)
-    return image.crop(box).resize((size, size), Image.BICUBIC)
+    """The reference crop, cut exactly as the pipeline cuts identity crops."""
+    from realisid.data.pipeline import identity_crop
+
+    return identity_crop(image, bbox, size)[0]
 
 
 def _image_rngs(seed: int, index: int, j: int) -> tuple[np.random.Generator, np.random.Generator]:

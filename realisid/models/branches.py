@@ -134,6 +134,13 @@ class GlobalBranch(_ControlBranch):
     def __init__(self, controlnet, soft_location: bool = False):
         super().__init__(controlnet, soft_location=bool(soft_location))
 
+    def fit_location(self, loc_map: torch.Tensor, latent_size: int) -> torch.Tensor:
+        """The location map at this branch's conditioning resolution (area-averaged when it differs)."""
+        import torch.nn.functional as F
+
+        size = latent_size * self.cond_scale_factor
+        return loc_map if loc_map.shape[-1] == size else F.interpolate(loc_map, size=(size, size), mode="area")
+
     def forward(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, id_tokens: torch.Tensor, loc_map: torch.Tensor,
                 added_cond_kwargs: dict | None = None) -> Residuals:
         return self._run(noisy_latents, timesteps, id_tokens, loc_map, added_cond_kwargs)

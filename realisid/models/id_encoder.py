@@ -114,12 +114,11 @@ class ArcFaceEncoder(IdentityEncoder):
         out = []
         for img in ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy():
             # the crop is the face box expanded 1.3x: a frontal face's landmarks in that box stand in for detection
-            from realisid.data.pipeline import ID_CROP_EXPAND
+            from realisid.data.pipeline import id_crop_face_box
             from realisid.geometry import FRONTAL_KPS
 
-            s = img.shape[0]
-            margin = s * (1 - 1 / ID_CROP_EXPAND) / 2
-            kps = (FRONTAL_KPS * (s - 2 * margin) + margin).astype(np.float32)
+            x0, _, x1, _ = id_crop_face_box(img.shape[0])
+            kps = (FRONTAL_KPS * (x1 - x0) + x0).astype(np.float32)
             out.append(torch.from_numpy(self.analyzer.embed(np.ascontiguousarray(img), kps)))
         return torch.stack(out).to(images.device)
 

@@ -70,15 +70,9 @@ class RealisIDModule(L.LightningModule):
             boxes = batch["crop_box"] // self.backbone.vae_scale_factor
             parts.append(self.local_branch(noisy, t, tokens, batch["pe_map"], boxes, added))
         if self.global_branch is not None:
-            parts.append(self.global_branch(noisy, t, tokens, self._loc_cond(batch["loc_map"], noisy), added))
+            loc = self.global_branch.fit_location(batch["loc_map"], noisy.shape[-1])
+            parts.append(self.global_branch(noisy, t, tokens, loc, added))
         return add_residuals(*parts)
-
-    def _loc_cond(self, loc_map, noisy):
-        """The location map at the global branch's conditioning resolution."""
-        size = noisy.shape[-1] * self.global_branch.cond_scale_factor
-        if loc_map.shape[-1] != size:
-            loc_map = torch.nn.functional.interpolate(loc_map, size=(size, size), mode="area")
-        return loc_map
 
     def dropout_masks(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample keep masks (text, identity): drop image only, text only, or both, each with its probability."""
