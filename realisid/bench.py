@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from realisid.evaluation import Case, Evaluator, build_evaluator, compute_all
+from realisid.evaluation import Case, build_evaluator, compute_all
 
 log = logging.getLogger(__name__)
 PLOT_METRICS = ("similarity", "found", "loc_iou", "pose_err")

@@ -11,7 +11,6 @@ import os
 import time
 
 import lightning as L
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from realisid.config import save_config

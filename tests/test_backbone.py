@@ -5,8 +5,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import RANDOM_TINY
-
 
 def _save_sdxl(path):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel

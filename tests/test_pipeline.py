@@ -1,8 +1,6 @@
 """RealisIDPipeline: the per-step combination rules, determinism, export/reload, and the generate CLI."""
 import json
-import os
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
