@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from realisid.data.datamodule import FaceDataModule
-from realisid.data.pipeline import ExampleMaker, make_example
+from realisid.data.pipeline import ExampleMaker, collate, make_example
 from realisid.data.shards import decode_sample
 
 
@@ -28,7 +28,7 @@ def test_batch_shapes_and_ranges(tiny_cfg, face_shards):
     b = batches[0]
     assert b["image"].shape == (4, 3, 64, 64) and b["image"].dtype == torch.float32
     assert b["image"].min() >= -1 and b["image"].max() <= 1
-    assert b["face_crop"].shape == (4, 3, 32, 32) and b["pe_map"].shape == (4, 3, 32, 32)
+    assert b["pe_map"].shape == (4, 3, 32, 32)
     assert b["pe_map"].min() >= 0 and b["pe_map"].max() <= 1 and b["pe_map"].sum() > 0
     assert b["loc_map"].shape == (4, 1, 64, 64) and set(b["loc_map"].unique().tolist()) <= {0.0, 1.0}
     assert b["id_image"].shape == (4, 3, 32, 32) and b["id_mask"].shape == (4, 1, 32, 32)
@@ -52,6 +52,31 @@ def test_example_geometry_is_consistent(face_shards):
     np.testing.assert_allclose(ex["kps"].numpy(), np.array(s["meta"]["kps"]) * scale, atol=1e-4)
     # the location map covers the square face box
     assert ex["loc_map"].sum() == pytest.approx((ex["face_box"][2] - ex["face_box"][0]).item() ** 2, abs=2 * 48)
+
+
+def test_reduced_scale_decoding_gives_the_same_example(face_shards):
+    """The stream decodes JPEGs at the smallest DCT scale it needs; geometry must match a full decode."""
+    import webdataset as wds
+
+    raws = list(wds.WebDataset(str(face_shards / "train-000000.tar"), shardshuffle=False))
+    kw = dict(resolution=32, vae_scale_factor=2, local_latent_size=8, crop_expand=1.6, id_image_size=16)
+    maker = ExampleMaker(**kw)
+    for raw in raws:
+        full = make_example(decode_sample(raw), **kw)
+        small = decode_sample(raw, min_side=lambda meta: maker.image_min_side(meta, True), ref_min_side=16)
+        assert small["image"].size == (48, 48) and small["meta"]["decode_scale"] == 0.5  # 96 px photos, 32 px needed
+        assert small["ref"].size == (16, 16)
+        fast = maker(raw)
+        for k in ("face_box", "kps", "crop_box", "loc_map"):
+            torch.testing.assert_close(fast[k], full[k], msg=k)
+        assert fast["image"].dtype == torch.uint8 and fast["image"].shape == (32, 32, 3)  # collate converts per batch
+        batch = collate([fast])
+        assert batch["image"].shape == (1, 3, 32, 32) and batch["image"].dtype == torch.float32
+        assert (batch["image"][0] - full["image"]).abs().mean() < 0.03  # DCT-scaled decode vs full decode + resize
+        assert (batch["pe_map"][0] == full["pe_map"]).all()
+    # a photo whose face is small needs more pixels for the identity crop when there is no reference photo
+    meta = {"width": 96, "height": 96, "bbox": [10, 10, 20, 20]}
+    assert maker.image_min_side(meta, True) == 32 and maker.image_min_side(meta, False) == 16 * 96 // 13 + 1
 
 
 def test_corrupt_samples_skipped_and_counted(face_shards):

@@ -34,9 +34,10 @@ def coarse_parts_from_kps(kps: np.ndarray) -> dict[str, np.ndarray]:
     ux = eye_vec / d
     uy = np.array([-ux[1], ux[0]], dtype=np.float32)
     t = np.linspace(0, 2 * np.pi, 12, endpoint=False)
+    cos, sin = np.cos(t)[:, None], np.sin(t)[:, None]
 
     def ellipse(c, rx, ry):
-        return np.stack([c + ux * rx * np.cos(a) + uy * ry * np.sin(a) for a in t])
+        return c + ux * (rx * cos) + uy * (ry * sin)
 
     parts = {
         "left_eye": ellipse(le, 0.18 * d, 0.08 * d),
@@ -56,18 +57,19 @@ def contour_map(kps: np.ndarray, landmarks: Mapping[str, Sequence] | None, crop_
     parts = {k: np.asarray(v, dtype=np.float32) for k, v in (landmarks or {}).items() if k in PART_COLOURS}
     if not parts:
         parts = coarse_parts_from_kps(kps)
-    scale = 4  # draw supersampled, then downscale: thin lines stay visible at 32 px
+    scale = 4  # draw supersampled, then box-average down: thin lines stay visible at 32 px
     canvas = Image.new("RGB", (size * scale, size * scale))
     draw = ImageDraw.Draw(canvas)
     width = max(1, int(thickness or max(1, size // 48)) * scale)
-    for name, pts in parts.items():
-        p = points_to_crop(pts, crop_box, size * scale)
-        xy = [tuple(map(float, q)) for q in p]
-        if name in CLOSED_PARTS and len(xy) > 2:
-            xy = xy + [xy[0]]
-        if len(xy) >= 2:
-            draw.line(xy, fill=PART_COLOURS[name], width=width, joint="curve")
-    return np.asarray(canvas.resize((size, size), Image.BILINEAR))
+    names = list(parts)
+    ends = np.cumsum([len(parts[k]) for k in names])
+    every = points_to_crop(np.concatenate([parts[k].reshape(-1, 2) for k in names]), crop_box, size * scale).astype(np.float64)
+    for name, p in zip(names, np.split(every, ends[:-1])):
+        if name in CLOSED_PARTS and len(p) > 2:
+            p = np.concatenate([p, p[:1]])
+        if len(p) >= 2:
+            draw.line(p.ravel().tolist(), fill=PART_COLOURS[name], width=width, joint="curve")
+    return np.asarray(canvas.reduce(scale))
 
 
 def square_face_box(box: Sequence[float]) -> tuple[float, float, float, float]:

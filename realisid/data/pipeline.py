@@ -2,13 +2,14 @@
 
 An example holds everything the branches need, at the experiment's resolutions:
 ``image`` (3,R,R) in [-1,1]; ``face_box`` and ``crop_box`` (4,) in R-pixels (the crop box is square, on the
-VAE grid, so it maps onto whole latent pixels); ``face_crop`` (3,P,P) from the FULL-resolution photo at the
-crop box; ``pe_map`` (3,P,P) in [0,1], the pose/expression contours in crop coordinates; ``loc_map`` (1,R,R);
+VAE grid, so it maps onto whole latent pixels); ``pe_map`` (3,P,P) in [0,1], the pose/expression contours in
+crop coordinates (P = local latent size x VAE factor); ``loc_map`` (1,R,R);
 ``id_image`` (3,S,S) and ``id_mask`` (1,S,S), the reference face (another photo of the person when the shard
 has one); ``id_embed`` (D,) with ``has_id_embed``; ``caption``; ``face_size`` (the bins' measure).
 """
 from __future__ import annotations
 
+import functools
 import logging
 from collections import Counter
 from typing import Any, Mapping, Sequence
@@ -34,6 +35,8 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
 
 def crop_resized(img: Image.Image, box: Sequence[float], size: int) -> Image.Image:
     """``box`` (floats allowed, inside the image) of ``img`` resized to ``size`` x ``size``."""
+    if img.size == (size, size) and tuple(box) == (0, 0, size, size):
+        return img
     return img.resize((size, size), Image.BICUBIC, box=tuple(float(v) for v in box), reducing_gap=2.0)
 
 
@@ -57,9 +60,28 @@ def centred_mask(size: int, expand: float = ID_CROP_EXPAND) -> np.ndarray:
     return location_map(id_crop_face_box(size, expand), size, size, square=False)
 
 
+@functools.lru_cache(maxsize=8)
+def _centred_mask_tensor(size: int) -> torch.Tensor:
+    return torch.from_numpy(centred_mask(size))[None]
+
+
+# Pixel fields, and how collate turns their uint8 (H, W, 3) form into float (3, H, W): the stream keeps them as
+# uint8 per sample and converts once per batch (one tensor op instead of one per sample and field).
+PIXEL_KEYS = {"image": "signed", "id_image": "signed", "pe_map": "unit"}
+
+
+def pixels_to_float(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """uint8 (..., H, W, 3) to float (..., 3, H, W): "signed" in [-1, 1], "unit" in [0, 1]."""
+    x = x.movedim(-1, -3).to(torch.float32, memory_format=torch.contiguous_format)
+    return x.div_(127.5).sub_(1.0) if kind == "signed" else x.div_(255.0)
+
+
 def make_example(decoded: Mapping[str, Any], *, resolution: int, vae_scale_factor: int, local_latent_size: int,
-                 crop_expand: float, id_image_size: int, soft_location: bool = False) -> dict:
-    """One training example from :func:`realisid.data.shards.decode_sample` output."""
+                 crop_expand: float, id_image_size: int, soft_location: bool = False, uint8_pixels: bool = False) -> dict:
+    """One training example from :func:`realisid.data.shards.decode_sample` output.
+
+    ``uint8_pixels``: leave the :data:`PIXEL_KEYS` fields as uint8 (H, W, 3) for :func:`collate` to convert.
+    """
     img: Image.Image = decoded["image"]
     meta = decoded["meta"]
     W, H = img.size
@@ -71,40 +93,50 @@ def make_example(decoded: Mapping[str, Any], *, resolution: int, vae_scale_facto
     def to_global(pts):
         return (np.asarray(pts, dtype=np.float32).reshape(-1, 2) - offset) * s
 
-    face_box = to_global(np.reshape(bbox, (2, 2))).reshape(4)
-    face_box = np.clip(face_box, 0, resolution)
+    face_box = np.clip(to_global(bbox).reshape(4), 0, resolution)
     if face_box[2] - face_box[0] < 1 or face_box[3] - face_box[1] < 1:
         raise SampleError("face_outside_view", decoded["key"], f"face box {bbox} is outside the square view {win}")
     kps = to_global(meta["kps"])
-    landmarks = {k: to_global(v) for k, v in (meta.get("landmarks") or {}).items()}
+    landmarks = split_parts(to_global(np.concatenate([np.asarray(v, np.float32).reshape(-1, 2) for v in parts.values()])), parts) \
+        if (parts := meta.get("landmarks")) else {}
     image = crop_resized(img, win, resolution)
     crop_box = expand_square_box(face_box, crop_expand, resolution, resolution, multiple=vae_factor_ok(vae_scale_factor))
-    local_px = local_latent_size * vae_scale_factor
-    full_crop_box = [crop_box[0] / s + offset[0], crop_box[1] / s + offset[1], crop_box[2] / s + offset[0], crop_box[3] / s + offset[1]]
-    face_crop = crop_resized(img, full_crop_box, local_px)
-    pe_map = contour_map(kps, landmarks, crop_box, local_px)
+    pe_map = contour_map(kps, landmarks, crop_box, local_latent_size * vae_scale_factor)
     loc = location_map(face_box, resolution, resolution, soft=soft_location)
     if decoded.get("ref") is not None:
-        id_img, id_mask = decoded["ref"].resize((id_image_size, id_image_size), Image.BICUBIC), centred_mask(id_image_size)
+        id_img = decoded["ref"]
+        if id_img.size != (id_image_size, id_image_size):
+            id_img = id_img.resize((id_image_size, id_image_size), Image.BICUBIC)
+        id_mask = _centred_mask_tensor(id_image_size)
     else:
-        id_img, id_mask = identity_crop(img, bbox, id_image_size)
+        id_img, mask = identity_crop(img, bbox, id_image_size)
+        id_mask = torch.from_numpy(mask)[None]
     emb = decoded.get("id_embed")
+    pixels = {"image": np.asarray(image), "pe_map": pe_map, "id_image": np.asarray(id_img)}
+    pixels = {k: torch.from_numpy(np.array(v, dtype=np.uint8)) for k, v in pixels.items()}
+    if not uint8_pixels:
+        pixels = {k: pixels_to_float(v, PIXEL_KEYS[k]) for k, v in pixels.items()}
     return {
         "key": decoded["key"],
-        "image": to_tensor(image),
-        "face_box": torch.tensor(face_box, dtype=torch.float32),
+        "image": pixels["image"],
+        "face_box": torch.from_numpy(face_box),
         "crop_box": torch.tensor(crop_box, dtype=torch.long),
         "kps": torch.from_numpy(kps),
-        "face_crop": to_tensor(face_crop),
-        "pe_map": torch.from_numpy(pe_map.astype(np.float32) / 255.0).permute(2, 0, 1),
+        "pe_map": pixels["pe_map"],
         "loc_map": torch.from_numpy(loc)[None],
-        "id_image": to_tensor(id_img),
-        "id_mask": torch.from_numpy(id_mask)[None],
+        "id_image": pixels["id_image"],
+        "id_mask": id_mask,
         "id_embed": torch.from_numpy(emb) if emb is not None else torch.zeros(0),
         "has_id_embed": emb is not None,
         "caption": str(meta.get("caption") or ""),
         "face_size": float(face_size(bbox, W, H)),
     }
+
+
+def split_parts(points: np.ndarray, like: Mapping[str, Sequence]) -> dict[str, np.ndarray]:
+    """Concatenated part points back into ``{part: (n, 2)}`` with the lengths of ``like``."""
+    ends = np.cumsum([len(v) for v in like.values()])[:-1]
+    return dict(zip(like, np.split(points, ends)))
 
 
 def vae_factor_ok(f: int) -> int:
@@ -122,6 +154,8 @@ def collate(examples: Sequence[dict]) -> dict:
             out[k] = torch.stack(vals) if len(sizes) == 1 else torch.stack([v if v.numel() else torch.zeros(max(sizes)) for v in vals])
         elif isinstance(vals[0], torch.Tensor):
             out[k] = torch.stack(vals)
+            if k in PIXEL_KEYS and out[k].dtype == torch.uint8:
+                out[k] = pixels_to_float(out[k], PIXEL_KEYS[k])
         elif isinstance(vals[0], bool):
             out[k] = torch.tensor(vals)
         elif isinstance(vals[0], float):
@@ -132,23 +166,41 @@ def collate(examples: Sequence[dict]) -> dict:
 
 
 class ExampleMaker:
-    """Picklable map function for webdataset workers: decode, build, and count what had to be skipped."""
+    """Picklable map function for webdataset workers: decode, build, and count what had to be skipped.
+
+    JPEGs are decoded at the smallest DCT scale that still gives every pixel the example uses (see
+    :meth:`image_min_side`), which is what makes the pipeline keep up with a plain decoder.
+    """
 
     def __init__(self, embed_dim: int | None = None, **example_kwargs: Any):
         self.embed_dim = embed_dim
         self.kwargs = example_kwargs
         self.skipped: Counter = Counter()
+        self.n_skipped = 0
+
+    def image_min_side(self, meta: Mapping[str, Any], has_ref: bool) -> int:
+        """Short-side pixels the photo must keep: the square view at ``resolution``, and, when the sample has
+        no reference photo, the identity crop at ``id_image_size``."""
+        W, H = meta["width"], meta["height"]
+        need = int(self.kwargs["resolution"])
+        if not has_ref:
+            box = expand_square_box(meta["bbox"], ID_CROP_EXPAND, W, H)
+            need = max(need, -(-int(self.kwargs["id_image_size"]) * min(W, H) // max(1, box[2] - box[0])))
+        return need
 
     def __call__(self, raw: Mapping[str, Any]) -> dict | None:
+        has_ref = "ref.jpg" in raw
         try:
-            ex = make_example(decode_sample(raw, self.embed_dim), **self.kwargs)
+            decoded = decode_sample(raw, self.embed_dim, min_side=lambda meta: self.image_min_side(meta, has_ref),
+                                    ref_min_side=int(self.kwargs["id_image_size"]))
+            ex = make_example(decoded, uint8_pixels=True, **self.kwargs)
         except SampleError as err:
             self.skipped[err.reason] += 1
-            n = sum(self.skipped.values())
+            self.n_skipped = n = self.n_skipped + 1
             if n <= 5 or n % 100 == 0:
                 log.warning("skipped %s (%d skipped so far in this worker: %s)", err, n, dict(self.skipped))
             return None
-        ex["skipped"] = sum(self.skipped.values())
+        ex["skipped"] = self.n_skipped
         return ex
 
 

@@ -15,7 +15,7 @@ import logging
 import os
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -39,18 +39,26 @@ class SampleError(ValueError):
         self.detail = detail
 
 
-def decode_image(data: bytes, key: str = "?", max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Bytes to an RGB PIL image with EXIF orientation applied; any failure is a ``corrupt_image``."""
+def decode_image(data: bytes, key: str = "?", max_pixels: int = MAX_PIXELS, min_side: int | None = None) -> Image.Image:
+    """Bytes to an RGB PIL image with EXIF orientation applied; any failure is a ``corrupt_image``.
+
+    ``min_side``: the caller needs no more than this many pixels on the short side, so a JPEG may be decoded
+    at a reduced DCT scale (1/2, 1/4, 1/8) that still keeps at least ``min_side`` pixels on each side. This
+    is several times cheaper than decoding every pixel and downscaling after; callers rescale geometry by
+    the returned image's size.
+    """
     if not data:
         raise SampleError("corrupt_image", key, "zero-byte image")
     try:
-        with Image.open(io.BytesIO(data)) as probe:
-            w, h = probe.size
+        img = Image.open(io.BytesIO(data))  # reads the header only: the size is known before any decoding
+        w, h = img.size
         if w * h > max_pixels:
             raise SampleError("huge_image", key, f"{w}x{h} exceeds {max_pixels} pixels")
-        img = Image.open(io.BytesIO(data))
+        if min_side and img.format == "JPEG" and min(w, h) >= 2 * min_side:
+            img.draft("RGB", (max(1, min_side * w // min(w, h)), max(1, min_side * h // min(w, h))))
         img.load()
-        img = ImageOps.exif_transpose(img)
+        if any(k in img.info for k in ("exif", "xmp", "XML:com.adobe.xmp")):  # only these can carry an orientation
+            img = ImageOps.exif_transpose(img)
     except SampleError:
         raise
     except Image.DecompressionBombError as exc:
@@ -123,9 +131,13 @@ def validate_meta(meta: Any, key: str) -> dict:
     return out
 
 
-def decode_sample(raw: Mapping[str, Any], embed_dim: int | None = None) -> dict:
+def decode_sample(raw: Mapping[str, Any], embed_dim: int | None = None,
+                  min_side: int | Callable[[dict], int] | None = None, ref_min_side: int | None = None) -> dict:
     """A raw webdataset sample (member suffix -> bytes) to ``{key, image, meta, id_embed, ref}``.
 
+    ``min_side`` (pixels, or a function of the validated meta) and ``ref_min_side`` let the JPEGs be decoded
+    at a reduced scale (see :func:`decode_image`); the meta's geometry (bbox, kps, landmarks, width, height)
+    is then rescaled to the decoded image, and ``meta["decode_scale"]`` says by how much.
     Raises :class:`SampleError` with a reason code for anything unusable.
     """
     key = str(raw.get("__key__", "?"))
@@ -138,12 +150,29 @@ def decode_sample(raw: Mapping[str, Any], embed_dim: int | None = None) -> dict:
     except Exception as exc:
         raise SampleError("malformed_json", key, f"{type(exc).__name__}: {exc}") from None
     meta = validate_meta(meta, key)
-    image = decode_image(raw["jpg"], key)
-    if image.size != (meta["width"], meta["height"]):
-        raise SampleError("malformed_json", key, f"json size {meta['width']}x{meta['height']} != image size {image.size[0]}x{image.size[1]}")
+    need = min_side(meta) if callable(min_side) else min_side
+    image = decode_image(raw["jpg"], key, min_side=need)
+    width, height = meta["width"], meta["height"]
+    if image.size != (width, height):
+        r = round(width / image.size[0]) if image.size[0] else 0
+        if not need or r not in (2, 4, 8) or image.size != (-(-width // r), -(-height // r)):
+            raise SampleError("malformed_json", key, f"json size {width}x{height} != image size {image.size[0]}x{image.size[1]}")
+        meta = rescale_meta(meta, 1.0 / r, image.size)  # DCT scaling: output pixel i covers input [i*r, (i+1)*r)
     id_embed = decode_npy(raw["id.npy"], key, embed_dim) if "id.npy" in raw else None
-    ref = decode_image(raw["ref.jpg"], key) if "ref.jpg" in raw else None
+    ref = decode_image(raw["ref.jpg"], key, min_side=ref_min_side) if "ref.jpg" in raw else None
     return {"key": key, "image": image, "meta": meta, "id_embed": id_embed, "ref": ref}
+
+
+def rescale_meta(meta: Mapping[str, Any], scale: float, size: tuple[int, int]) -> dict:
+    """The sample's geometry in its image decoded at ``scale`` to ``size`` (width, height)."""
+    out = dict(meta)
+    out["bbox"] = [v * scale for v in meta["bbox"]]
+    out["kps"] = [[x * scale, y * scale] for x, y in meta["kps"]]
+    if meta.get("landmarks"):
+        out["landmarks"] = {k: [[x * scale, y * scale] for x, y in v] for k, v in meta["landmarks"].items()}
+    out["width"], out["height"] = size
+    out["decode_scale"] = scale
+    return out
 
 
 def face_meta(image_size: tuple[int, int], bbox: Sequence[float], kps: np.ndarray, *, det_score: float,
