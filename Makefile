@@ -8,7 +8,7 @@ SWEEP   ?= branches
 export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 
-.PHONY: setup train prepare bench sweep shards test test-fast clean-cache
+.PHONY: setup train prepare precompute throughput gpu-bench bench sweep shards test test-fast clean-cache
 
 setup:
 	test -x $(PY) || python3 -m venv .venv
@@ -31,6 +31,18 @@ shards:
 
 prepare:
 	$(PY) -m realisid prepare $(EXP) $(ARGS)
+
+# VAE latents + text embeddings beside the train shards: then `make train ARGS="data.precomputed=data/cache/precomputed/<EXP>"`
+precompute:
+	$(PY) -m realisid precompute $(EXP) $(ARGS)
+
+# data pipeline, training step, sampling and precomputed-latent speed on this machine -> benchmarks/results/<date>-throughput/
+throughput:
+	$(PY) benchmarks/throughput.py $(ARGS)
+
+# the same on a full-size SD1.5-architecture backbone (random weights) on a GPU -> benchmarks/results/<date>-gpu-<device>/
+gpu-bench:
+	$(PY) benchmarks/gpu_bench.py $(ARGS)
 
 test:
 	$(PY) -m pytest

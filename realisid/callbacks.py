@@ -61,12 +61,17 @@ class LossSummary(L.Callback):
     """Keeps every training loss; at the end reports the mean over the first and the last fifth of steps."""
 
     def __init__(self):
-        self.losses: list[float] = []
+        self._losses: list = []  # device scalars, read back only when asked: no GPU sync per step
+
+    @property
+    def losses(self) -> list[float]:
+        self._losses = [float(v) for v in self._losses]
+        return self._losses
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs  # None: a skipped batch
         if loss is not None:
-            self.losses.append(float(loss.detach()))
+            self._losses.append(loss.detach())
 
     def summary(self) -> dict:
         n = len(self.losses)
@@ -79,7 +84,7 @@ class LossSummary(L.Callback):
         return {"losses": self.losses}
 
     def load_state_dict(self, state: dict) -> None:
-        self.losses = list(state.get("losses", []))
+        self._losses = list(state.get("losses", []))
 
 
 class DataPosition(L.Callback):

@@ -139,6 +139,21 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_precompute(args) -> int:
+    from realisid.config import load_config
+    from realisid.data.precompute import precompute
+    from realisid.prepare import prepare_embedded_default
+
+    cfg = load_config(args.exp, args.overrides)
+    prepare_embedded_default(cfg)  # the embedded default's shards and tiny base must exist first
+    out = args.out or os.path.join("data", "cache", "precomputed", str(cfg.experiment.name))
+    res = precompute(cfg, out, batch_size=args.batch_size, dtype=args.dtype)
+    sys.stdout.write(f"precomputed {res['written']} samples in {res['shards']} shards ({res['skipped_shards']} already done, "
+                     f"{res['rejected']} unusable) in {res['seconds']:.0f} s\n"
+                     f"train from it: make train EXP={args.exp} ARGS=\"data.precomputed={out}\"\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="realisid", description="RealisID: identity customization with local and global ControlNet branches.")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -183,6 +198,14 @@ def build_parser() -> argparse.ArgumentParser:
     from realisid.data.builder import add_build_parser
 
     add_build_parser(sub)
+
+    pc = sub.add_parser("precompute", help="store VAE latents and text embeddings beside the train shards (train with data.precomputed=OUT)")
+    pc.add_argument("exp", nargs="?", default="local_branch")
+    pc.add_argument("overrides", nargs="*")
+    pc.add_argument("--out", default=None, help="output folder (default: data/cache/precomputed/<exp>)")
+    pc.add_argument("--batch-size", type=int, default=32, help="samples per VAE / text-encoder batch")
+    pc.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="stored precision (fp32 reproduces on-the-fly encoding exactly)")
+    pc.set_defaults(func=cmd_precompute)
 
     pr = sub.add_parser("prepare", help="build the embedded default's synthetic shards, stand-in encoder and tiny base model")
     pr.add_argument("exp", nargs="?", default="local_branch")

@@ -144,6 +144,19 @@ class RealisIDPipeline:
     def __call__(self, prompt: str, people: Sequence[Person], negative_prompt: str = "", num_inference_steps: int = 30,
                  scheduler: str = "ddim", guidance_text: float = 7.5, guidance_id: float = 5.0, id_delay: float = 0.1,
                  seed: int = 0, use_local: bool = True, use_global: bool = True, output_type: str = "pil") -> RealisIDOutput:
+        with self.autocast():
+            return self._sample(prompt, people, negative_prompt, num_inference_steps, scheduler, guidance_text, guidance_id,
+                                id_delay, seed, use_local, use_global, output_type)
+
+    def autocast(self):
+        """With a half-precision backbone (model.backbone_dtype) and fp32 branches, run every pass under autocast."""
+        import contextlib
+
+        dtype = self.backbone.unet.dtype
+        return torch.autocast(self.device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+
+    def _sample(self, prompt, people, negative_prompt, num_inference_steps, scheduler, guidance_text, guidance_id, id_delay, seed,
+                use_local, use_global, output_type) -> RealisIDOutput:
         if not people:
             raise ValueError("give at least one person (a reference face and a target box)")
         R, f = self.resolution, self.backbone.vae_scale_factor

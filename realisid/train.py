@@ -58,10 +58,12 @@ def new_run_dir(cfg: DictConfig) -> str:
 
 def build_datamodule(cfg: DictConfig, module):
     from realisid.data.datamodule import FaceDataModule
+    from realisid.data.precompute import cache_info
 
     return FaceDataModule(cfg.data, vae_scale_factor=module.backbone.vae_scale_factor, local_latent_size=int(cfg.model.local.latent_size),
                           crop_expand=float(cfg.model.local.crop_expand), id_image_size=int(cfg.model.id_encoder.image_size),
-                          soft_location=bool(cfg.model["global"].soft_location), seed=int(cfg.experiment.seed))
+                          soft_location=bool(cfg.model["global"].soft_location), seed=int(cfg.experiment.seed),
+                          precomputed_for=cache_info(module.backbone, int(cfg.data.resolution)) if cfg.data.get("precomputed") else None)
 
 
 def resume_config(run_dir: str, overrides=()) -> DictConfig:
@@ -77,13 +79,38 @@ def resume_config(run_dir: str, overrides=()) -> DictConfig:
     return apply_overrides(OmegaConf.load(path), list(overrides))
 
 
+def training_callbacks(cfg: DictConfig, run_dir: str) -> list:
+    """The callbacks every training step runs with (validation and checkpoint callbacks come on top)."""
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    from realisid.callbacks import BatchCounter, DataPosition
+
+    return [DataPosition(), BatchCounter(run_dir), LearningRateMonitor(logging_interval="step")]
+
+
+def build_trainer(cfg: DictConfig, run_dir: str, callbacks: list, **overrides) -> L.Trainer:
+    """The Trainer `realisid train` runs (benchmarks/throughput.py times this same one)."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    tr = cfg.trainer
+    logger = TensorBoardLogger(save_dir=run_dir, name="tb", version="", default_hp_metric=False)
+    kwargs = dict(
+        max_steps=int(tr.max_steps), accelerator=tr.accelerator, devices=tr.devices, num_nodes=int(tr.num_nodes),
+        strategy=tr.strategy, precision=tr.precision, val_check_interval=int(tr.val_check_interval), check_val_every_n_epoch=None,
+        log_every_n_steps=int(tr.log_every_n_steps), accumulate_grad_batches=int(tr.accumulate_grad_batches),
+        gradient_clip_val=float(tr.gradient_clip_val) or None, callbacks=callbacks, logger=logger, default_root_dir=run_dir,
+        enable_progress_bar=bool(tr.enable_progress_bar), num_sanity_val_steps=0,
+        limit_val_batches=max(1, -(-int(cfg.data.val_samples) // int(cfg.data.batch_size))))
+    kwargs.update(overrides)
+    return L.Trainer(**kwargs)
+
+
 def train(cfg: DictConfig, run_dir: str | None = None, resume: str | None = None) -> dict:
     """Train the experiment, or resume ``resume`` (a run dir) from its last checkpoint; returns paths and the loss summary."""
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-    from lightning.pytorch.loggers import TensorBoardLogger
+    from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from realisid.callbacks import BatchCounter, DataPosition, LossSummary, SaveOnInterrupt, ScaleMetrics, ValidationImages
+    from realisid.callbacks import LossSummary, SaveOnInterrupt, ScaleMetrics, ValidationImages
     from realisid.modules import build_module
     from realisid.prepare import prepare_embedded_default, wait_for_prepared
 
@@ -103,17 +130,15 @@ def train(cfg: DictConfig, run_dir: str | None = None, resume: str | None = None
     ckpt_path = os.path.join(run_dir, "checkpoints", "last.ckpt") if resume else None
     module = build_module(cfg)
     dm = build_datamodule(cfg, module)
-    tr, v = cfg.trainer, cfg.validation
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     summary = LossSummary()
     interrupt = SaveOnInterrupt(os.path.join(ckpt_dir, "last.ckpt"))
+    v = cfg.validation
     callbacks = [
-        DataPosition(),
+        *training_callbacks(cfg, run_dir),
         interrupt,
-        BatchCounter(run_dir),
         ModelCheckpoint(dirpath=ckpt_dir, filename="step-{step:06d}", auto_insert_metric_name=False, save_last=True,
-                        every_n_train_steps=int(tr.checkpoint_every_n_steps), save_top_k=-1),
-        LearningRateMonitor(logging_interval="step"),
+                        every_n_train_steps=int(cfg.trainer.checkpoint_every_n_steps), save_top_k=-1),
         ValidationImages(os.path.join(run_dir, "samples"), int(v.num_images), int(v.steps), float(v.guidance_text),
                          float(v.guidance_id), float(v.id_delay)),
         summary,
@@ -121,14 +146,7 @@ def train(cfg: DictConfig, run_dir: str | None = None, resume: str | None = None
     e = cfg.evaluation
     if int(e.every_n_validations) > 0:
         callbacks.append(ScaleMetrics(cfg, int(e.every_n_validations), int(e.per_bin), int(e.steps)))
-    logger = TensorBoardLogger(save_dir=run_dir, name="tb", version="", default_hp_metric=False)
-    trainer = L.Trainer(
-        max_steps=int(tr.max_steps), accelerator=tr.accelerator, devices=tr.devices, num_nodes=int(tr.num_nodes),
-        strategy=tr.strategy, precision=tr.precision, val_check_interval=int(tr.val_check_interval), check_val_every_n_epoch=None,
-        log_every_n_steps=int(tr.log_every_n_steps), accumulate_grad_batches=int(tr.accumulate_grad_batches),
-        gradient_clip_val=float(tr.gradient_clip_val) or None, callbacks=callbacks, logger=logger, default_root_dir=run_dir,
-        enable_progress_bar=bool(tr.enable_progress_bar), num_sanity_val_steps=0, limit_val_batches=max(1, -(-int(cfg.data.val_samples) // int(cfg.data.batch_size))),
-    )
+    trainer = build_trainer(cfg, run_dir, callbacks)
     log.info("identity encoder: %s | backbone: %s", module.id_encoder.name, module.backbone.name)
     previous = os.environ.get(RUN_DIR_ENV)
     os.environ[RUN_DIR_ENV] = run_dir  # ranks that Lightning launches from here write into the same run

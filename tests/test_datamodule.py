@@ -97,6 +97,20 @@ def test_corrupt_samples_skipped_and_counted(face_shards):
     assert sum(maker.skipped.values()) == 2 and set(maker.skipped) <= {"malformed_json", "missing_image", "corrupt_image"}
 
 
+def test_a_stream_of_only_unusable_samples_fails_instead_of_hanging(tmp_path, monkeypatch):
+    from conftest import write_face_shards
+
+    from realisid.data.pipeline import TrainStream
+
+    write_face_shards(tmp_path, "train", n=6, with_embed=True)  # 8-value embeddings
+    maker = ExampleMaker(embed_dim=16, resolution=64, vae_scale_factor=2, local_latent_size=16, crop_expand=1.6, id_image_size=32)
+    monkeypatch.setattr(TrainStream, "MAX_FAILED_IN_A_ROW", 10)
+    stream = TrainStream(sorted(str(p) for p in tmp_path.glob("train-*.tar")), maker, batch_size=2, shuffle_buffer=2, seed=0, rank=0,
+                         world_size=1, num_workers=0, resampled=True)
+    with pytest.raises(RuntimeError, match=r"last 10 samples of stream 0 were all unusable \({'bad_embedding': 10}\)"):
+        next(iter(stream))
+
+
 def test_too_few_shards_for_split_is_a_clear_error(tiny_cfg, face_shards):
     from realisid.data.pipeline import TrainStream
 

@@ -15,10 +15,11 @@ log = logging.getLogger(__name__)
 
 class FaceDataModule(L.LightningDataModule):
     def __init__(self, data_cfg: Mapping[str, Any], *, vae_scale_factor: int, local_latent_size: int, crop_expand: float,
-                 id_image_size: int, soft_location: bool = False, seed: int = 0):
+                 id_image_size: int, soft_location: bool = False, seed: int = 0, precomputed_for: dict | None = None):
         super().__init__()
         self.cfg = data_cfg
         self.seed = seed
+        self.precomputed_for = precomputed_for  # what a data.precomputed cache must have been made for
         self.maker = ExampleMaker(
             embed_dim=data_cfg.get("embed_dim"), resolution=int(data_cfg["resolution"]), vae_scale_factor=vae_scale_factor,
             local_latent_size=local_latent_size, crop_expand=crop_expand, id_image_size=id_image_size, soft_location=soft_location)
@@ -28,7 +29,13 @@ class FaceDataModule(L.LightningDataModule):
         self.batches_used = 0
 
     def setup(self, stage: str | None = None) -> None:
-        self.train_urls = resolve_shards(self.cfg["train_shards"], "data.train_shards")
+        if self.cfg.get("precomputed"):
+            from realisid.data.precompute import check_cache
+
+            self.train_urls = check_cache(str(self.cfg["precomputed"]), self.precomputed_for or {})
+            log.info("training on precomputed latents and text embeddings from %s", self.cfg["precomputed"])
+        else:
+            self.train_urls = resolve_shards(self.cfg["train_shards"], "data.train_shards")
         if self.cfg.get("val_shards") and self.val_examples is None:
             urls = resolve_shards(self.cfg["val_shards"], "data.val_shards")
             self.val_examples = load_examples(urls, self.maker, int(self.cfg["val_samples"]))

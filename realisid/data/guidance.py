@@ -61,14 +61,15 @@ def contour_map(kps: np.ndarray, landmarks: Mapping[str, Sequence] | None, crop_
     canvas = Image.new("RGB", (size * scale, size * scale))
     draw = ImageDraw.Draw(canvas)
     width = max(1, int(thickness or max(1, size // 48)) * scale)
-    names = list(parts)
-    ends = np.cumsum([len(parts[k]) for k in names])
-    every = points_to_crop(np.concatenate([parts[k].reshape(-1, 2) for k in names]), crop_box, size * scale).astype(np.float64)
-    for name, p in zip(names, np.split(every, ends[:-1])):
-        if name in CLOSED_PARTS and len(p) > 2:
-            p = np.concatenate([p, p[:1]])
-        if len(p) >= 2:
-            draw.line(p.ravel().tolist(), fill=PART_COLOURS[name], width=width, joint="curve")
+    every = points_to_crop(np.concatenate([p.reshape(-1, 2) for p in parts.values()]), crop_box, size * scale).ravel().tolist()
+    i = 0
+    for name, pts in parts.items():  # one conversion of all points to plain floats, then each part's slice
+        xy = every[2 * i : 2 * (i + len(pts))]
+        i += len(pts)
+        if name in CLOSED_PARTS and len(pts) > 2:
+            xy = xy + xy[:2]
+        if len(pts) >= 2:
+            draw.line(xy, fill=PART_COLOURS[name], width=width, joint="curve")
     return np.asarray(canvas.reduce(scale))
 
 

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from realisid.data.guidance import contour_map, location_map
+from realisid.data.precompute import stored_arrays
 from realisid.data.shards import SampleError, check_shards_exist, decode_sample, expand_shards
 from realisid.geometry import expand_square_box, face_size, square_window
 
@@ -82,9 +83,9 @@ def make_example(decoded: Mapping[str, Any], *, resolution: int, vae_scale_facto
 
     ``uint8_pixels``: leave the :data:`PIXEL_KEYS` fields as uint8 (H, W, 3) for :func:`collate` to convert.
     """
-    img: Image.Image = decoded["image"]
+    img: Image.Image | None = decoded["image"]  # None: latents precomputed, the photo's pixels are not needed
     meta = decoded["meta"]
-    W, H = img.size
+    W, H = img.size if img is not None else (meta["width"], meta["height"])
     bbox = meta["bbox"]
     win = square_window(W, H, bbox)
     s = resolution / float(win[2] - win[0])
@@ -99,7 +100,6 @@ def make_example(decoded: Mapping[str, Any], *, resolution: int, vae_scale_facto
     kps = to_global(meta["kps"])
     landmarks = split_parts(to_global(np.concatenate([np.asarray(v, np.float32).reshape(-1, 2) for v in parts.values()])), parts) \
         if (parts := meta.get("landmarks")) else {}
-    image = crop_resized(img, win, resolution)
     crop_box = expand_square_box(face_box, crop_expand, resolution, resolution, multiple=vae_factor_ok(vae_scale_factor))
     pe_map = contour_map(kps, landmarks, crop_box, local_latent_size * vae_scale_factor)
     loc = location_map(face_box, resolution, resolution, soft=soft_location)
@@ -112,13 +112,14 @@ def make_example(decoded: Mapping[str, Any], *, resolution: int, vae_scale_facto
         id_img, mask = identity_crop(img, bbox, id_image_size)
         id_mask = torch.from_numpy(mask)[None]
     emb = decoded.get("id_embed")
-    pixels = {"image": np.asarray(image), "pe_map": pe_map, "id_image": np.asarray(id_img)}
+    pixels = {"pe_map": pe_map, "id_image": np.asarray(id_img)}
+    if img is not None:
+        pixels["image"] = np.asarray(crop_resized(img, win, resolution))
     pixels = {k: torch.from_numpy(np.array(v, dtype=np.uint8)) for k, v in pixels.items()}
     if not uint8_pixels:
         pixels = {k: pixels_to_float(v, PIXEL_KEYS[k]) for k, v in pixels.items()}
-    return {
+    ex = {
         "key": decoded["key"],
-        "image": pixels["image"],
         "face_box": torch.from_numpy(face_box),
         "crop_box": torch.tensor(crop_box, dtype=torch.long),
         "kps": torch.from_numpy(kps),
@@ -131,12 +132,18 @@ def make_example(decoded: Mapping[str, Any], *, resolution: int, vae_scale_facto
         "caption": str(meta.get("caption") or ""),
         "face_size": float(face_size(bbox, W, H)),
     }
+    if "image" in pixels:
+        ex["image"] = pixels["image"]
+    return ex
 
 
 def split_parts(points: np.ndarray, like: Mapping[str, Sequence]) -> dict[str, np.ndarray]:
     """Concatenated part points back into ``{part: (n, 2)}`` with the lengths of ``like``."""
-    ends = np.cumsum([len(v) for v in like.values()])[:-1]
-    return dict(zip(like, np.split(points, ends)))
+    out, i = {}, 0
+    for k, v in like.items():
+        out[k] = points[i : i + len(v)]
+        i += len(v)
+    return out
 
 
 def vae_factor_ok(f: int) -> int:
@@ -190,10 +197,16 @@ class ExampleMaker:
 
     def __call__(self, raw: Mapping[str, Any]) -> dict | None:
         has_ref = "ref.jpg" in raw
+        key = str(raw.get("__key__", "?"))
         try:
+            stored = stored_arrays(raw, key)
+            # with precomputed latents the photo is decoded only when it must give the identity crop
             decoded = decode_sample(raw, self.embed_dim, min_side=lambda meta: self.image_min_side(meta, has_ref),
-                                    ref_min_side=int(self.kwargs["id_image_size"]))
+                                    ref_min_side=int(self.kwargs["id_image_size"]), with_image="latent_moments" not in stored or not has_ref)
             ex = make_example(decoded, uint8_pixels=True, **self.kwargs)
+            if stored:
+                ex.pop("image", None)
+                ex.update({k: torch.from_numpy(v) for k, v in stored.items()})
         except SampleError as err:
             self.skipped[err.reason] += 1
             self.n_skipped = n = self.n_skipped + 1
@@ -236,9 +249,13 @@ class TrainStream(torch.utils.data.IterableDataset):
     ends, so no rank waits on another that ran out of data.
     """
 
+    MAX_FAILED_IN_A_ROW = 1000
+
     def __init__(self, urls: Sequence[str], maker: ExampleMaker, *, batch_size: int, shuffle_buffer: int, seed: int, rank: int,
-                 world_size: int, num_workers: int, resampled: bool, consumed: Mapping[int, int] | None = None, offset: int = 0):
+                 world_size: int, num_workers: int, resampled: bool, consumed: Mapping[int, int] | None = None, offset: int = 0,
+                 collate_fn=None):
         super().__init__()
+        self.collate_fn = collate_fn or collate
         self.urls, self.maker = list(urls), maker
         self.batch_size, self.shuffle_buffer = int(batch_size), int(shuffle_buffer)
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
@@ -269,17 +286,22 @@ class TrainStream(torch.utils.data.IterableDataset):
         rng = random.Random(f"realisid-{self.seed}-{self.rank}-{stream}")
         raw = tarfile_samples(({"url": u} for u in self._urls(stream, rng)), handler=skip_bad_tar)
         skip = int(self.consumed.get(stream, 0))
-        used, batch = 0, []
+        used, failed, batch = 0, 0, []
         for sample in _shuffled(raw, self.shuffle_buffer, rng):
             used += 1
             if used <= skip:
                 continue
             ex = self.maker(sample)
             if ex is None:
+                failed += 1
+                if failed >= self.MAX_FAILED_IN_A_ROW:  # an endless stream of unusable samples would hang training silently
+                    raise RuntimeError(f"the last {failed} samples of stream {stream} were all unusable ({dict(self.maker.skipped)}); "
+                                       "check the shards (data.train_shards / data.precomputed) against the experiment's config")
                 continue
+            failed = 0
             batch.append(ex)
             if len(batch) == self.batch_size:
-                out = collate(batch)
+                out = self.collate_fn(batch)
                 out["data_stream"], out["data_consumed"] = stream, used
                 batch = []
                 yield out
@@ -295,8 +317,8 @@ def load_examples(urls: Sequence[str], maker: ExampleMaker, limit: int) -> list[
     out = []
     for raw in tarfile_samples(({"url": u} for u in urls), handler=skip_bad_tar):
         ex = maker(raw)
-        if ex is not None:
-            out.append(ex)
+        if ex is not None:  # kept one by one, so the pixels are converted here rather than per batch
+            out.append({k: pixels_to_float(v, PIXEL_KEYS[k]) if k in PIXEL_KEYS and v.dtype == torch.uint8 else v for k, v in ex.items()})
         if len(out) >= limit:
             break
     return out

@@ -132,12 +132,13 @@ def validate_meta(meta: Any, key: str) -> dict:
 
 
 def decode_sample(raw: Mapping[str, Any], embed_dim: int | None = None,
-                  min_side: int | Callable[[dict], int] | None = None, ref_min_side: int | None = None) -> dict:
+                  min_side: int | Callable[[dict], int] | None = None, ref_min_side: int | None = None, with_image: bool = True) -> dict:
     """A raw webdataset sample (member suffix -> bytes) to ``{key, image, meta, id_embed, ref}``.
 
     ``min_side`` (pixels, or a function of the validated meta) and ``ref_min_side`` let the JPEGs be decoded
     at a reduced scale (see :func:`decode_image`); the meta's geometry (bbox, kps, landmarks, width, height)
     is then rescaled to the decoded image, and ``meta["decode_scale"]`` says by how much.
+    ``with_image=False`` leaves the photo undecoded (``image`` None), for samples whose latents are precomputed.
     Raises :class:`SampleError` with a reason code for anything unusable.
     """
     key = str(raw.get("__key__", "?"))
@@ -150,6 +151,10 @@ def decode_sample(raw: Mapping[str, Any], embed_dim: int | None = None,
     except Exception as exc:
         raise SampleError("malformed_json", key, f"{type(exc).__name__}: {exc}") from None
     meta = validate_meta(meta, key)
+    id_embed = decode_npy(raw["id.npy"], key, embed_dim) if "id.npy" in raw else None
+    ref = decode_image(raw["ref.jpg"], key, min_side=ref_min_side) if "ref.jpg" in raw else None
+    if not with_image:
+        return {"key": key, "image": None, "meta": meta, "id_embed": id_embed, "ref": ref}
     need = min_side(meta) if callable(min_side) else min_side
     image = decode_image(raw["jpg"], key, min_side=need)
     width, height = meta["width"], meta["height"]
@@ -158,8 +163,6 @@ def decode_sample(raw: Mapping[str, Any], embed_dim: int | None = None,
         if not need or r not in (2, 4, 8) or image.size != (-(-width // r), -(-height // r)):
             raise SampleError("malformed_json", key, f"json size {width}x{height} != image size {image.size[0]}x{image.size[1]}")
         meta = rescale_meta(meta, 1.0 / r, image.size)  # DCT scaling: output pixel i covers input [i*r, (i+1)*r)
-    id_embed = decode_npy(raw["id.npy"], key, embed_dim) if "id.npy" in raw else None
-    ref = decode_image(raw["ref.jpg"], key, min_side=ref_min_side) if "ref.jpg" in raw else None
     return {"key": key, "image": image, "meta": meta, "id_embed": id_embed, "ref": ref}
 
 
@@ -259,7 +262,7 @@ class FaceShardWriter:
         final = os.path.join(self.out_dir, f"{self.name}-{self._index:06d}.tar")
         self._tmp = final + ".tmp"
         self._final = final
-        self._writer = self._wds.TarWriter(self._tmp, mtime=0.0)  # byte-reproducible shards
+        self._writer = self._wds.TarWriter(self._tmp, mtime=0)  # byte-reproducible; an int (a float mtime costs every member a pax header)
         self._count = 0
 
     def _finish(self) -> None:

@@ -80,24 +80,70 @@ class Backbone(nn.Module):
 
     @torch.no_grad()
     def encode_text(self, prompts: Sequence[str], image_hw: tuple[int, int] | None = None) -> TextConditioning:
+        embeds, pooled = self.text_embeddings(prompts)
+        return self.conditioning(embeds, pooled, image_hw)
+
+    @torch.no_grad()
+    def text_embeddings(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The text encoders' outputs for ``prompts``: (B, L, D) embeddings and, for SDXL, (B, P) pooled ones.
+
+        This is what ``realisid precompute`` stores per sample.
+        """
         if self.layout == "sd15":
-            out = self.text_encoder(self._tokenize(self.tokenizer, prompts))
-            return TextConditioning(out[0].to(self.unet.dtype))
+            return self.text_encoder(self._tokenize(self.tokenizer, prompts))[0], None
         # SDXL: penultimate hidden states of both encoders concatenated; pooled output of the second
         h1 = self.text_encoder(self._tokenize(self.tokenizer, prompts), output_hidden_states=True).hidden_states[-2]
         out2 = self.text_encoder_2(self._tokenize(self.tokenizer_2, prompts), output_hidden_states=True)
-        embeds = torch.cat([h1, out2.hidden_states[-2]], dim=-1).to(self.unet.dtype)
+        return torch.cat([h1, out2.hidden_states[-2]], dim=-1), out2[0]
+
+    def conditioning(self, embeds: torch.Tensor, pooled: torch.Tensor | None = None,
+                     image_hw: tuple[int, int] | None = None) -> TextConditioning:
+        """Text embeddings (computed now or precomputed) to what the UNet takes."""
+        embeds = embeds.to(self.unet.device, self.unet.dtype)
+        if self.layout == "sd15":
+            return TextConditioning(embeds)
+        if pooled is None:
+            raise ValueError("the SDXL layout needs the pooled text embedding as well; re-run `realisid precompute` for this backbone")
         h, w = image_hw or (self.unet.config.sample_size * self.vae_scale_factor,) * 2
-        time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=embeds.dtype, device=embeds.device).repeat(len(prompts), 1)
-        return TextConditioning(embeds, {"text_embeds": out2[0].to(embeds.dtype), "time_ids": time_ids})
+        time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=embeds.dtype, device=embeds.device).repeat(len(embeds), 1)
+        return TextConditioning(embeds, {"text_embeds": pooled.to(embeds.device, embeds.dtype), "time_ids": time_ids})
+
+    @torch.no_grad()
+    def latent_moments(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] to the VAE posterior's parameters (B, 2C, h, w): mean and log-variance.
+
+        This is what ``realisid precompute`` stores per sample; :meth:`latents_from_moments` samples from it.
+        """
+        return self.vae.encode(images.to(self.vae.device, self.vae.dtype)).latent_dist.parameters
+
+    def latents_from_moments(self, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A scaled latent sampled from the posterior ``moments`` (exactly what :meth:`encode_images` does)."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        dist = DiagonalGaussianDistribution(moments.to(self.vae.device, self.vae.dtype))
+        z = dist.sample(generator) if generator is not None else dist.sample()
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return ((z - shift) * self.vae.config.scaling_factor).to(self.unet.dtype)
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Images in [-1, 1] to scaled latents (sampled from the VAE posterior)."""
-        dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
-        z = dist.sample(generator) if generator is not None else dist.sample()
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        return ((z - shift) * self.vae.config.scaling_factor).to(self.unet.dtype)
+        return self.latents_from_moments(self.latent_moments(images), generator)
+
+    def fingerprint(self) -> dict:
+        """What precomputed latents and text embeddings depend on; a cache made with another backbone is refused."""
+        import hashlib
+        import json
+
+        def digest(cfg) -> str:
+            return hashlib.sha256(json.dumps(dict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+        def weights(m) -> str:  # a cheap checksum that survives fp16/bf16 casts: mean |w| per tensor, summed, 3 digits
+            return f"{sum(float(p.detach().float().abs().mean()) for p in m.parameters()):.3g}"
+
+        te = [self.text_encoder] + ([self.text_encoder_2] if self.text_encoder_2 is not None else [])
+        return {"backbone": str(self.name), "layout": self.layout, "vae_config": digest(self.vae.config),
+                "vae_weights": weights(self.vae), "text_weights": "/".join(weights(t) for t in te)}
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:

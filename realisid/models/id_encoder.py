@@ -46,6 +46,9 @@ class IdentityEncoder(nn.Module):
     def _encode(self, images: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def to_frozen_dtype(self, dtype: torch.dtype) -> None:
+        """Half precision for encoders worth it (CLIP); small or ONNX encoders stay as they are."""
+
 
 class StandInEncoder(IdentityEncoder):
     def __init__(self, path: str):
@@ -95,6 +98,9 @@ class ClipEncoder(IdentityEncoder):
         x = ((x + 1) / 2 - self.mean) / self.std
         out = self.model(pixel_values=x.to(self.model.dtype), output_hidden_states=True)
         return out.hidden_states[-2]
+
+    def to_frozen_dtype(self, dtype: torch.dtype) -> None:
+        self.model.to(dtype)
 
 
 class ArcFaceEncoder(IdentityEncoder):

@@ -18,6 +18,8 @@ def _resize(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
     if tuple(x.shape[-2:]) == tuple(hw):
         return x
     shrink = hw[0] < x.shape[-2] or hw[1] < x.shape[-1]
+    if shrink and x.dtype in (torch.float16, torch.bfloat16) and x.device.type == "cpu":  # no half anti-aliased kernel on CPU
+        return F.interpolate(x.float(), size=hw, mode="bilinear", align_corners=False, antialias=True).to(x.dtype)
     return F.interpolate(x, size=hw, mode="bilinear", align_corners=False, antialias=shrink)
 
 

@@ -17,6 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 from realisid.models.backbone import load_backbone
 from realisid.models.branches import GlobalBranch, LocalBranch, add_residuals
 from realisid.models.id_encoder import IdProjector, build_id_encoder
+from realisid.modules.efficiency import apply_efficiency, check_precision
+from realisid.modules.ema import WeightEMA
 from realisid.modules.losses import face_weighted_mse, latent_mask
 
 log = logging.getLogger(__name__)
@@ -48,7 +50,12 @@ class RealisIDModule(L.LightningModule):
                 soft_location=m["global"].soft_location))
         self.noise_scheduler = self.backbone.noise_scheduler()
         self.register_buffer("alphas_cumprod", self.noise_scheduler.alphas_cumprod.clone().float(), persistent=False)
-        self._null_text: torch.Tensor | None = None
+        self._null_text: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        eff = cfg.efficiency
+        check_precision(m.backbone_dtype, cfg.trainer.precision, cfg.trainer.accelerator)
+        self.applied = apply_efficiency(self, eff, m.backbone_dtype)
+        self.channels_last = bool(eff.channels_last)
+        self.ema = WeightEMA(self.trainable_modules(), float(eff.ema.decay)) if eff.ema.enabled else None
 
     # ---- conditioning -------------------------------------------------------------------------------
     def identity_features(self, batch: dict) -> torch.Tensor:
@@ -83,17 +90,43 @@ class RealisIDModule(L.LightningModule):
         both = (u >= d.image + d.text) & (u < d.image + d.text + d.both)
         return ~(drop_text | both), ~(drop_id | both)
 
+    def null_text(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The empty prompt's text embeddings (for dropped captions when text embeddings are precomputed)."""
+        if self._null_text is None or self._null_text[0].device != self.device:
+            e, p = self.backbone.text_embeddings([""])
+            self._null_text = (e.to(self.device), p.to(self.device) if p is not None else None)
+        return self._null_text
+
+    def text_conditioning(self, batch: dict, keep_text: torch.Tensor, image_hw: tuple[int, int]):
+        """Text conditioning from precomputed embeddings when the batch has them, else from the captions."""
+        if "text_embeds" not in batch:
+            return self.backbone.encode_text([c if k else "" for c, k in zip(batch["caption"], keep_text.tolist())], image_hw)
+        embeds, pooled = batch["text_embeds"].to(self.device), batch.get("text_pooled")
+        pooled = pooled.to(self.device) if pooled is not None else None
+        if not bool(keep_text.all()):
+            null_e, null_p = self.null_text()
+            drop = (~keep_text).to(self.device)
+            embeds = torch.where(drop[:, None, None], null_e.to(embeds.dtype), embeds)
+            if pooled is not None:
+                pooled = torch.where(drop[:, None], null_p.to(pooled.dtype), pooled)
+        return self.backbone.conditioning(embeds, pooled, image_hw)
+
     # ---- the step -----------------------------------------------------------------------------------
     def shared_step(self, batch: dict, generator: torch.Generator | None = None, dropout: bool = True) -> dict[str, torch.Tensor]:
-        images = batch["image"]
-        n = images.shape[0]
-        latents = self.backbone.encode_images(images, generator=_device_gen(generator, self.device))
+        n = len(batch["caption"])
+        device_gen = _device_gen(generator, self.device)
+        if "latent_moments" in batch:  # precomputed: the VAE does not run
+            latents = self.backbone.latents_from_moments(batch["latent_moments"], device_gen)
+        else:
+            latents = self.backbone.encode_images(batch["image"], generator=device_gen)
         noise = torch.randn(latents.shape, generator=generator, device="cpu").to(latents)
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (n,), generator=generator, device="cpu").to(self.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        if self.channels_last:
+            noisy = noisy.contiguous(memory_format=torch.channels_last)
         keep_text, keep_id = self.dropout_masks(n, generator) if dropout else (torch.ones(n, dtype=torch.bool),) * 2
-        captions = [c if k else "" for c, k in zip(batch["caption"], keep_text.tolist())]
-        text = self.backbone.encode_text(captions, tuple(images.shape[-2:]))
+        image_hw = tuple(s * self.backbone.vae_scale_factor for s in latents.shape[-2:])
+        text = self.text_conditioning(batch, keep_text, image_hw)
         tokens = self.identity_tokens(batch, keep_id.to(self.device))
         res = self.branch_residuals(noisy, t, tokens, batch, text.added_cond_kwargs)
         pred = self.backbone.unet(noisy, t, encoder_hidden_states=text.embeds, added_cond_kwargs=text.added_cond_kwargs,
@@ -120,7 +153,7 @@ class RealisIDModule(L.LightningModule):
                 self.log("train/skipped_nonfinite", 1.0, reduce_fx="sum")
                 return None
             raise FloatingPointError(msg)
-        self.log_dict({f"train/{k}": v for k, v in out.items()}, prog_bar=False, batch_size=batch["image"].shape[0])
+        self.log_dict({f"train/{k}": v for k, v in out.items()}, prog_bar=False, batch_size=len(batch["caption"]))
         self.log("loss", out["loss"], prog_bar=True, logger=False)
         if "skipped" in batch:  # per-stream running count of unusable samples, see ExampleMaker
             self.log("data/skipped_samples", float(max(batch["skipped"])))
@@ -129,8 +162,9 @@ class RealisIDModule(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int):
         g = torch.Generator().manual_seed(int(self.cfg.experiment.seed) * 7919 + batch_idx)  # same noise every validation
         out = self.shared_step(batch, generator=g, dropout=False)
-        self.log_dict({f"val/{k}": v for k, v in out.items()}, prog_bar=False, batch_size=batch["image"].shape[0], sync_dist=True)
-        self.log("val_loss", out["loss"], prog_bar=True, logger=False, batch_size=batch["image"].shape[0], sync_dist=True)
+        n = len(batch["caption"])
+        self.log_dict({f"val/{k}": v for k, v in out.items()}, prog_bar=False, batch_size=n, sync_dist=True)
+        self.log("val_loss", out["loss"], prog_bar=True, logger=False, batch_size=n, sync_dist=True)
 
     # ---- optimisation -------------------------------------------------------------------------------
     def trainable_modules(self) -> dict[str, torch.nn.Module]:
@@ -149,10 +183,42 @@ class RealisIDModule(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    # ---- EMA ----------------------------------------------------------------------------------------
+    def optimizer_step(self, *args, **kwargs):
+        out = super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:  # once per optimizer step, so gradient accumulation is respected
+            self.ema.update()
+        return out
+
+    def averaged_weights(self):
+        """Context in which the trainable parts hold their EMA weights (a no-op without EMA)."""
+        import contextlib
+
+        return self.ema.averaged() if self.ema is not None else contextlib.nullcontext()
+
+    def on_validation_start(self) -> None:  # validation loss, images and metrics all see the averaged weights
+        if self.ema is not None:
+            self.ema.swap_in()
+
+    def on_validation_end(self) -> None:  # after every callback's on_validation_end (Lightning calls callbacks first)
+        if self.ema is not None:
+            self.ema.swap_out()
+
+    STATE_PREFIX = {"projector": "projector.", "local": "local_branch.", "global": "global_branch."}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.ema is not None:
+            if "realisid_ema" not in checkpoint:
+                log.warning("the checkpoint has no EMA state (trained without efficiency.ema); the average starts from its weights")
+            else:
+                self.ema.load_state_dict(checkpoint["realisid_ema"])
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep checkpoints to the trainable weights: the frozen backbone is reloaded from its path.
 
-        A checkpoint with non-finite weights is refused, so it never replaces a good one.
+        A checkpoint with non-finite weights is refused, so it never replaces a good one. With EMA, the live
+        weights are saved even while the average is swapped in (a save during validation), and the average
+        is saved beside them.
         """
         for name, mod in self.trainable_modules().items():
             for pname, p in mod.named_parameters():
@@ -162,10 +228,20 @@ class RealisIDModule(L.LightningModule):
         sd = checkpoint["state_dict"]
         for k in [k for k in sd if k.startswith(FROZEN_PREFIXES)]:
             del sd[k]
+        if self.ema is not None:
+            sd.update(self.ema.live_state(self.STATE_PREFIX))
+            checkpoint["realisid_ema"] = self.ema.state_dict()
 
     # ---- export -------------------------------------------------------------------------------------
     def export(self, out_dir: str) -> dict[str, str]:
-        """Trained parts in diffusers format: each branch a ControlNet folder, the projector in safetensors."""
+        """Trained parts in diffusers format: each branch a ControlNet folder, the projector in safetensors.
+
+        With EMA the averaged weights are exported.
+        """
+        with self.averaged_weights():
+            return self._export(out_dir)
+
+    def _export(self, out_dir: str) -> dict[str, str]:
         from safetensors.torch import save_file
 
         os.makedirs(out_dir, exist_ok=True)

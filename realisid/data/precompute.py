@@ -1,0 +1,182 @@
+"""``realisid precompute``: VAE latents and text embeddings stored beside each training sample.
+
+The frozen VAE and text encoder(s) give the same output for a sample every time they see it, so running them
+every step is wasted work. This writes, for each train shard, a shard of the same name in ``OUT`` holding every
+member of the original samples plus
+
+``precomputed.npy``, one structured record (one tar member and one header to parse per sample) with fields
+
+- ``latent`` (2C, h, w): the VAE posterior's parameters (mean and log-variance) of the sample's training image at
+  ``data.resolution``; training samples from it with the step's generator, exactly as encoding on the fly does,
+  so the noise draws and the loss are the same;
+- ``text`` (L, D) and, for SDXL, ``text_pooled`` (P,): the caption's text embeddings. Dropped captions use the
+  empty prompt's embedding, computed once.
+
+Samples with a reference photo are then trained without decoding their photo at all.
+
+``OUT/precomputed.json`` records what the arrays depend on (backbone fingerprint, resolution, layout); a
+training run whose config does not match is refused with the difference named. Shards are written to
+``.tar.tmp`` and renamed when complete, and a rerun skips shards already complete, so an interrupted run
+loses nothing. Set ``data.precomputed=OUT`` to train from it.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from realisid.data.shards import SampleError, check_shards_exist, expand_shards
+
+log = logging.getLogger(__name__)
+
+INFO_FILE = "precomputed.json"
+MEMBER = "precomputed.npy"
+FIELDS = {"latent": ("latent_moments", 3), "text": ("text_embeds", 2), "text_pooled": ("text_pooled", 1)}  # field: (batch key, rank)
+
+
+def encode_array(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def stored_arrays(raw: Mapping[str, Any], key: str) -> dict[str, np.ndarray]:
+    """A raw sample's precomputed arrays under the batch keys the training step reads (empty without a cache).
+
+    The record is never unpickled; a wrong layout or non-finite values make the sample a ``bad_precomputed``.
+    """
+    if MEMBER not in raw:
+        return {}
+    try:
+        rec = np.load(io.BytesIO(raw[MEMBER]), allow_pickle=False)
+        names = rec.dtype.names or ()
+    except Exception as exc:
+        raise SampleError("bad_precomputed", key, f"unreadable {MEMBER} ({type(exc).__name__}: {exc})") from None
+    if "latent" not in names or "text" not in names:
+        raise SampleError("bad_precomputed", key, f"{MEMBER} has fields {names}, expected latent and text")
+    out = {}
+    for name in names:
+        batch_key, rank = FIELDS.get(name, (None, None))
+        arr = np.asarray(rec[name])
+        if batch_key is None or arr.ndim != rank:
+            raise SampleError("bad_precomputed", key, f"{MEMBER} field {name!r} has shape {arr.shape}")
+        if not np.all(np.isfinite(arr)):
+            raise SampleError("bad_precomputed", key, f"{MEMBER} field {name!r} contains NaN or Inf")
+        out[batch_key] = arr
+    return out
+
+
+def cache_info(backbone, resolution: int) -> dict:
+    return {"format": 2, "resolution": int(resolution), **backbone.fingerprint()}
+
+
+def check_cache(path: str, expected: Mapping[str, Any]) -> list[str]:
+    """The precomputed folder's shards, after checking it was made for this backbone and resolution."""
+    info_path = os.path.join(path, INFO_FILE)
+    if not os.path.exists(info_path):
+        raise FileNotFoundError(f"data.precomputed='{path}' has no {INFO_FILE}: not a finished `realisid precompute` output; "
+                                "run `make precompute EXP=<experiment>` (or unset data.precomputed)")
+    with open(info_path) as f:
+        info = json.load(f)
+    diff = {k: (info.get(k), v) for k, v in expected.items() if info.get(k) != v}
+    if diff:
+        what = "; ".join(f"{k}: cache {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(f"data.precomputed='{path}' was made for another setup ({what}); re-run `make precompute` for this "
+                         "experiment, or unset data.precomputed")
+    return check_shards_exist([os.path.join(path, s) for s in info["shards"]], "data.precomputed")
+
+
+def precompute(cfg, out_dir: str, batch_size: int = 32, dtype: str = "fp32") -> dict:
+    """Write the cache for ``cfg.data.train_shards`` into ``out_dir``; returns a summary."""
+    import time
+
+    from webdataset import TarWriter
+    from webdataset.tariterators import tarfile_samples
+
+    from realisid.data.pipeline import ExampleMaker, collate, skip_bad_tar
+    from realisid.models.backbone import load_backbone
+
+    t0 = time.time()
+    if dtype not in ("fp32", "fp16"):
+        raise ValueError(f"--dtype {dtype!r}; valid: fp32 (exact), fp16 (half the space)")
+    np_dtype = np.float32 if dtype == "fp32" else np.float16
+    urls = check_shards_exist(expand_shards(cfg.data.train_shards), "data.train_shards")
+    names = [os.path.basename(u) for u in urls]
+    if len(set(names)) != len(names):
+        raise ValueError("data.train_shards has two shards with the same file name; precompute writes one shard per name")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    backbone = load_backbone(cfg.model, seed=int(cfg.experiment.seed)).to(device)
+    backbone.to({"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.model.backbone_dtype])
+    info = cache_info(backbone, int(cfg.data.resolution))
+    os.makedirs(out_dir, exist_ok=True)
+    info_path = os.path.join(out_dir, INFO_FILE)
+    if os.path.exists(info_path):
+        with open(info_path) as f:
+            old = json.load(f)
+        if {k: old.get(k) for k in info} != info:
+            raise ValueError(f"'{out_dir}' holds a cache made for another backbone or resolution; give another --out or delete it")
+    maker = ExampleMaker(embed_dim=cfg.data.get("embed_dim"), resolution=int(cfg.data.resolution), vae_scale_factor=backbone.vae_scale_factor,
+                         local_latent_size=int(cfg.model.local.latent_size), crop_expand=float(cfg.model.local.crop_expand),
+                         id_image_size=int(cfg.model.id_encoder.image_size), soft_location=bool(cfg.model["global"].soft_location))
+    counts = {"written": 0, "skipped_shards": 0, "rejected": 0}
+
+    def flush(writer, pending):
+        if not pending:
+            return
+        batch = collate([ex for _, ex in pending])
+        moments = backbone.latent_moments(batch["image"].to(device)).float().cpu().numpy()
+        embeds, pooled = backbone.text_embeddings(batch["caption"])
+        embeds = embeds.float().cpu().numpy()
+        pooled = pooled.float().cpu().numpy() if pooled is not None else None
+        fields = [("latent", np_dtype, moments.shape[1:]), ("text", np_dtype, embeds.shape[1:])]
+        if pooled is not None:
+            fields.append(("text_pooled", np_dtype, pooled.shape[1:]))
+        for i, (raw, _) in enumerate(pending):
+            sample = {k: v for k, v in raw.items() if k == "__key__" or not k.startswith("__")}
+            record = np.zeros((), dtype=fields)
+            record["latent"], record["text"] = moments[i], embeds[i]
+            if pooled is not None:
+                record["text_pooled"] = pooled[i]
+            sample[MEMBER] = encode_array(record)
+            writer.write(sample)
+        counts["written"] += len(pending)
+        pending.clear()
+
+    done = []
+    for url, name in zip(urls, names):
+        final = os.path.join(out_dir, name)
+        if os.path.exists(final):  # complete shards are renamed into place; a rerun keeps them
+            counts["skipped_shards"] += 1
+            done.append(name)
+            continue
+        tmp = final + ".tmp"
+        writer = TarWriter(tmp, mtime=0)
+        pending: list = []
+        try:
+            for raw in tarfile_samples([{"url": url}], handler=skip_bad_tar):
+                ex = maker(raw)
+                if ex is None:
+                    counts["rejected"] += 1
+                    continue
+                pending.append((raw, ex))
+                if len(pending) >= batch_size:
+                    flush(writer, pending)
+            flush(writer, pending)
+        except BaseException:
+            writer.close()
+            raise
+        writer.close()
+        os.replace(tmp, final)
+        done.append(name)
+        log.info("precomputed %s", final)
+    info.update(shards=done, dtype=dtype, source=[str(u) for u in urls], backbone_dtype=str(cfg.model.backbone_dtype))
+    with open(info_path + ".tmp", "w") as f:
+        json.dump(info, f, indent=2)
+    os.replace(info_path + ".tmp", info_path)
+    counts.update(out=out_dir, shards=len(done), seconds=round(time.time() - t0, 1))
+    return counts

@@ -1,0 +1,92 @@
+"""Training efficiency options (config ``efficiency`` and ``model.backbone_dtype``), applied to a built module.
+
+Each option is a plain transformation of the module's parts, so the training step itself never changes:
+
+- half-precision frozen parts: the backbone (UNet, VAE, text encoders) and a CLIP identity encoder are cast to
+  fp16/bf16; the VAE and text encoders run under ``no_grad``; the trainable branches and the projector keep
+  fp32 master weights and run under the trainer's autocast (``trainer.precision``: 16-mixed / bf16-mixed);
+- ``attention``: PyTorch scaled-dot-product attention (flash / memory-efficient kernels on GPU) or eager;
+- ``channels_last``: NHWC memory layout for the UNet and the branches;
+- ``gradient_checkpointing``: recompute activations in backward, for the branches or for the UNet too;
+- ``compile``: ``torch.compile`` the branches in place (parameter names, checkpoints and exports unchanged).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# the trainer precisions under which a half-precision backbone can run with fp32 branches
+HALF_PRECISIONS = {"fp16": ("16-mixed", "16-true"), "bf16": ("bf16-mixed", "bf16-true")}
+CHECKPOINTING = ("none", "branches", "all")
+ATTENTION = ("sdpa", "eager")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+
+
+def check_precision(backbone_dtype: str, precision: str, accelerator: str = "auto") -> None:
+    """Refuse dtype / precision pairs that cannot run, naming both and the fix."""
+    if backbone_dtype not in DTYPES:
+        raise ValueError(f"model.backbone_dtype={backbone_dtype!r}; valid: {', '.join(DTYPES)}")
+    if backbone_dtype == "fp32":
+        return
+    ok = HALF_PRECISIONS[backbone_dtype]
+    if str(precision) not in ok:
+        raise ValueError(f"model.backbone_dtype={backbone_dtype} needs the trainer to autocast to the same type: set trainer.precision="
+                         f"{ok[0]} (got {precision!r}), or keep model.backbone_dtype=fp32")
+    if backbone_dtype == "fp16" and (accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())):
+        raise ValueError("model.backbone_dtype=fp16 with trainer.precision=16-mixed needs a GPU (Lightning runs bf16 instead on CPU); "
+                         "use model.backbone_dtype=bf16 trainer.precision=bf16-mixed on CPU")
+
+
+def check_efficiency(eff: Mapping[str, Any]) -> None:
+    if eff["gradient_checkpointing"] not in CHECKPOINTING:
+        raise ValueError(f"efficiency.gradient_checkpointing={eff['gradient_checkpointing']!r}; valid: {', '.join(CHECKPOINTING)}")
+    if eff["attention"] not in ATTENTION:
+        raise ValueError(f"efficiency.attention={eff['attention']!r}; valid: {', '.join(ATTENTION)}")
+    if eff["compile_mode"] not in COMPILE_MODES:
+        raise ValueError(f"efficiency.compile_mode={eff['compile_mode']!r}; valid: {', '.join(COMPILE_MODES)}")
+    d = float(eff["ema"]["decay"])
+    if not 0.0 < d < 1.0:
+        raise ValueError(f"efficiency.ema.decay={d}; it must lie in (0, 1), e.g. 0.999")
+
+
+def set_attention(model: torch.nn.Module, kind: str) -> None:
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    model.set_attn_processor(AttnProcessor2_0() if kind == "sdpa" else AttnProcessor())
+
+
+def apply_efficiency(module, eff: Mapping[str, Any], backbone_dtype: str = "fp32") -> list[str]:
+    """Apply the options to ``module`` (a RealisIDModule) in place; returns what was applied, for the log."""
+    check_efficiency(eff)
+    applied = []
+    dtype = DTYPES[backbone_dtype]
+    if dtype != torch.float32:
+        module.backbone.to(dtype)
+        module.id_encoder.to_frozen_dtype(dtype)
+        applied.append(f"frozen parts in {backbone_dtype}")
+    branches = [b.controlnet for b in (module.local_branch, module.global_branch) if b is not None]
+    for m in [module.backbone.unet, *branches]:
+        set_attention(m, eff["attention"])
+    applied.append(f"attention={eff['attention']}")
+    if eff["channels_last"]:
+        for m in [module.backbone.unet, *branches]:
+            m.to(memory_format=torch.channels_last)
+        applied.append("channels_last")
+    ckpt = eff["gradient_checkpointing"]
+    if ckpt != "none":
+        for m in branches + ([module.backbone.unet] if ckpt == "all" else []):
+            m.enable_gradient_checkpointing()
+        applied.append(f"gradient checkpointing ({ckpt})")
+    if eff["compile"]:
+        for m in branches:
+            m.compile(mode=None if eff["compile_mode"] == "default" else eff["compile_mode"])
+        applied.append(f"torch.compile ({eff['compile_mode']})")
+    if eff["ema"]["enabled"]:
+        applied.append(f"EMA (decay {float(eff['ema']['decay'])})")
+    log.info("efficiency: %s", ", ".join(applied))
+    return applied
