@@ -139,6 +139,7 @@ def main(argv=None) -> int:
     p.add_argument("--workers", default="0,2", help="DataLoader worker counts for the data comparison")
     p.add_argument("--sample-steps", type=int, default=20)
     p.add_argument("--skip", default="", help="comma list of sections to skip: data,train,precomputed,sampling")
+    p.add_argument("--precomputed-dir", default=None, help="cache folder for the data comparison (default: data/cache/precomputed/<exp>-r<res>)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
@@ -160,7 +161,7 @@ def main(argv=None) -> int:
     res = {"machine": machine_description(), "experiment": args.exp, "overrides": args.overrides, "backbone": module.backbone.name,
            "batch_size": int(cfg.data.batch_size), "resolution": int(cfg.data.resolution), "precision": str(cfg.trainer.precision),
            "efficiency": module.applied}
-    pre_dir = os.path.join("data", "cache", "precomputed", f"{args.exp}-r{int(cfg.data.resolution)}")
+    pre_dir = args.precomputed_dir or os.path.join("data", "cache", "precomputed", f"{args.exp}-r{int(cfg.data.resolution)}")
     pre_urls = None
     if not {"data", "precomputed"} <= skip:
         t = time.time()

@@ -51,11 +51,10 @@ class RealisIDModule(L.LightningModule):
         self.noise_scheduler = self.backbone.noise_scheduler()
         self.register_buffer("alphas_cumprod", self.noise_scheduler.alphas_cumprod.clone().float(), persistent=False)
         self._null_text: tuple[torch.Tensor, torch.Tensor | None] | None = None
-        eff = cfg.efficiency
         check_precision(m.backbone_dtype, cfg.trainer.precision, cfg.trainer.accelerator)
-        self.applied = apply_efficiency(self, eff, m.backbone_dtype)
-        self.channels_last = bool(eff.channels_last)
-        self.ema = WeightEMA(self.trainable_modules(), float(eff.ema.decay)) if eff.ema.enabled else None
+        self.ema: WeightEMA | None = None
+        self.channels_last = False
+        self.applied = apply_efficiency(self, cfg.efficiency, m.backbone_dtype)  # sets ema and channels_last
 
     # ---- conditioning -------------------------------------------------------------------------------
     def identity_features(self, batch: dict) -> torch.Tensor:

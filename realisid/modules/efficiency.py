@@ -61,32 +61,40 @@ def set_attention(model: torch.nn.Module, kind: str) -> None:
 
 
 def apply_efficiency(module, eff: Mapping[str, Any], backbone_dtype: str = "fp32") -> list[str]:
-    """Apply the options to ``module`` (a RealisIDModule) in place; returns what was applied, for the log."""
+    """Set the options on ``module`` (a RealisIDModule) in place; returns what is on, for the log.
+
+    Every option but ``compile`` is also undone by calling this again with it off, so a benchmark can switch
+    options on one built module.
+    """
+    from realisid.modules.ema import WeightEMA
+
     check_efficiency(eff)
     applied = []
     dtype = DTYPES[backbone_dtype]
+    module.backbone.to(dtype)
+    module.id_encoder.to_frozen_dtype(dtype)
     if dtype != torch.float32:
-        module.backbone.to(dtype)
-        module.id_encoder.to_frozen_dtype(dtype)
         applied.append(f"frozen parts in {backbone_dtype}")
     branches = [b.controlnet for b in (module.local_branch, module.global_branch) if b is not None]
     for m in [module.backbone.unet, *branches]:
         set_attention(m, eff["attention"])
+        m.to(memory_format=torch.channels_last if eff["channels_last"] else torch.contiguous_format)
+    module.channels_last = bool(eff["channels_last"])
     applied.append(f"attention={eff['attention']}")
     if eff["channels_last"]:
-        for m in [module.backbone.unet, *branches]:
-            m.to(memory_format=torch.channels_last)
         applied.append("channels_last")
     ckpt = eff["gradient_checkpointing"]
+    for m in [module.backbone.unet, *branches]:
+        on = ckpt == "all" or (ckpt == "branches" and m is not module.backbone.unet)
+        m.enable_gradient_checkpointing() if on else m.disable_gradient_checkpointing()
     if ckpt != "none":
-        for m in branches + ([module.backbone.unet] if ckpt == "all" else []):
-            m.enable_gradient_checkpointing()
         applied.append(f"gradient checkpointing ({ckpt})")
     if eff["compile"]:
         for m in branches:
             m.compile(mode=None if eff["compile_mode"] == "default" else eff["compile_mode"])
         applied.append(f"torch.compile ({eff['compile_mode']})")
-    if eff["ema"]["enabled"]:
+    module.ema = WeightEMA(module.trainable_modules(), float(eff["ema"]["decay"])) if eff["ema"]["enabled"] else None
+    if module.ema is not None:
         applied.append(f"EMA (decay {float(eff['ema']['decay'])})")
     log.info("efficiency: %s", ", ".join(applied))
     return applied

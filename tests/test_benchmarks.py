@@ -1,0 +1,67 @@
+"""benchmarks/throughput.py and benchmarks/gpu_bench.py end to end, shrunk to the random tiny models (no GPU)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import RANDOM_TINY
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(script, *args, timeout=600):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _data(face_shards):
+    return [f"data.train_shards={face_shards}/train-*.tar", f"data.val_shards={face_shards}/val-*.tar", "data.batch_size=2",
+            "data.val_samples=2"]
+
+
+@pytest.mark.slow
+def test_throughput_writes_every_section_with_the_machine(face_shards, tmp_path):
+    out = tmp_path / "tp"
+    r = _run("throughput.py", "joint", *RANDOM_TINY, *_data(face_shards), "--steps", "2", "--warmup", "2", "--rounds", "1",
+             "--data-batches", "2", "--workers", "0", "--sample-steps", "2", "--out", str(out), "--precomputed-dir", str(tmp_path / "pre"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["machine"]["cores"] >= 1 and res["machine"]["gpu"] == "none"
+    d = res["data"][0]
+    assert d["decode_only"] > 0 and d["ours"] > 0 and d["precomputed"] > 0
+    assert res["train"]["lightning_s"] > 0 and res["train"]["bare_s"] > 0 and res["train"]["lightning_peak"] > 0
+    assert res["precomputed"]["precomputed_s"] > 0 and res["precomputed"]["vae_encode_s"] > 0
+    rows = res["sampling"]["rows"]
+    assert [row["people"] for row in rows] == [1, 2, 3] and all(row["predicted_s"] > 0 for row in rows)
+    assert rows[2]["predicted_s"] > rows[0]["predicted_s"]  # more people, more passes
+    table = (out / "table.md").read_text()
+    for heading in ("Data pipeline", "Training step", "Precomputed", "Sampling", "StableDiffusionControlNetPipeline"):
+        assert heading in table
+
+
+def test_gpu_bench_without_a_gpu_says_so(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the benchmark would run for real")
+    r = _run("gpu_bench.py", "--out", str(tmp_path / "g"), timeout=120)
+    assert r.returncode == 0 and "no GPU on this machine" in r.stdout and not (tmp_path / "g").exists()
+
+
+@pytest.mark.slow
+def test_gpu_bench_matrix_runs_on_cpu_when_allowed(face_shards, tmp_path):
+    out = tmp_path / "g"
+    r = _run("gpu_bench.py", "--exp", "joint", *RANDOM_TINY, "--allow-cpu", "--batch-sizes", "1,2",
+             "--options", "fp32,bf16-mixed,bf16 + checkpointing (all),bf16 + precomputed latents,bf16 + accumulate 2",
+             "--steps", "1", "--warmup", "2", "--sample-steps", "2", "--compare-batch", "2", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["matrix"]) == {"fp32", "bf16-mixed", "bf16 + checkpointing (all)", "bf16 + precomputed latents", "bf16 + accumulate 2"}
+    for row in res["matrix"].values():
+        assert all(row[str(b)]["images_per_s"] > 0 for b in (1, 2))
+    assert res["compare"]["lightning_s"] > 0 and res["compare"]["precomputed_s"] > 0
+    assert len(res["sampling"]["rows"]) == 3
+    assert "| bf16 + accumulate 2 |" in (out / "table.md").read_text()
