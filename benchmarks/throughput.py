@@ -148,7 +148,8 @@ def main(argv=None) -> int:
     skip = set(filter(None, args.skip.split(",")))
 
     from realisid.config import load_config
-    from realisid.data.precompute import check_cache, cache_info, precompute
+    from realisid.data.pipeline import finish_batch
+    from realisid.data.precompute import cache_info, check_cache, precompute
     from realisid.modules import build_module
     from realisid.prepare import prepare_embedded_default
     from realisid.train import build_datamodule
@@ -167,11 +168,11 @@ def main(argv=None) -> int:
         t = time.time()
         info = precompute(cfg, pre_dir)
         res["precompute"] = {"dir": pre_dir, "written": info["written"], "seconds": round(time.time() - t, 1)}
-        pre_urls = check_cache(pre_dir, cache_info(module.backbone, int(cfg.data.resolution)))
+        pre_urls = check_cache(pre_dir, cache_info(module.backbone, cfg))
     if "data" not in skip:
         res["data"] = bench_data(cfg, dm.maker, pre_urls, [int(w) for w in args.workers.split(",")], args.data_batches, args.rounds)
 
-    batch = next(iter(dm.train_dataloader()))
+    batch = finish_batch(next(iter(dm.train_dataloader())))
     with tempfile.TemporaryDirectory() as tmp:
         if "train" not in skip:
             res["train"] = compare_training(module, batch, cfg, args.steps, args.warmup, args.rounds, tmp)

@@ -63,7 +63,7 @@ def build_datamodule(cfg: DictConfig, module):
     return FaceDataModule(cfg.data, vae_scale_factor=module.backbone.vae_scale_factor, local_latent_size=int(cfg.model.local.latent_size),
                           crop_expand=float(cfg.model.local.crop_expand), id_image_size=int(cfg.model.id_encoder.image_size),
                           soft_location=bool(cfg.model["global"].soft_location), seed=int(cfg.experiment.seed),
-                          precomputed_for=cache_info(module.backbone, int(cfg.data.resolution)) if cfg.data.get("precomputed") else None)
+                          precomputed_for=cache_info(module.backbone, cfg) if cfg.data.get("precomputed") else None)
 
 
 def resume_config(run_dir: str, overrides=()) -> DictConfig:

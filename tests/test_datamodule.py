@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from realisid.data.datamodule import FaceDataModule
-from realisid.data.pipeline import ExampleMaker, collate, make_example
+from realisid.data.pipeline import ExampleMaker, collate, finish_batch, make_example
 from realisid.data.shards import decode_sample
 
 
@@ -25,7 +25,8 @@ def test_batch_shapes_and_ranges(tiny_cfg, face_shards):
 
     batches = list(itertools.islice(dm.train_dataloader(), 3))  # the stream is infinite
     assert [b["data_consumed"] for b in batches] == [4, 8, 12] and {b["data_stream"] for b in batches} == {0}
-    b = batches[0]
+    assert batches[0]["image"].shape == (4, 64, 64, 3) and batches[0]["image"].dtype == torch.uint8  # shipped as uint8
+    b = finish_batch(batches[0])  # what the module does once the batch is on its device
     assert b["image"].shape == (4, 3, 64, 64) and b["image"].dtype == torch.float32
     assert b["image"].min() >= -1 and b["image"].max() <= 1
     assert b["pe_map"].shape == (4, 3, 32, 32)
@@ -64,7 +65,7 @@ def test_reduced_scale_decoding_gives_the_same_example(face_shards):
     for raw in raws:
         full = make_example(decode_sample(raw), **kw)
         small = decode_sample(raw, min_side=lambda meta: maker.image_min_side(meta, True), ref_min_side=16)
-        assert small["image"].size == (48, 48) and small["meta"]["decode_scale"] == 0.5  # 96 px photos, 32 px needed
+        assert small["image"].size == (48, 48) and small["decode_scale"] == 0.5  # 96 px photos, 32 px needed
         assert small["ref"].size == (16, 16)
         fast = maker(raw)
         for k in ("face_box", "kps", "crop_box", "loc_map"):

@@ -9,13 +9,15 @@ import os
 import pytest
 import torch
 
+from realisid.data.pipeline import finish_batch
+
 
 def _batch(face_shards, module):
     from realisid.train import build_datamodule
 
     dm = build_datamodule(module.cfg, module)
     dm.setup("fit")
-    return next(iter(dm.train_dataloader()))
+    return finish_batch(next(iter(dm.train_dataloader())))
 
 
 def _cfg(tiny_cfg, face_shards, exp="joint", *extra):
@@ -154,7 +156,7 @@ def test_ema_and_accumulation_through_the_trainer(tiny_cfg, face_shards, tmp_pat
     assert any(not torch.equal(ckpt["state_dict"][f"projector.{n}"], ema["shadow"][f"projector.{n}"]) for n in exported)
 
 
-def test_precomputed_latents_give_the_same_loss_as_on_the_fly(tiny_cfg, face_shards, tmp_path):
+def test_precomputed_latents_give_the_same_loss_as_on_the_fly(tiny_cfg, face_shards, tmp_path, monkeypatch):
     """Same raw samples, same seed: the stored VAE posterior and text embeddings reproduce the on-the-fly step."""
     from realisid.data.precompute import precompute
     from realisid.modules import build_module
@@ -168,13 +170,24 @@ def test_precomputed_latents_give_the_same_loss_as_on_the_fly(tiny_cfg, face_sha
     cfg_pre = _cfg(tiny_cfg, face_shards, "joint", "data.shuffle_buffer=1", f"data.precomputed={tmp_path / 'pre'}")
     dm = build_datamodule(cfg_pre, module)
     dm.setup("fit")
-    pre = next(iter(dm.train_dataloader()))
+    pre = finish_batch(next(iter(dm.train_dataloader())))
     assert "image" not in pre and pre["latent_moments"].shape == (2, 8, 32, 32) and pre["text_embeds"].shape[0] == 2
     assert pre["key"] == batch["key"]
+    for k in ("pe_map", "id_image", "id_mask", "loc_map", "crop_box"):  # drawn once when the cache was written
+        assert torch.equal(pre[k], batch[k]), k
     for seed in range(6):  # some seeds drop captions: the null text then comes from the encoder once
         a = module.shared_step(batch, generator=torch.Generator().manual_seed(seed))["loss"]
         b = module.shared_step(pre, generator=torch.Generator().manual_seed(seed))["loss"]
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # training from the cache decodes no JPEG
+    import realisid.data.shards as shards
+
+    def no_decoding(*a, **k):
+        raise AssertionError("a JPEG was decoded")
+
+    monkeypatch.setattr(shards, "decode_image", no_decoding)
+    assert next(iter(dm.train_dataloader()))["key"] == batch["key"]
+    monkeypatch.undo()
     # a rerun keeps finished shards; a cache made for another resolution is refused by name
     assert precompute(cfg, str(tmp_path / "pre"))["skipped_shards"] == 3
     other = build_module(_cfg(tiny_cfg, face_shards, "joint", "data.resolution=32", "model.local.latent_size=8",

@@ -78,32 +78,39 @@ def pixels_to_float(x: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def make_example(decoded: Mapping[str, Any], *, resolution: int, vae_scale_factor: int, local_latent_size: int,
-                 crop_expand: float, id_image_size: int, soft_location: bool = False, uint8_pixels: bool = False) -> dict:
+                 crop_expand: float, id_image_size: int, soft_location: bool = False, uint8_pixels: bool = False,
+                 stored: Mapping[str, np.ndarray] | None = None) -> dict:
     """One training example from :func:`realisid.data.shards.decode_sample` output.
 
     ``uint8_pixels``: leave the :data:`PIXEL_KEYS` fields as uint8 (H, W, 3) for :func:`collate` to convert.
+    ``stored``: ``pe_map``, ``id_image`` and ``id_mask`` from a precomputed cache (``realisid precompute``), which
+    this function made when the cache was written; they are used as they are instead of being drawn again.
     """
+    stored = stored or {}
     img: Image.Image | None = decoded["image"]  # None: latents precomputed, the photo's pixels are not needed
     meta = decoded["meta"]
+    r = float(decoded.get("decode_scale", 1.0))  # meta is in stored-photo pixels; img may be decoded smaller
     W, H = img.size if img is not None else (meta["width"], meta["height"])
-    bbox = meta["bbox"]
+    bbox = [v * r for v in meta["bbox"]] if r != 1.0 else meta["bbox"]
     win = square_window(W, H, bbox)
     s = resolution / float(win[2] - win[0])
     offset = np.array(win[:2], dtype=np.float32)
 
     def to_global(pts):
-        return (np.asarray(pts, dtype=np.float32).reshape(-1, 2) - offset) * s
+        return (np.asarray(pts, dtype=np.float32).reshape(-1, 2) * r - offset) * s
 
-    face_box = np.clip(to_global(bbox).reshape(4), 0, resolution)
+    face_box = np.clip(to_global(meta["bbox"]).reshape(4), 0, resolution)
     if face_box[2] - face_box[0] < 1 or face_box[3] - face_box[1] < 1:
-        raise SampleError("face_outside_view", decoded["key"], f"face box {bbox} is outside the square view {win}")
+        raise SampleError("face_outside_view", decoded["key"], f"face box {meta['bbox']} is outside the square view {win} of the photo")
     kps = to_global(meta["kps"])
     landmarks = split_parts(to_global(np.concatenate([np.asarray(v, np.float32).reshape(-1, 2) for v in parts.values()])), parts) \
         if (parts := meta.get("landmarks")) else {}
     crop_box = expand_square_box(face_box, crop_expand, resolution, resolution, multiple=vae_factor_ok(vae_scale_factor))
-    pe_map = contour_map(kps, landmarks, crop_box, local_latent_size * vae_scale_factor)
+    pe_map = stored["pe_map"] if "pe_map" in stored else contour_map(kps, landmarks, crop_box, local_latent_size * vae_scale_factor)
     loc = location_map(face_box, resolution, resolution, soft=soft_location)
-    if decoded.get("ref") is not None:
+    if "id_image" in stored:
+        id_img, id_mask = stored["id_image"], torch.from_numpy(stored["id_mask"].astype(np.float32))[None]
+    elif decoded.get("ref") is not None:
         id_img = decoded["ref"]
         if id_img.size != (id_image_size, id_image_size):
             id_img = id_img.resize((id_image_size, id_image_size), Image.BICUBIC)
@@ -130,7 +137,7 @@ def make_example(decoded: Mapping[str, Any], *, resolution: int, vae_scale_facto
         "id_embed": torch.from_numpy(emb) if emb is not None else torch.zeros(0),
         "has_id_embed": emb is not None,
         "caption": str(meta.get("caption") or ""),
-        "face_size": float(face_size(bbox, W, H)),
+        "face_size": float(face_size(meta["bbox"], meta["width"], meta["height"])),
     }
     if "image" in pixels:
         ex["image"] = pixels["image"]
@@ -152,7 +159,9 @@ def vae_factor_ok(f: int) -> int:
     return f
 
 
-def collate(examples: Sequence[dict]) -> dict:
+def collate(examples: Sequence[dict], float_pixels: bool = True) -> dict:
+    """Examples to a batch. ``float_pixels=False`` keeps uint8 pixels (H, W, 3) as they are, for the training
+    stream: a quarter of the bytes between processes and to the device, where :func:`finish_batch` converts them."""
     out: dict[str, Any] = {}
     for k in examples[0]:
         vals = [e[k] for e in examples]
@@ -161,15 +170,26 @@ def collate(examples: Sequence[dict]) -> dict:
             out[k] = torch.stack(vals) if len(sizes) == 1 else torch.stack([v if v.numel() else torch.zeros(max(sizes)) for v in vals])
         elif isinstance(vals[0], torch.Tensor):
             out[k] = torch.stack(vals)
-            if k in PIXEL_KEYS and out[k].dtype == torch.uint8:
-                out[k] = pixels_to_float(out[k], PIXEL_KEYS[k])
         elif isinstance(vals[0], bool):
             out[k] = torch.tensor(vals)
         elif isinstance(vals[0], float):
             out[k] = torch.tensor(vals, dtype=torch.float32)
         else:
             out[k] = vals
-    return out
+    return finish_batch(out) if float_pixels else out
+
+
+def finish_batch(batch: dict) -> dict:
+    """uint8 pixel fields to float (3, H, W), on whatever device the batch is (a no-op for float batches)."""
+    for k, kind in PIXEL_KEYS.items():
+        v = batch.get(k)
+        if isinstance(v, torch.Tensor) and v.dtype == torch.uint8:
+            batch[k] = pixels_to_float(v, kind)
+    return batch
+
+
+def uint8_collate(examples: Sequence[dict]) -> dict:
+    return collate(examples, float_pixels=False)
 
 
 class ExampleMaker:
@@ -200,13 +220,15 @@ class ExampleMaker:
         key = str(raw.get("__key__", "?"))
         try:
             stored = stored_arrays(raw, key)
-            # with precomputed latents the photo is decoded only when it must give the identity crop
+            # a precomputed sample carries its latents and its drawn pixels: no JPEG is decoded at all
+            done = "id_image" in stored
             decoded = decode_sample(raw, self.embed_dim, min_side=lambda meta: self.image_min_side(meta, has_ref),
-                                    ref_min_side=int(self.kwargs["id_image_size"]), with_image="latent_moments" not in stored or not has_ref)
-            ex = make_example(decoded, uint8_pixels=True, **self.kwargs)
+                                    ref_min_side=int(self.kwargs["id_image_size"]), with_image="latent_moments" not in stored or not (has_ref or done),
+                                    with_ref=not done)
+            ex = make_example(decoded, uint8_pixels=True, stored=stored, **self.kwargs)
             if stored:
                 ex.pop("image", None)
-                ex.update({k: torch.from_numpy(v) for k, v in stored.items()})
+                ex.update({k: torch.from_numpy(stored[k]) for k in ("latent_moments", "text_embeds", "text_pooled") if k in stored})
         except SampleError as err:
             self.skipped[err.reason] += 1
             self.n_skipped = n = self.n_skipped + 1
@@ -255,7 +277,7 @@ class TrainStream(torch.utils.data.IterableDataset):
                  world_size: int, num_workers: int, resampled: bool, consumed: Mapping[int, int] | None = None, offset: int = 0,
                  collate_fn=None):
         super().__init__()
-        self.collate_fn = collate_fn or collate
+        self.collate_fn = collate_fn or uint8_collate  # the module converts pixels after the batch reaches its device
         self.urls, self.maker = list(urls), maker
         self.batch_size, self.shuffle_buffer = int(batch_size), int(shuffle_buffer)
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)

@@ -10,9 +10,12 @@ member of the original samples plus
   ``data.resolution``; training samples from it with the step's generator, exactly as encoding on the fly does,
   so the noise draws and the loss are the same;
 - ``text`` (L, D) and, for SDXL, ``text_pooled`` (P,): the caption's text embeddings. Dropped captions use the
-  empty prompt's embedding, computed once.
+  empty prompt's embedding, computed once;
+- ``pe_map`` (P, P, 3), ``id_image`` (S, S, 3) and ``id_mask`` (S, S), uint8: the example's drawn guidance and
+  reference crop, exactly as the pipeline makes them, so training from the cache decodes no JPEG at all.
 
-Samples with a reference photo are then trained without decoding their photo at all.
+The cache therefore depends on the example settings too (resolution, local latent size, crop expansion,
+identity crop size), and ``precomputed.json`` records them.
 
 ``OUT/precomputed.json`` records what the arrays depend on (backbone fingerprint, resolution, layout); a
 training run whose config does not match is refused with the difference named. Shards are written to
@@ -36,7 +39,8 @@ log = logging.getLogger(__name__)
 
 INFO_FILE = "precomputed.json"
 MEMBER = "precomputed.npy"
-FIELDS = {"latent": ("latent_moments", 3), "text": ("text_embeds", 2), "text_pooled": ("text_pooled", 1)}  # field: (batch key, rank)
+FIELDS = {"latent": ("latent_moments", 3), "text": ("text_embeds", 2), "text_pooled": ("text_pooled", 1),  # field: (batch key, rank)
+          "pe_map": ("pe_map", 3), "id_image": ("id_image", 3), "id_mask": ("id_mask", 2)}
 
 
 def encode_array(arr: np.ndarray) -> bytes:
@@ -71,8 +75,11 @@ def stored_arrays(raw: Mapping[str, Any], key: str) -> dict[str, np.ndarray]:
     return out
 
 
-def cache_info(backbone, resolution: int) -> dict:
-    return {"format": 2, "resolution": int(resolution), **backbone.fingerprint()}
+def cache_info(backbone, cfg) -> dict:
+    """What a cache must match: the backbone's fingerprint and the settings that shape an example."""
+    return {"format": 3, "resolution": int(cfg.data.resolution), "local_latent_size": int(cfg.model.local.latent_size),
+            "crop_expand": float(cfg.model.local.crop_expand), "id_image_size": int(cfg.model.id_encoder.image_size),
+            **backbone.fingerprint()}
 
 
 def check_cache(path: str, expected: Mapping[str, Any]) -> list[str]:
@@ -112,7 +119,7 @@ def precompute(cfg, out_dir: str, batch_size: int = 32, dtype: str = "fp32") -> 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backbone = load_backbone(cfg.model, seed=int(cfg.experiment.seed)).to(device)
     backbone.to({"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.model.backbone_dtype])
-    info = cache_info(backbone, int(cfg.data.resolution))
+    info = cache_info(backbone, cfg)
     os.makedirs(out_dir, exist_ok=True)
     info_path = os.path.join(out_dir, INFO_FILE)
     if os.path.exists(info_path):
@@ -133,13 +140,18 @@ def precompute(cfg, out_dir: str, batch_size: int = 32, dtype: str = "fp32") -> 
         embeds, pooled = backbone.text_embeddings(batch["caption"])
         embeds = embeds.float().cpu().numpy()
         pooled = pooled.float().cpu().numpy() if pooled is not None else None
-        fields = [("latent", np_dtype, moments.shape[1:]), ("text", np_dtype, embeds.shape[1:])]
+        ex0 = pending[0][1]
+        fields = [("latent", np_dtype, moments.shape[1:]), ("text", np_dtype, embeds.shape[1:]),
+                  ("pe_map", np.uint8, tuple(ex0["pe_map"].shape)), ("id_image", np.uint8, tuple(ex0["id_image"].shape)),
+                  ("id_mask", np.uint8, tuple(ex0["id_mask"].shape[-2:]))]
         if pooled is not None:
             fields.append(("text_pooled", np_dtype, pooled.shape[1:]))
-        for i, (raw, _) in enumerate(pending):
+        for i, (raw, ex) in enumerate(pending):
             sample = {k: v for k, v in raw.items() if k == "__key__" or not k.startswith("__")}
             record = np.zeros((), dtype=fields)
             record["latent"], record["text"] = moments[i], embeds[i]
+            record["pe_map"], record["id_image"] = ex["pe_map"].numpy(), ex["id_image"].numpy()
+            record["id_mask"] = ex["id_mask"][0].numpy().round()  # a 0/1 mask
             if pooled is not None:
                 record["text_pooled"] = pooled[i]
             sample[MEMBER] = encode_array(record)

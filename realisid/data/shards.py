@@ -132,13 +132,15 @@ def validate_meta(meta: Any, key: str) -> dict:
 
 
 def decode_sample(raw: Mapping[str, Any], embed_dim: int | None = None,
-                  min_side: int | Callable[[dict], int] | None = None, ref_min_side: int | None = None, with_image: bool = True) -> dict:
+                  min_side: int | Callable[[dict], int] | None = None, ref_min_side: int | None = None, with_image: bool = True,
+                  with_ref: bool = True) -> dict:
     """A raw webdataset sample (member suffix -> bytes) to ``{key, image, meta, id_embed, ref}``.
 
     ``min_side`` (pixels, or a function of the validated meta) and ``ref_min_side`` let the JPEGs be decoded
-    at a reduced scale (see :func:`decode_image`); the meta's geometry (bbox, kps, landmarks, width, height)
-    is then rescaled to the decoded image, and ``meta["decode_scale"]`` says by how much.
-    ``with_image=False`` leaves the photo undecoded (``image`` None), for samples whose latents are precomputed.
+    at a reduced scale (see :func:`decode_image`); the meta stays in the stored photo's pixels and
+    ``decode_scale`` (1, 1/2, 1/4 or 1/8) maps them onto the decoded image.
+    ``with_image=False`` / ``with_ref=False`` leave the photo / the reference undecoded (None), for samples whose
+    latents and pixels are precomputed.
     Raises :class:`SampleError` with a reason code for anything unusable.
     """
     key = str(raw.get("__key__", "?"))
@@ -152,30 +154,19 @@ def decode_sample(raw: Mapping[str, Any], embed_dim: int | None = None,
         raise SampleError("malformed_json", key, f"{type(exc).__name__}: {exc}") from None
     meta = validate_meta(meta, key)
     id_embed = decode_npy(raw["id.npy"], key, embed_dim) if "id.npy" in raw else None
-    ref = decode_image(raw["ref.jpg"], key, min_side=ref_min_side) if "ref.jpg" in raw else None
+    ref = decode_image(raw["ref.jpg"], key, min_side=ref_min_side) if with_ref and "ref.jpg" in raw else None
     if not with_image:
-        return {"key": key, "image": None, "meta": meta, "id_embed": id_embed, "ref": ref}
+        return {"key": key, "image": None, "meta": meta, "id_embed": id_embed, "ref": ref, "decode_scale": 1.0}
     need = min_side(meta) if callable(min_side) else min_side
     image = decode_image(raw["jpg"], key, min_side=need)
     width, height = meta["width"], meta["height"]
+    r = 1
     if image.size != (width, height):
         r = round(width / image.size[0]) if image.size[0] else 0
         if not need or r not in (2, 4, 8) or image.size != (-(-width // r), -(-height // r)):
             raise SampleError("malformed_json", key, f"json size {width}x{height} != image size {image.size[0]}x{image.size[1]}")
-        meta = rescale_meta(meta, 1.0 / r, image.size)  # DCT scaling: output pixel i covers input [i*r, (i+1)*r)
-    return {"key": key, "image": image, "meta": meta, "id_embed": id_embed, "ref": ref}
-
-
-def rescale_meta(meta: Mapping[str, Any], scale: float, size: tuple[int, int]) -> dict:
-    """The sample's geometry in its image decoded at ``scale`` to ``size`` (width, height)."""
-    out = dict(meta)
-    out["bbox"] = [v * scale for v in meta["bbox"]]
-    out["kps"] = [[x * scale, y * scale] for x, y in meta["kps"]]
-    if meta.get("landmarks"):
-        out["landmarks"] = {k: [[x * scale, y * scale] for x, y in v] for k, v in meta["landmarks"].items()}
-    out["width"], out["height"] = size
-    out["decode_scale"] = scale
-    return out
+    # DCT scaling: decoded pixel i covers stored pixels [i*r, (i+1)*r)
+    return {"key": key, "image": image, "meta": meta, "id_embed": id_embed, "ref": ref, "decode_scale": 1.0 / r}
 
 
 def face_meta(image_size: tuple[int, int], bbox: Sequence[float], kps: np.ndarray, *, det_score: float,

@@ -14,6 +14,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from realisid.data.pipeline import finish_batch
 from realisid.models.backbone import load_backbone
 from realisid.models.branches import GlobalBranch, LocalBranch, add_residuals
 from realisid.models.id_encoder import IdProjector, build_id_encoder
@@ -109,6 +110,10 @@ class RealisIDModule(L.LightningModule):
             if pooled is not None:
                 pooled = torch.where(drop[:, None], null_p.to(pooled.dtype), pooled)
         return self.backbone.conditioning(embeds, pooled, image_hw)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int = 0):
+        """The training stream ships pixels as uint8; they become float here, on the device (4x less to move)."""
+        return finish_batch(batch) if isinstance(batch, dict) else batch
 
     # ---- the step -----------------------------------------------------------------------------------
     def shared_step(self, batch: dict, generator: torch.Generator | None = None, dropout: bool = True) -> dict[str, torch.Tensor]:
