@@ -148,7 +148,7 @@ def main(argv=None) -> int:
     skip = set(filter(None, args.skip.split(",")))
 
     from realisid.config import load_config
-    from realisid.data.pipeline import finish_batch
+    from realisid.data.pipeline import ready_batch
     from realisid.data.precompute import cache_info, check_cache, precompute
     from realisid.modules import build_module
     from realisid.prepare import prepare_embedded_default
@@ -172,7 +172,7 @@ def main(argv=None) -> int:
     if "data" not in skip:
         res["data"] = bench_data(cfg, dm.maker, pre_urls, [int(w) for w in args.workers.split(",")], args.data_batches, args.rounds)
 
-    batch = finish_batch(next(iter(dm.train_dataloader())))
+    batch = ready_batch(next(iter(dm.train_dataloader())))
     with tempfile.TemporaryDirectory() as tmp:
         if "train" not in skip:
             res["train"] = compare_training(module, batch, cfg, args.steps, args.warmup, args.rounds, tmp)

@@ -239,15 +239,17 @@ def compare_training(module, batch: dict, cfg, steps: int, warmup: int, rounds: 
     """Lightning vs bare loop, interleaved ``rounds`` times from the same starting weights; medians."""
     start = _trainable_state(module)
     light, bare, light_mem, bare_mem = [], [], [], []
-    for r in range(rounds):
-        module.load_state_dict(start, strict=False)
-        t, m = lightning_step_time(module, batch, cfg, steps, warmup, os.path.join(run_dir, f"round{r}"))
-        light.append(t)
-        light_mem.append(m)
-        module.load_state_dict(start, strict=False)
-        t, m = bare_step_time(module, batch, cfg, steps, warmup)
-        bare.append(t)
-        bare_mem.append(m)
+    for r in range(rounds):  # the order alternates, so neither loop always runs on a warmer process
+        for which in (("lightning", "bare") if r % 2 == 0 else ("bare", "lightning")):
+            module.load_state_dict(start, strict=False)
+            if which == "lightning":
+                t, m = lightning_step_time(module, batch, cfg, steps, warmup, os.path.join(run_dir, f"round{r}"))
+                light.append(t)
+                light_mem.append(m)
+            else:
+                t, m = bare_step_time(module, batch, cfg, steps, warmup)
+                bare.append(t)
+                bare_mem.append(m)
     module.load_state_dict(start, strict=False)
     return {"lightning_s": statistics.median(light), "bare_s": statistics.median(bare),
             "lightning_rounds": light, "bare_rounds": bare,

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from realisid.data.datamodule import FaceDataModule
-from realisid.data.pipeline import ExampleMaker, collate, finish_batch, make_example
+from realisid.data.pipeline import ExampleMaker, collate, make_example, ready_batch, unpack_batch
 from realisid.data.shards import decode_sample
 
 
@@ -25,8 +25,10 @@ def test_batch_shapes_and_ranges(tiny_cfg, face_shards):
 
     batches = list(itertools.islice(dm.train_dataloader(), 3))  # the stream is infinite
     assert [b["data_consumed"] for b in batches] == [4, 8, 12] and {b["data_stream"] for b in batches} == {0}
-    assert batches[0]["image"].shape == (4, 64, 64, 3) and batches[0]["image"].dtype == torch.uint8  # shipped as uint8
-    b = finish_batch(batches[0])  # what the module does once the batch is on its device
+    shipped = unpack_batch(batches[0])  # one buffer between processes; uint8 pixels
+    assert set(batches[0]) - {"packed", "packed_layout"} == {"key", "caption", "skipped", "data_stream", "data_consumed"}
+    assert shipped["image"].shape == (4, 64, 64, 3) and shipped["image"].dtype == torch.uint8
+    b = ready_batch(batches[0])  # what the module does once the batch is on its device
     assert b["image"].shape == (4, 3, 64, 64) and b["image"].dtype == torch.float32
     assert b["image"].min() >= -1 and b["image"].max() <= 1
     assert b["pe_map"].shape == (4, 3, 32, 32)
@@ -40,6 +42,20 @@ def test_batch_shapes_and_ranges(tiny_cfg, face_shards):
     assert torch.all(cb[:, 0] <= fb[:, 0].floor()) or torch.all(cb[:, 2] - cb[:, 0] == 64)
     assert len(b["caption"]) == 4 and isinstance(b["caption"][0], str)
     assert len(dm.val_examples) == 4
+
+
+def test_packed_batches_restore_every_tensor_exactly():
+    from realisid.data.pipeline import pack_batch
+
+    batch = {"a": torch.randn(3, 5), "b": torch.arange(7), "c": torch.tensor([True, False, True]),
+             "d": torch.randint(0, 255, (2, 3, 3), dtype=torch.uint8), "e": torch.randn(4, 3).t(), "key": ["x", "y"], "n": 4}
+    packed = pack_batch(batch)
+    assert [k for k, v in packed.items() if isinstance(v, torch.Tensor)] == ["packed"]
+    assert all(offset % 8 == 0 for *_, offset, _ in packed["packed_layout"])
+    back = unpack_batch(packed)
+    assert back.keys() == batch.keys() and back["key"] == ["x", "y"] and back["n"] == 4
+    for k in "abcde":
+        assert back[k].dtype == batch[k].dtype and torch.equal(back[k], batch[k]), k
 
 
 def test_example_geometry_is_consistent(face_shards):
@@ -135,7 +151,7 @@ def test_stream_is_deterministic_and_resumes_exactly(face_shards):
         assert [b["key"] for b in full] == [b["key"] for b in again]
         resumed = list(itertools.islice(iter(TrainStream(urls, maker, consumed={0: full[2]["data_consumed"]}, **kw)), 3))
         assert [b["key"] for b in resumed] == [b["key"] for b in full[3:]]
-        assert torch.equal(resumed[0]["image"], full[3]["image"])
+        assert torch.equal(resumed[0]["packed"], full[3]["packed"])  # the same pixels and geometry, byte for byte
         other_rank = list(itertools.islice(iter(TrainStream(urls, maker, **{**kw, "rank": 1, "world_size": 2, "resampled": True})), 3))
         assert [b["key"] for b in other_rank] != [b["key"] for b in full[:3]]
 

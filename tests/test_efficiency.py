@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from realisid.data.pipeline import finish_batch
+from realisid.data.pipeline import ready_batch
 
 
 def _batch(face_shards, module):
@@ -17,7 +17,7 @@ def _batch(face_shards, module):
 
     dm = build_datamodule(module.cfg, module)
     dm.setup("fit")
-    return finish_batch(next(iter(dm.train_dataloader())))
+    return ready_batch(next(iter(dm.train_dataloader())))
 
 
 def _cfg(tiny_cfg, face_shards, exp="joint", *extra):
@@ -170,7 +170,7 @@ def test_precomputed_latents_give_the_same_loss_as_on_the_fly(tiny_cfg, face_sha
     cfg_pre = _cfg(tiny_cfg, face_shards, "joint", "data.shuffle_buffer=1", f"data.precomputed={tmp_path / 'pre'}")
     dm = build_datamodule(cfg_pre, module)
     dm.setup("fit")
-    pre = finish_batch(next(iter(dm.train_dataloader())))
+    pre = ready_batch(next(iter(dm.train_dataloader())))
     assert "image" not in pre and pre["latent_moments"].shape == (2, 8, 32, 32) and pre["text_embeds"].shape[0] == 2
     assert pre["key"] == batch["key"]
     for k in ("pe_map", "id_image", "id_mask", "loc_map", "crop_box"):  # drawn once when the cache was written

@@ -4,6 +4,7 @@ Pure functions on NumPy; the pipeline turns their outputs into tensors.
 """
 from __future__ import annotations
 
+import math
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -105,12 +106,16 @@ def location_map(box: Sequence[float], height: int, width: int, soft: bool = Fal
     Soft: a Gaussian heat-map centred on the box with sigma = half side / 2, peak 1.
     """
     b = square_face_box(box) if square else tuple(box)
+    if not soft:  # pixel centre i + 0.5 lies in [lo, hi)  <=>  ceil(lo - 0.5) <= i < ceil(hi - 0.5)
+        out = np.zeros((height, width), dtype=np.float32)
+        y0, y1 = max(0, math.ceil(b[1] - 0.5)), min(height, math.ceil(b[3] - 0.5))
+        x0, x1 = max(0, math.ceil(b[0] - 0.5)), min(width, math.ceil(b[2] - 0.5))
+        if y1 > y0 and x1 > x0:
+            out[y0:y1, x0:x1] = 1.0
+        return out
     ys = np.arange(height, dtype=np.float32) + 0.5
     xs = np.arange(width, dtype=np.float32) + 0.5
-    if soft:
-        cx, cy = (b[0] + b[2]) / 2, (b[1] + b[3]) / 2
-        sx, sy = max((b[2] - b[0]) / 4, 0.5), max((b[3] - b[1]) / 4, 0.5)
-        return (np.exp(-0.5 * ((ys[:, None] - cy) / sy) ** 2) * np.exp(-0.5 * ((xs[None, :] - cx) / sx) ** 2)).astype(np.float32)
-    inside_y = (ys >= b[1]) & (ys < b[3])
-    inside_x = (xs >= b[0]) & (xs < b[2])
-    return (inside_y[:, None] & inside_x[None, :]).astype(np.float32)
+    cx, cy = (b[0] + b[2]) / 2, (b[1] + b[3]) / 2
+    sx, sy = max((b[2] - b[0]) / 4, 0.5), max((b[3] - b[1]) / 4, 0.5)
+    return (np.exp(-0.5 * ((ys[:, None] - cy) / sy) ** 2) * np.exp(-0.5 * ((xs[None, :] - cx) / sx) ** 2)).astype(np.float32)
+

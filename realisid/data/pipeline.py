@@ -103,8 +103,8 @@ def make_example(decoded: Mapping[str, Any], *, resolution: int, vae_scale_facto
     if face_box[2] - face_box[0] < 1 or face_box[3] - face_box[1] < 1:
         raise SampleError("face_outside_view", decoded["key"], f"face box {meta['bbox']} is outside the square view {win} of the photo")
     kps = to_global(meta["kps"])
-    landmarks = split_parts(to_global(np.concatenate([np.asarray(v, np.float32).reshape(-1, 2) for v in parts.values()])), parts) \
-        if (parts := meta.get("landmarks")) else {}
+    parts = meta.get("landmarks")  # {part: [[x, y], ...]}: one conversion for all points, then split
+    landmarks = split_parts(to_global([c for pts in parts.values() for p in pts for c in p]), parts) if parts else {}
     crop_box = expand_square_box(face_box, crop_expand, resolution, resolution, multiple=vae_factor_ok(vae_scale_factor))
     pe_map = stored["pe_map"] if "pe_map" in stored else contour_map(kps, landmarks, crop_box, local_latent_size * vae_scale_factor)
     loc = location_map(face_box, resolution, resolution, soft=soft_location)
@@ -128,7 +128,7 @@ def make_example(decoded: Mapping[str, Any], *, resolution: int, vae_scale_facto
     ex = {
         "key": decoded["key"],
         "face_box": torch.from_numpy(face_box),
-        "crop_box": torch.tensor(crop_box, dtype=torch.long),
+        "crop_box": torch.from_numpy(np.array(crop_box, dtype=np.int64)),
         "kps": torch.from_numpy(kps),
         "pe_map": pixels["pe_map"],
         "loc_map": torch.from_numpy(loc)[None],
@@ -188,8 +188,51 @@ def finish_batch(batch: dict) -> dict:
     return batch
 
 
-def uint8_collate(examples: Sequence[dict]) -> dict:
-    return collate(examples, float_pixels=False)
+PACKED = "packed"  # the one buffer a training batch travels in; "packed_layout" says where each tensor lies in it
+
+
+def pack_batch(batch: dict) -> dict:
+    """Every tensor of ``batch`` in one uint8 buffer (8-byte aligned) plus a plain-Python layout.
+
+    A DataLoader worker hands each tensor to the main process separately (one shared-memory segment each), and
+    the main process moves each to the device separately; with a dozen fields that costs more than building
+    the examples. One buffer is one hand-over and one copy. :func:`unpack_batch` restores the tensors as views.
+    """
+    layout, pieces, offset = [], [], 0
+    out = {}
+    for k, v in batch.items():
+        if not isinstance(v, torch.Tensor):
+            out[k] = v
+            continue
+        raw = v.contiguous().reshape(-1).view(torch.uint8)
+        pad = -raw.numel() % 8
+        layout.append((k, str(v.dtype).removeprefix("torch."), tuple(v.shape), offset, raw.numel()))
+        pieces += [raw, torch.zeros(pad, dtype=torch.uint8)] if pad else [raw]
+        offset += raw.numel() + pad
+    out[PACKED] = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.uint8)
+    out["packed_layout"] = layout
+    return out
+
+
+def unpack_batch(batch: dict) -> dict:
+    """The tensors of a :func:`pack_batch` batch, as views of its buffer (on whatever device the buffer is)."""
+    if PACKED not in batch:
+        return batch
+    buf = batch[PACKED]
+    out = {k: v for k, v in batch.items() if k not in (PACKED, "packed_layout")}
+    for k, dtype, shape, offset, n in batch["packed_layout"]:
+        out[k] = buf[offset : offset + n].view(getattr(torch, dtype)).view(shape)
+    return out
+
+
+def ready_batch(batch: dict) -> dict:
+    """A training-stream batch as the step uses it: unpacked, pixels in float (the module does this on its device)."""
+    return finish_batch(unpack_batch(batch))
+
+
+def stream_collate(examples: Sequence[dict]) -> dict:
+    """The training stream's batches: uint8 pixels, packed into one buffer."""
+    return pack_batch(collate(examples, float_pixels=False))
 
 
 class ExampleMaker:
@@ -277,7 +320,7 @@ class TrainStream(torch.utils.data.IterableDataset):
                  world_size: int, num_workers: int, resampled: bool, consumed: Mapping[int, int] | None = None, offset: int = 0,
                  collate_fn=None):
         super().__init__()
-        self.collate_fn = collate_fn or uint8_collate  # the module converts pixels after the batch reaches its device
+        self.collate_fn = collate_fn or stream_collate  # the module unpacks and converts once the batch is on its device
         self.urls, self.maker = list(urls), maker
         self.batch_size, self.shuffle_buffer = int(batch_size), int(shuffle_buffer)
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
