@@ -30,8 +30,7 @@ import warnings
 
 import torch
 
-from realisid.perf import (compare_training, lightning_step_time, machine_description, mib, pass_times, plain_controlnet_pipeline,
-                           precomputed_batch, predicted_sampling_time, sampling_people, time_call)
+from realisid.perf import compare_sampling, compare_training, lightning_step_time, machine_description, mib, precomputed_batch
 
 log = logging.getLogger("gpu_bench")
 
@@ -173,25 +172,8 @@ def main(argv=None) -> int:
             log.info("compare: %s", res["compare"])
         if "sampling" not in skip:
             set_options(module, base, BF16 if device == "cuda" else FP32)
-            pipe = module.pipeline()
-            for part in (pipe.backbone, pipe.projector, pipe.local_branch, pipe.global_branch):
-                if part is not None:
-                    part.eval()
-            R, id_size = pipe.resolution, int(base.model.id_encoder.image_size)
-            passes = pass_times(pipe, sampling_people(R, 1, id_size), repeat=5, rounds=args.rounds)
-            rows = []
-            for n in (1, 2, 3):
-                people = sampling_people(R, n, id_size)
-                t = time_call(lambda: pipe("a photo of a person", people, num_inference_steps=args.sample_steps, output_type="pt"), 1, rounds=args.rounds)
-                pred = predicted_sampling_time(passes, n, args.sample_steps)
-                rows.append({"people": n, "measured_s": t, "predicted_s": pred, "ratio": t / pred})
-            from PIL import Image
-
-            plain = plain_controlnet_pipeline(pipe.backbone, base.model["global"].conditioning_embedding_out_channels)
-            with pipe.autocast():
-                t_plain = time_call(lambda: plain("a photo of a person", image=Image.new("RGB", (R, R)), num_inference_steps=args.sample_steps,
-                                                  height=R, width=R, output_type="pt"), 1, rounds=args.rounds)
-            res["sampling"] = {"steps": args.sample_steps, "passes": passes, "rows": rows, "plain_controlnet_s": t_plain}
+            res["sampling"] = compare_sampling(module.pipeline(), args.sample_steps, args.rounds,
+                                               base.model["global"].conditioning_embedding_out_channels, int(base.model.id_encoder.image_size))
             log.info("sampling: %s", res["sampling"])
 
     gpu = res["machine"].get("gpu", "none")

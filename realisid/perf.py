@@ -330,3 +330,38 @@ def plain_controlnet_pipeline(backbone, conditioning_embedding_out_channels):
                                              safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def compare_sampling(pipe, steps: int, rounds: int, plain_channels, id_size: int, repeat: int = 5) -> dict:
+    """The joint pipeline for 1, 2, 3 people against the pass-count prediction and a plain ControlNet pipeline.
+
+    Each round times the passes alone and then every pipeline, so both see the machine in the same state (a
+    shared machine's speed drifts between minutes); the ratios are per round, then the median is reported.
+    """
+    from PIL import Image
+
+    for part in (pipe.backbone, pipe.projector, pipe.local_branch, pipe.global_branch):
+        if part is not None:
+            part.eval()
+    R = pipe.resolution
+    plain = plain_controlnet_pipeline(pipe.backbone, plain_channels)
+    control = Image.new("RGB", (R, R))
+    people = {n: sampling_people(R, n, id_size) for n in (1, 2, 3)}
+    per_round: list[dict] = []
+    for r in range(rounds):
+        warm = 1 if r == 0 else 0
+        passes = pass_times(pipe, people[1], repeat=repeat, rounds=1)
+        row = {"passes": passes}
+        for n in (1, 2, 3):
+            t = time_call(lambda: pipe("a photo of a person", people[n], num_inference_steps=steps, seed=0, output_type="pt"), 1,
+                          warmup=warm, rounds=1)
+            row[n] = (t, predicted_sampling_time(passes, n, steps))
+        with pipe.autocast():
+            row["plain"] = time_call(lambda: plain("a photo of a person", image=control, num_inference_steps=steps, height=R, width=R,
+                                                   guidance_scale=7.5, output_type="pt"), 1, warmup=warm, rounds=1)
+        per_round.append(row)
+    med = statistics.median
+    rows = [{"people": n, "measured_s": med(r[n][0] for r in per_round), "predicted_s": med(r[n][1] for r in per_round),
+             "ratio": med(r[n][0] / r[n][1] for r in per_round), "ratio_rounds": [r[n][0] / r[n][1] for r in per_round]} for n in (1, 2, 3)]
+    passes = {k: med(r["passes"][k] for r in per_round) for k in per_round[0]["passes"]}
+    return {"steps": steps, "passes": passes, "rows": rows, "plain_controlnet_s": med(r["plain"] for r in per_round)}

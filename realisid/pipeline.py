@@ -126,8 +126,11 @@ class RealisIDPipeline:
         n = latents.shape[0]
         local_sum, globals_ = None, []
         for p in people:
-            null = torch.zeros_like(p["tokens"])
-            tokens = torch.cat([null] * (n - 1) + [p["tokens"] if id_on else null], 0)
+            key = ("tokens_batch", n, id_on)  # built once per person and phase, not every step
+            if key not in p:
+                null = torch.zeros_like(p["tokens"])
+                p[key] = torch.cat([null] * (n - 1) + [p["tokens"] if id_on else null], 0)
+            tokens = p[key]
             if use_local and self.local_branch is not None:
                 r = self.local_branch(latents, t, tokens, p["pe_map"].expand(n, -1, -1, -1), p["latent_box"].expand(n, -1), added_cond_kwargs)
                 local_sum = add_residuals(local_sum, r)
