@@ -192,7 +192,8 @@ def main(argv=None) -> int:
 def render(res: dict, sizes: list[int]) -> str:
     m = res["machine"]
     lines = [f"# GPU benchmark: {res['experiment']} at {res['resolution']} px (random weights)", "",
-             f"Measured {m['date']} on {m.get('gpu', 'none')} ({m.get('gpu_memory', '-')}), CPU {m['cpu']} x{m['cores']}; torch {m['torch']}, "
+             (f"Measured {m['date']} on {m['gpu']} ({m.get('gpu_memory', '-')}), " if m.get("gpu", "none") != "none" else
+              f"Measured {m['date']} WITHOUT a GPU (--allow-cpu), ") + f"CPU {m['cpu']} x{m['cores']}; torch {m['torch']}, "
              f"CUDA {m.get('cuda', '-')}, lightning {m['lightning']}, diffusers {m.get('diffusers', '?')}.",
              "Parameters (millions): " + ", ".join(f"{k} {v}" for k, v in res["params_millions"].items()) + ".", ""]
     if res["matrix"]:

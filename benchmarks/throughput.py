@@ -116,7 +116,14 @@ def main(argv=None) -> int:
     p.add_argument("--sample-steps", type=int, default=20)
     p.add_argument("--skip", default="", help="comma list of sections to skip: data,train,precomputed,sampling")
     p.add_argument("--precomputed-dir", default=None, help="cache folder for the data comparison (default: data/cache/precomputed/<exp>-r<res>)")
+    p.add_argument("--render", metavar="RESULTS_JSON", default=None, help="only rewrite table.md beside RESULTS_JSON from it")
     args = p.parse_args(argv)
+    if args.render:
+        with open(args.render) as f:
+            table = render(json.load(f))
+        with open(os.path.join(os.path.dirname(args.render), "table.md"), "w") as f:
+            f.write(table)
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     for noisy in ("lightning", "lightning.pytorch", "lightning.fabric"):
@@ -220,6 +227,9 @@ def render(res: dict) -> str:
                   f"| encoded on the fly (VAE {p['vae_encode_s']:.4f} s + text {p['text_encode_s']:.4f} s per batch alone) | {p['on_the_fly_s']:.4f} |",
                   f"| precomputed | {p['precomputed_s']:.4f} |", "",
                   f"Speed-up **{f:.2f}x** (target >= {TARGETS['precomputed']:.1f}: {_mark(f >= TARGETS['precomputed'])}).", ""]
+        share = (p["vae_encode_s"] + p["text_encode_s"]) / p["on_the_fly_s"]
+        lines += [f"The frozen encoders are {share:.1%} of the on-the-fly step here, so removing them can make it about "
+                  f"{1 / (1 - share):.2f}x faster at most (Amdahl); at SD1.5 size they are a larger share (see gpu_bench.py's results).", ""]
     if "sampling" in res:
         s = res["sampling"]
         ps = s["passes"]

@@ -188,6 +188,11 @@ def test_precomputed_latents_give_the_same_loss_as_on_the_fly(tiny_cfg, face_sha
     monkeypatch.setattr(shards, "decode_image", no_decoding)
     assert next(iter(dm.train_dataloader()))["key"] == batch["key"]
     monkeypatch.undo()
+    # the same backbone run in bf16 may train from a cache made in fp32
+    from realisid.data.precompute import cache_info
+
+    half = build_module(_cfg(tiny_cfg, face_shards, "joint", "model.backbone_dtype=bf16", "trainer.precision=bf16-mixed"))
+    assert cache_info(half.backbone, half.cfg) == cache_info(module.backbone, cfg)
     # a rerun keeps finished shards; a cache made for another resolution is refused by name
     assert precompute(cfg, str(tmp_path / "pre"))["skipped_shards"] == 3
     other = build_module(_cfg(tiny_cfg, face_shards, "joint", "data.resolution=32", "model.local.latent_size=8",

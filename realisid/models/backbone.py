@@ -131,19 +131,31 @@ class Backbone(nn.Module):
         return self.latents_from_moments(self.latent_moments(images), generator)
 
     def fingerprint(self) -> dict:
-        """What precomputed latents and text embeddings depend on; a cache made with another backbone is refused."""
+        """What precomputed latents and text embeddings depend on; a cache made with another backbone is refused.
+
+        For a folder: the VAE and text-encoder configs and their weight files (name, size, mtime), so a retrained
+        or replaced model is noticed; the dtype it runs in does not matter. For a random backbone: its configs
+        (it is rebuilt identically from them).
+        """
         import hashlib
         import json
 
-        def digest(cfg) -> str:
-            return hashlib.sha256(json.dumps(dict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
+        def digest(obj) -> str:
+            return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-        def weights(m) -> str:  # a cheap checksum that survives fp16/bf16 casts: mean |w| per tensor, summed, 3 digits
-            return f"{sum(float(p.detach().float().abs().mean()) for p in m.parameters()):.3g}"
-
-        te = [self.text_encoder] + ([self.text_encoder_2] if self.text_encoder_2 is not None else [])
-        return {"backbone": str(self.name), "layout": self.layout, "vae_config": digest(self.vae.config),
-                "vae_weights": weights(self.vae), "text_weights": "/".join(weights(t) for t in te)}
+        text = [self.text_encoder] + ([self.text_encoder_2] if self.text_encoder_2 is not None else [])
+        out = {"backbone": str(self.name), "layout": self.layout, "vae_config": digest(dict(self.vae.config)),
+               "text_config": digest([{k: v for k, v in t.config.to_dict().items() if k not in ("dtype", "torch_dtype")} for t in text])}
+        if os.path.isdir(str(self.name)):
+            files = []
+            for part in ("vae", "text_encoder", "text_encoder_2"):
+                folder = os.path.join(str(self.name), part)
+                for f in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+                    if f.endswith((".safetensors", ".bin")):
+                        st = os.stat(os.path.join(folder, f))
+                        files.append((part, f, st.st_size, int(st.st_mtime)))
+            out["weight_files"] = digest(files)
+        return out
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
