@@ -193,8 +193,18 @@ def test_precomputed_latents_give_the_same_loss_as_on_the_fly(tiny_cfg, face_sha
 
     half = build_module(_cfg(tiny_cfg, face_shards, "joint", "model.backbone_dtype=bf16", "trainer.precision=bf16-mixed"))
     assert cache_info(half.backbone, half.cfg) == cache_info(module.backbone, cfg)
-    # a rerun keeps finished shards; a cache made for another resolution is refused by name
+    # a rerun keeps finished shards, and must be the same setup; an unfinished cache is refused for training
     assert precompute(cfg, str(tmp_path / "pre"))["skipped_shards"] == 3
+    with pytest.raises(ValueError, match="dtype: 'fp32' vs now 'fp16'"):
+        precompute(cfg, str(tmp_path / "pre"), dtype="fp16")
+    import json
+
+    info = json.loads((tmp_path / "pre" / "precomputed.json").read_text())
+    (tmp_path / "pre" / "precomputed.json").write_text(json.dumps({**info, "complete": False}))
+    with pytest.raises(ValueError, match="did not finish; run it again"):
+        dm.setup("fit")
+    (tmp_path / "pre" / "precomputed.json").write_text(json.dumps(info))
+    # a cache made for another resolution is refused by name
     other = build_module(_cfg(tiny_cfg, face_shards, "joint", "data.resolution=32", "model.local.latent_size=8",
                               f"data.precomputed={tmp_path / 'pre'}"))
     dm = build_datamodule(other.cfg, other)

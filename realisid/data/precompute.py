@@ -49,6 +49,12 @@ def encode_array(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _write_json(path: str, obj: Mapping[str, Any]) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
 def stored_arrays(raw: Mapping[str, Any], key: str) -> dict[str, np.ndarray]:
     """A raw sample's precomputed arrays under the batch keys the training step reads (empty without a cache).
 
@@ -90,6 +96,9 @@ def check_cache(path: str, expected: Mapping[str, Any]) -> list[str]:
                                 "run `make precompute EXP=<experiment>` (or unset data.precomputed)")
     with open(info_path) as f:
         info = json.load(f)
+    if not info.get("complete"):
+        raise ValueError(f"data.precomputed='{path}': its `realisid precompute` run did not finish; run it again (finished shards "
+                         "are kept) or unset data.precomputed")
     diff = {k: (info.get(k), v) for k, v in expected.items() if info.get(k) != v}
     if diff:
         what = "; ".join(f"{k}: cache {a!r} vs now {b!r}" for k, (a, b) in diff.items())
@@ -119,14 +128,18 @@ def precompute(cfg, out_dir: str, batch_size: int = 32, dtype: str = "fp32") -> 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backbone = load_backbone(cfg.model, seed=int(cfg.experiment.seed)).to(device)
     backbone.to({"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.model.backbone_dtype])
-    info = cache_info(backbone, cfg)
+    info = {**cache_info(backbone, cfg), "dtype": dtype}
     os.makedirs(out_dir, exist_ok=True)
     info_path = os.path.join(out_dir, INFO_FILE)
-    if os.path.exists(info_path):
+    if os.path.exists(info_path):  # a rerun continues only the same cache
         with open(info_path) as f:
             old = json.load(f)
-        if {k: old.get(k) for k in info} != info:
-            raise ValueError(f"'{out_dir}' holds a cache made for another backbone or resolution; give another --out or delete it")
+        diff = [f"{k}: {old.get(k)!r} vs now {v!r}" for k, v in info.items() if old.get(k) != v]
+        if diff:
+            raise ValueError(f"'{out_dir}' holds a cache made for another setup ({'; '.join(diff)}); give another --out or delete it")
+    elif any(n.endswith(".tar") for n in os.listdir(out_dir)):
+        raise ValueError(f"'{out_dir}' holds shards but no {INFO_FILE}: not a precompute output; give another --out")
+    _write_json(info_path, {**info, "complete": False, "shards": []})  # written first, so a rerun can check what it continues
     maker = ExampleMaker(embed_dim=cfg.data.get("embed_dim"), resolution=int(cfg.data.resolution), vae_scale_factor=backbone.vae_scale_factor,
                          local_latent_size=int(cfg.model.local.latent_size), crop_expand=float(cfg.model.local.crop_expand),
                          id_image_size=int(cfg.model.id_encoder.image_size), soft_location=bool(cfg.model["global"].soft_location))
@@ -186,9 +199,7 @@ def precompute(cfg, out_dir: str, batch_size: int = 32, dtype: str = "fp32") -> 
         os.replace(tmp, final)
         done.append(name)
         log.info("precomputed %s", final)
-    info.update(shards=done, dtype=dtype, source=[str(u) for u in urls], backbone_dtype=str(cfg.model.backbone_dtype))
-    with open(info_path + ".tmp", "w") as f:
-        json.dump(info, f, indent=2)
-    os.replace(info_path + ".tmp", info_path)
+    _write_json(info_path, {**info, "complete": True, "shards": done, "source": [str(u) for u in urls],
+                            "backbone_dtype": str(cfg.model.backbone_dtype)})
     counts.update(out=out_dir, shards=len(done), seconds=round(time.time() - t0, 1))
     return counts
