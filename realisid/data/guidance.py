@@ -69,26 +69,36 @@ def contour_map(kps: np.ndarray, landmarks: Mapping[str, Sequence] | None, crop_
                 thickness: int | None = None) -> np.ndarray:
     """``c_pe``: coloured contours of brows, eyes, nose and lips in the crop, as (size, size, 3) uint8.
 
+    Dense ``landmarks`` (``{part: [[x, y], ...]}``) where given, else the coarse parts from the 5 ``kps``.
+    """
+    parts = {k: np.asarray(v, dtype=np.float32).reshape(-1, 2) for k, v in (landmarks or {}).items() if k in PART_COLOURS}
+    if not parts:
+        parts = coarse_parts_from_kps(kps)
+    return draw_contours([(k, len(v)) for k, v in parts.items()], np.concatenate(list(parts.values())), crop_box, size, thickness)
+
+
+def draw_contours(parts: Sequence[tuple[str, int]], points: np.ndarray, crop_box: Sequence[float], size: int,
+                  thickness: int | None = None) -> np.ndarray:
+    """The drawing behind :func:`contour_map`: ``points`` (N, 2) in image pixels hold the parts' points in the
+    order and counts of ``parts``; parts without a colour are skipped.
+
     Drawn with OpenCV's anti-aliased polylines at sub-pixel precision (4 fractional bits) straight at the output
     size, so thin lines stay visible at 32 px and the cost does not grow with the map (a 512 px map costs about
     what a 32 px one does).
     """
     import cv2
 
-    parts = {k: np.asarray(v, dtype=np.float32).reshape(-1, 2) for k, v in (landmarks or {}).items() if k in PART_COLOURS}
-    if not parts:
-        parts = coarse_parts_from_kps(kps)
     canvas = np.zeros((size, size, 3), np.uint8)
     width = max(1, int(thickness or max(1, size // 48)))
     shift = 4
     # pixel centres sit at +0.5 in crop coordinates and at integers in OpenCV's
-    every = np.round((points_to_crop(np.concatenate(list(parts.values())), crop_box, size) - 0.5) * (1 << shift)).astype(np.int32)
+    every = np.round((points_to_crop(points, crop_box, size) - 0.5) * (1 << shift)).astype(np.int32)
     i = 0
-    for name, pts in parts.items():
-        line = every[i : i + len(pts)]
-        i += len(pts)
-        if len(line) >= 2:
-            cv2.polylines(canvas, [line], name in CLOSED_PARTS and len(line) > 2, PART_COLOURS[name], thickness=width,
+    for name, n in parts:
+        line = every[i : i + n]
+        i += n
+        if n >= 2 and name in PART_COLOURS:
+            cv2.polylines(canvas, [line], name in CLOSED_PARTS and n > 2, PART_COLOURS[name], thickness=width,
                           lineType=cv2.LINE_AA, shift=shift)
     return canvas
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from realisid.data.guidance import contour_map, location_map
+from realisid.data.guidance import PART_COLOURS, coarse_parts_from_kps, draw_contours, location_map
 from realisid.data.precompute import stored_arrays
 from realisid.data.shards import SampleError, check_shards_exist, decode_sample, expand_shards
 from realisid.geometry import expand_square_box, face_size, square_window
@@ -66,6 +66,8 @@ def _centred_mask_tensor(size: int) -> torch.Tensor:
     return torch.from_numpy(centred_mask(size))[None]
 
 
+_NO_EMBED = torch.zeros(0)  # shared by every example without id.npy (collate copies; nothing writes to it)
+
 # Pixel fields, and how collate turns their uint8 (H, W, 3) form into float (3, H, W): the stream keeps them as
 # uint8 per sample and converts once per batch (one tensor op instead of one per sample and field).
 PIXEL_KEYS = {"image": "signed", "id_image": "signed", "pe_map": "unit"}
@@ -103,10 +105,17 @@ def make_example(decoded: Mapping[str, Any], *, resolution: int, vae_scale_facto
     if face_box[2] - face_box[0] < 1 or face_box[3] - face_box[1] < 1:
         raise SampleError("face_outside_view", decoded["key"], f"face box {meta['bbox']} is outside the square view {win} of the photo")
     kps = to_global(meta["kps"])
-    parts = meta.get("landmarks")  # {part: [[x, y], ...]}: one conversion for all points, then split
-    landmarks = split_parts(to_global([c for pts in parts.values() for p in pts for c in p]), parts) if parts else {}
+    dense = [(k, len(v)) for k, v in (meta.get("landmarks") or {}).items()]  # {part: [[x, y], ...]}, converted at once
+    if any(k in PART_COLOURS for k, _ in dense):
+        flat = [c for pts in meta["landmarks"].values() for p in pts for c in p]
+        if len(flat) != 2 * sum(n for _, n in dense):
+            raise SampleError("malformed_json", decoded["key"], "landmarks must be lists of [x, y] points")
+        contours = (dense, to_global(flat))
+    else:
+        coarse = coarse_parts_from_kps(kps)
+        contours = ([(k, len(v)) for k, v in coarse.items()], np.concatenate(list(coarse.values())))
     crop_box = expand_square_box(face_box, crop_expand, resolution, resolution, multiple=vae_factor_ok(vae_scale_factor))
-    pe_map = stored["pe_map"] if "pe_map" in stored else contour_map(kps, landmarks, crop_box, local_latent_size * vae_scale_factor)
+    pe_map = stored["pe_map"] if "pe_map" in stored else draw_contours(*contours, crop_box, local_latent_size * vae_scale_factor)
     loc = location_map(face_box, resolution, resolution, soft=soft_location)
     if "id_image" in stored:
         id_img, id_mask = stored["id_image"], torch.from_numpy(stored["id_mask"].astype(np.float32))[None]
@@ -134,7 +143,7 @@ def make_example(decoded: Mapping[str, Any], *, resolution: int, vae_scale_facto
         "loc_map": torch.from_numpy(loc)[None],
         "id_image": pixels["id_image"],
         "id_mask": id_mask,
-        "id_embed": torch.from_numpy(emb) if emb is not None else torch.zeros(0),
+        "id_embed": torch.from_numpy(emb) if emb is not None else _NO_EMBED,
         "has_id_embed": emb is not None,
         "caption": str(meta.get("caption") or ""),
         "face_size": float(face_size(meta["bbox"], meta["width"], meta["height"])),
@@ -142,15 +151,6 @@ def make_example(decoded: Mapping[str, Any], *, resolution: int, vae_scale_facto
     if "image" in pixels:
         ex["image"] = pixels["image"]
     return ex
-
-
-def split_parts(points: np.ndarray, like: Mapping[str, Sequence]) -> dict[str, np.ndarray]:
-    """Concatenated part points back into ``{part: (n, 2)}`` with the lengths of ``like``."""
-    out, i = {}, 0
-    for k, v in like.items():
-        out[k] = points[i : i + len(v)]
-        i += len(v)
-    return out
 
 
 def vae_factor_ok(f: int) -> int:
