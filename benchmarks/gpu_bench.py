@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import logging
 import os
 import re
@@ -30,7 +29,8 @@ import warnings
 
 import torch
 
-from realisid.perf import compare_sampling, compare_training, lightning_step_time, machine_description, mib, precomputed_batch
+from realisid.perf import (compare_sampling, compare_training, lightning_step_time, machine_description, mib, precomputed_batch,
+                           write_results)
 
 log = logging.getLogger("gpu_bench")
 
@@ -179,13 +179,7 @@ def main(argv=None) -> int:
     gpu = res["machine"].get("gpu", "none")
     tag = re.sub(r"[^a-z0-9]+", "-", (gpu if gpu != "none" else "cpu").lower()).strip("-")
     out = args.out or os.path.join("benchmarks", "results", f"{dt.date.today().isoformat()}-gpu-{tag}")
-    os.makedirs(out, exist_ok=True)
-    table = render(res, sizes)
-    with open(os.path.join(out, "table.md"), "w") as f:
-        f.write(table)
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(res, f, indent=2, default=str)
-    sys.stdout.write(table + f"\nwritten: {out}\n")
+    write_results(out, render(res, sizes), res)
     return 0
 
 

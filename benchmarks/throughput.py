@@ -36,7 +36,8 @@ import warnings
 import numpy as np
 import torch
 
-from realisid.perf import compare_sampling, compare_training, lightning_step_time, machine_description, mib, precomputed_batch, time_call
+from realisid.perf import (compare_sampling, compare_training, lightning_step_time, machine_description, mib, precomputed_batch,
+                           time_call, write_results)
 
 log = logging.getLogger("throughput")
 TARGETS = {"data": 0.70, "train": 1.10, "sampling": 1.15, "precomputed": 1.5}
@@ -191,13 +192,7 @@ def main(argv=None) -> int:
         log.info("sampling: %s", res["sampling"])
 
     out = args.out or os.path.join("benchmarks", "results", f"{dt.date.today().isoformat()}-throughput")
-    os.makedirs(out, exist_ok=True)
-    table = render(res)
-    with open(os.path.join(out, "table.md"), "w") as f:
-        f.write(table)
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(res, f, indent=2, default=str)
-    sys.stdout.write(table + f"\nwritten: {out}\n")
+    write_results(out, render(res), res)
     return 0
 
 

@@ -128,6 +128,19 @@ def machine_description() -> dict:
     return out
 
 
+def write_results(out: str, table: str, res: dict) -> None:
+    """A benchmark's ``table.md`` and ``results.json`` into ``out``, and the table to stdout."""
+    import json
+    import sys
+
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(table)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(res, f, indent=2, default=str)
+    sys.stdout.write(table + f"\nwritten: {out}\n")
+
+
 def mib(n_bytes: float) -> str:
     return f"{n_bytes / 2**20:.0f}"
 

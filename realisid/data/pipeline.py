@@ -30,8 +30,7 @@ ID_CROP_EXPAND = 1.3   # the reference face crop: face box expanded 1.3x (also h
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
     """PIL RGB to (3, H, W) float in [-1, 1]."""
-    arr = np.asarray(img, dtype=np.float32)
-    return torch.from_numpy(arr).permute(2, 0, 1).div_(127.5).sub_(1.0)
+    return pixels_to_float(torch.from_numpy(np.array(img, dtype=np.uint8)), "signed")
 
 
 def crop_resized(img: Image.Image, box: Sequence[float], size: int) -> Image.Image:
@@ -105,17 +104,11 @@ def make_example(decoded: Mapping[str, Any], *, resolution: int, vae_scale_facto
     if face_box[2] - face_box[0] < 1 or face_box[3] - face_box[1] < 1:
         raise SampleError("face_outside_view", decoded["key"], f"face box {meta['bbox']} is outside the square view {win} of the photo")
     kps = to_global(meta["kps"])
-    dense = [(k, len(v)) for k, v in (meta.get("landmarks") or {}).items()]  # {part: [[x, y], ...]}, converted at once
-    if any(k in PART_COLOURS for k, _ in dense):
-        flat = [c for pts in meta["landmarks"].values() for p in pts for c in p]
-        if len(flat) != 2 * sum(n for _, n in dense):
-            raise SampleError("malformed_json", decoded["key"], "landmarks must be lists of [x, y] points")
-        contours = (dense, to_global(flat))
-    else:
-        coarse = coarse_parts_from_kps(kps)
-        contours = ([(k, len(v)) for k, v in coarse.items()], np.concatenate(list(coarse.values())))
     crop_box = expand_square_box(face_box, crop_expand, resolution, resolution, multiple=vae_factor_ok(vae_scale_factor))
-    pe_map = stored["pe_map"] if "pe_map" in stored else draw_contours(*contours, crop_box, local_latent_size * vae_scale_factor)
+    if "pe_map" in stored:
+        pe_map = stored["pe_map"]
+    else:
+        pe_map = draw_contours(*_contour_points(meta, kps, to_global, decoded["key"]), crop_box, local_latent_size * vae_scale_factor)
     loc = location_map(face_box, resolution, resolution, soft=soft_location)
     if "id_image" in stored:
         id_img, id_mask = stored["id_image"], torch.from_numpy(stored["id_mask"].astype(np.float32))[None]
@@ -132,8 +125,6 @@ def make_example(decoded: Mapping[str, Any], *, resolution: int, vae_scale_facto
     if img is not None:
         pixels["image"] = np.asarray(crop_resized(img, win, resolution))
     pixels = {k: torch.from_numpy(np.array(v, dtype=np.uint8)) for k, v in pixels.items()}
-    if not uint8_pixels:
-        pixels = {k: pixels_to_float(v, PIXEL_KEYS[k]) for k, v in pixels.items()}
     ex = {
         "key": decoded["key"],
         "face_box": torch.from_numpy(face_box),
@@ -150,7 +141,20 @@ def make_example(decoded: Mapping[str, Any], *, resolution: int, vae_scale_facto
     }
     if "image" in pixels:
         ex["image"] = pixels["image"]
-    return ex
+    return ex if uint8_pixels else finish_batch(ex)
+
+
+def _contour_points(meta: Mapping[str, Any], kps: np.ndarray, to_global, key: str) -> tuple[list[tuple[str, int]], np.ndarray]:
+    """(part, count) pairs and all their points in example pixels: the dense landmarks, converted at once, or the
+    coarse parts from the 5 keypoints."""
+    dense = [(k, len(v)) for k, v in (meta.get("landmarks") or {}).items()]  # {part: [[x, y], ...]}
+    if any(k in PART_COLOURS for k, _ in dense):
+        flat = [c for pts in meta["landmarks"].values() for p in pts for c in p]
+        if len(flat) != 2 * sum(n for _, n in dense):
+            raise SampleError("malformed_json", key, "landmarks must be lists of [x, y] points")
+        return dense, to_global(flat)
+    coarse = coarse_parts_from_kps(kps)
+    return [(k, len(v)) for k, v in coarse.items()], np.concatenate(list(coarse.values()))
 
 
 def vae_factor_ok(f: int) -> int:
@@ -180,7 +184,9 @@ def collate(examples: Sequence[dict], float_pixels: bool = True) -> dict:
 
 
 def finish_batch(batch: dict) -> dict:
-    """uint8 pixel fields to float (3, H, W), on whatever device the batch is (a no-op for float batches)."""
+    """uint8 pixel fields to float (3, H, W), on whatever device the batch is (a no-op for float batches).
+
+    Works on one example as on a batch: the channel axis is always the last but two."""
     for k, kind in PIXEL_KEYS.items():
         v = batch.get(k)
         if isinstance(v, torch.Tensor) and v.dtype == torch.uint8:
@@ -246,7 +252,6 @@ class ExampleMaker:
         self.embed_dim = embed_dim
         self.kwargs = example_kwargs
         self.skipped: Counter = Counter()
-        self.n_skipped = 0
 
     def image_min_side(self, meta: Mapping[str, Any], has_ref: bool) -> int:
         """Short-side pixels the photo must keep: the square view at ``resolution``, and, when the sample has
@@ -274,11 +279,11 @@ class ExampleMaker:
                 ex.update({k: torch.from_numpy(stored[k]) for k in ("latent_moments", "text_embeds", "text_pooled") if k in stored})
         except SampleError as err:
             self.skipped[err.reason] += 1
-            self.n_skipped = n = self.n_skipped + 1
+            n = sum(self.skipped.values())
             if n <= 5 or n % 100 == 0:
                 log.warning("skipped %s (%d skipped so far in this worker: %s)", err, n, dict(self.skipped))
             return None
-        ex["skipped"] = self.n_skipped
+        ex["skipped"] = sum(self.skipped.values())
         return ex
 
 
@@ -383,7 +388,7 @@ def load_examples(urls: Sequence[str], maker: ExampleMaker, limit: int) -> list[
     for raw in tarfile_samples(({"url": u} for u in urls), handler=skip_bad_tar):
         ex = maker(raw)
         if ex is not None:  # kept one by one, so the pixels are converted here rather than per batch
-            out.append({k: pixels_to_float(v, PIXEL_KEYS[k]) if k in PIXEL_KEYS and v.dtype == torch.uint8 else v for k, v in ex.items()})
+            out.append(finish_batch(ex))
         if len(out) >= limit:
             break
     return out

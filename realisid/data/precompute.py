@@ -14,11 +14,9 @@ member of the original samples plus
 - ``pe_map`` (P, P, 3), ``id_image`` (S, S, 3) and ``id_mask`` (S, S), uint8: the example's drawn guidance and
   reference crop, exactly as the pipeline makes them, so training from the cache decodes no JPEG at all.
 
-The cache therefore depends on the example settings too (resolution, local latent size, crop expansion,
-identity crop size), and ``precomputed.json`` records them.
-
-``OUT/precomputed.json`` records what the arrays depend on (backbone fingerprint, resolution, layout); a
-training run whose config does not match is refused with the difference named. Shards are written to
+``OUT/precomputed.json`` records what the arrays depend on: the backbone's fingerprint and the example settings
+(resolution, local latent size, crop expansion, identity crop size); a training run whose config does not
+match is refused with the difference named. Shards are written to
 ``.tar.tmp`` and renamed when complete, and a rerun skips shards already complete, so an interrupted run
 loses nothing. Set ``data.precomputed=OUT`` to train from it.
 """
