@@ -57,6 +57,35 @@ class ValidationImages(L.Callback):
             trainer.logger.experiment.add_image("val/samples (reference|guidance|location|sample|real)", grid, step)
 
 
+class ProgressLog(L.Callback):
+    """Sparse progress lines for logs and pipes, where a progress bar would write every update into one huge line:
+    about 20 per run (step, loss, seconds per step, time left)."""
+
+    def __init__(self, max_steps: int, lines: int = 20):
+        self.max_steps = int(max_steps)
+        self.every = max(1, self.max_steps // max(1, lines))
+        self._t = None
+        self._step = 0
+
+    def on_train_start(self, trainer, module) -> None:
+        import time
+
+        self._t, self._step = time.perf_counter(), trainer.global_step
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        import time
+
+        step = trainer.global_step
+        if step == self._step or (step % self.every and step != self.max_steps):
+            return
+        now = time.perf_counter()
+        per = (now - self._t) / max(1, step - self._step)
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        text = f" loss {float(loss):.4f}" if loss is not None else ""
+        log.info("step %d/%d%s (%.2f s/step, about %.0f s left)", step, self.max_steps, text, per, per * (self.max_steps - step))
+        self._t, self._step = now, step
+
+
 class LossSummary(L.Callback):
     """Keeps every training loss; at the end reports the mean over the first and the last fifth of steps."""
 
@@ -97,32 +126,26 @@ class DataPosition(L.Callback):
 
 
 class SaveOnInterrupt(L.Callback):
-    """SIGTERM (Lightning stops at the next step boundary) or Ctrl-C: write ``last.ckpt`` and stop.
+    """SIGTERM or Ctrl-C: write ``last.ckpt`` at the next optimizer-step boundary and stop.
 
-    Ctrl-C is turned into a request to stop after the current step, so the checkpoint never holds a
-    half-applied optimizer step. A second Ctrl-C interrupts at once.
+    The signal handlers only note the request (:class:`realisid.interrupts.StopRequest`); at each step boundary
+    the ranks agree whether any of them was asked to stop (one boolean all-reduce under DDP), so every rank saves
+    and stops at the same step whichever of them the signal reached first. The checkpoint never holds a
+    half-applied optimizer step or a half-accumulated gradient. A second Ctrl-C interrupts at once.
+    DataLoader workers ignore both signals (:func:`realisid.interrupts.leave_interrupts_to_parent`), so a signal to
+    the whole process group cannot kill them under the main process.
     """
 
     def __init__(self, ckpt_path: str):
+        from realisid.interrupts import StopRequest
+
         self.ckpt_path = ckpt_path
         self.interrupted: str | None = None
-        self._stop = False
-        self._old_sigint = None
+        self.request = StopRequest(lambda why: log.warning("%s: saving a checkpoint after this step and stopping%s", why,
+                                                           " (press Ctrl-C again to abort now)" if why == "SIGINT" else ""))
 
     def on_train_start(self, trainer, module) -> None:
-        import signal
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            self._old_sigint = signal.getsignal(signal.SIGINT)
-
-            def request_stop(signum, frame):
-                if self._stop:  # second Ctrl-C
-                    raise KeyboardInterrupt
-                log.warning("Ctrl-C: saving a checkpoint after this step and stopping (press again to abort now)")
-                self._stop = True
-
-            signal.signal(signal.SIGINT, request_stop)
+        self.request.install()  # after Lightning's own SIGTERM handler, which would start collectives inside the handler
 
     def _save(self, trainer, why: str) -> None:
         self.interrupted = why
@@ -130,21 +153,26 @@ class SaveOnInterrupt(L.Callback):
         log.warning("%s at step %d: saved %s; resume with `make train RESUME=<run dir>`", why, trainer.global_step, self.ckpt_path)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        if self._stop and not self.interrupted:
-            self._save(trainer, "interrupted (SIGINT)")
+        if self.interrupted or (batch_idx + 1) % max(1, int(trainer.accumulate_grad_batches)):
+            return  # mid-accumulation: not a step boundary
+        asked = self.request.reason is not None
+        if trainer.world_size > 1:
+            asked = trainer.strategy.reduce_boolean_decision(asked, all=False)  # any rank asked: all stop here
+        if asked:
+            self._save(trainer, f"stopped by {self.request.reason or 'a signal to another rank'}")
             trainer.should_stop = True
 
     def on_exception(self, trainer, module, exception: BaseException) -> None:
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-        if isinstance(exception, SIGTERMException) and not self.interrupted:
+        if isinstance(exception, SIGTERMException) and not self.interrupted:  # Lightning's handler, before ours was installed
             self._save(trainer, "stopped by SIGTERM")
 
     def on_train_end(self, trainer, module) -> None:
-        import signal
+        self.request.restore()
 
-        if self._old_sigint is not None:
-            signal.signal(signal.SIGINT, self._old_sigint)
+    def teardown(self, trainer, module, stage: str) -> None:
+        self.request.restore()
 
 
 class BatchCounter(L.Callback):
@@ -189,8 +217,8 @@ class ScaleMetrics(L.Callback):
         out = []
         for b, exs in chosen.items():
             for i, ex in enumerate(exs):
-                out.append(Case(prompt=ex["caption"], boxes=[ex["face_box"].tolist()], id_images=[ex["id_image"]], id_masks=[ex["id_mask"]],
-                                identities=[ex["key"].rsplit("-", 1)[0]], seed=i, tags={"bin": b}))
+                out.append(Case(prompt=str(self.cfg.evaluation.prompt), boxes=[ex["face_box"].tolist()], id_images=[ex["id_image"]], id_masks=[ex["id_mask"]],
+                                identities=[ex["identity"]], seed=i, tags={"bin": b}))
         return out
 
     @torch.no_grad()

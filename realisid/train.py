@@ -92,14 +92,21 @@ def build_trainer(cfg: DictConfig, run_dir: str, callbacks: list, **overrides) -
     """The Trainer `realisid train` runs (benchmarks/throughput.py times this same one)."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
+    import sys
+
+    from realisid.callbacks import ProgressLog
+
     tr = cfg.trainer
     logger = TensorBoardLogger(save_dir=run_dir, name="tb", version="", default_hp_metric=False)
+    bar = bool(tr.enable_progress_bar) and sys.stderr.isatty()  # to a file or pipe a bar puts every update on one line
+    if bool(tr.enable_progress_bar) and not bar:
+        callbacks = [*callbacks, ProgressLog(int(tr.max_steps))]
     kwargs = dict(
         max_steps=int(tr.max_steps), accelerator=tr.accelerator, devices=tr.devices, num_nodes=int(tr.num_nodes),
         strategy=tr.strategy, precision=tr.precision, val_check_interval=int(tr.val_check_interval), check_val_every_n_epoch=None,
         log_every_n_steps=int(tr.log_every_n_steps), accumulate_grad_batches=int(tr.accumulate_grad_batches),
         gradient_clip_val=float(tr.gradient_clip_val) or None, callbacks=callbacks, logger=logger, default_root_dir=run_dir,
-        enable_progress_bar=bool(tr.enable_progress_bar), num_sanity_val_steps=0,
+        enable_progress_bar=bar, num_sanity_val_steps=0,
         limit_val_batches=max(1, -(-int(cfg.data.val_samples) // int(cfg.data.batch_size))))
     kwargs.update(overrides)
     return L.Trainer(**kwargs)
@@ -137,7 +144,8 @@ def train(cfg: DictConfig, run_dir: str | None = None, resume: str | None = None
     callbacks = [
         *training_callbacks(cfg, run_dir),
         interrupt,
-        ModelCheckpoint(dirpath=ckpt_dir, filename="step-{step:06d}", auto_insert_metric_name=False, save_last=True,
+        # one last.ckpt: SaveOnInterrupt writes it too, which would otherwise make this callback write last-v1.ckpt
+        ModelCheckpoint(dirpath=ckpt_dir, filename="step-{step:06d}", auto_insert_metric_name=False, save_last=True, enable_version_counter=False,
                         every_n_train_steps=int(cfg.trainer.checkpoint_every_n_steps), save_top_k=-1),
         ValidationImages(os.path.join(run_dir, "samples"), int(v.num_images), int(v.steps), float(v.guidance_text),
                          float(v.guidance_id), float(v.id_delay)),

@@ -41,7 +41,6 @@ import multiprocessing
 import os
 import re
 import shutil
-import signal
 import sys
 import tarfile
 import time
@@ -460,7 +459,9 @@ _WORKER: Worker | None = None
 
 def _init_pool_worker(settings: Settings, factory: Callable[[], FaceAnalyzer], log_level: int) -> None:
     global _WORKER
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and shuts the pool down
+    from realisid.interrupts import leave_interrupts_to_parent
+
+    leave_interrupts_to_parent()  # the parent handles Ctrl-C and SIGTERM (also when sent to the whole group) and stops the pool
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s [worker %(process)d]: %(message)s",
                         datefmt="%H:%M:%S")
     try:  # parallelism comes from the processes: one OpenCV thread each (insightface resizes with OpenCV)
@@ -527,7 +528,7 @@ class _Runner:
         pool.shutdown(wait=False, cancel_futures=True)
         for proc in processes:
             if proc.is_alive():
-                proc.terminate()
+                proc.kill()  # workers ignore SIGTERM (see leave_interrupts_to_parent)
 
 
 # ---------------------------------------------------------------------------------------------- journal
@@ -919,7 +920,8 @@ def add_build_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def faces_config(model_dir: str | None, exp: str | None) -> dict:
-    """The face-analyzer config from ``--exp``'s ``faces`` section and/or ``--model-dir``."""
+    """The face-analyzer config from ``--exp``'s ``faces`` section and/or ``--model-dir`` (an insightface folder: it
+    selects insightface whatever the experiment's analyzer, keeping the experiment's detection settings)."""
     cfg: dict = {"kind": "insightface", "model_dir": None, "det_size": [640, 640], "det_thresh": 0.5}
     if exp:
         from omegaconf import OmegaConf
@@ -928,7 +930,8 @@ def faces_config(model_dir: str | None, exp: str | None) -> dict:
 
         cfg.update(OmegaConf.to_container(load_config(exp).faces, resolve=True))
     if model_dir:
-        cfg["model_dir"] = model_dir
+        cfg.update(kind="insightface", model_dir=model_dir)
+        cfg.pop("recognizer", None)
     if not cfg.get("model_dir"):
         where = f"experiment {exp!r} has faces.model_dir unset" if exp else "no --model-dir given"
         raise ValueError(f"build-shards needs a face analyzer but {where}; pass --model-dir with an insightface model folder "
@@ -942,10 +945,19 @@ def cmd_build_shards(args) -> int:
     cfg = faces_config(args.model_dir, args.exp)
     name = args.name or os.path.basename(os.path.normpath(args.out))
     analyzer = load_face_analyzer(cfg)
+    from realisid.interrupts import INTERRUPTED_EXIT, terminate_as_interrupt
+
     t0 = time.time()
-    manifest = build_shards(args.src, args.out, name, analyzer, workers=args.workers, shard_size=args.shard_size,
-                            min_face=args.min_face, min_score=args.min_score, max_side=args.max_side,
-                            analyzer_factory=functools.partial(load_face_analyzer, cfg), progress=not args.no_progress)
+    try:
+        with terminate_as_interrupt():  # SIGTERM (also to the whole group) stops as Ctrl-C does: finished shards are kept
+            manifest = build_shards(args.src, args.out, name, analyzer, workers=args.workers, shard_size=args.shard_size,
+                                    min_face=args.min_face, min_score=args.min_score, max_side=args.max_side,
+                                    analyzer_factory=functools.partial(load_face_analyzer, cfg),
+                                    progress=not args.no_progress and sys.stderr.isatty())
+    except KeyboardInterrupt:
+        sys.stderr.write(f"realisid build-shards: interrupted; finished shards in {args.out} are kept, run the same command "
+                         "again to resume\n")
+        return INTERRUPTED_EXIT
     sys.stdout.write(format_summary(manifest, args.out, name, time.time() - t0))
     return 0
 

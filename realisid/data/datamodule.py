@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from realisid.data.pipeline import ExampleMaker, TrainStream, collate, load_examples, resolve_shards
+from realisid.interrupts import leave_interrupts_to_parent
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class FaceDataModule(L.LightningDataModule):
                              seed=self.seed, rank=rank, world_size=world, num_workers=workers, resampled=bool(self.cfg["resampled"]),
                              consumed=self.consumed, offset=self.batches_used % max(1, workers))
         return DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
-                          pin_memory=torch.cuda.is_available())
+                          pin_memory=torch.cuda.is_available(), worker_init_fn=leave_interrupts_to_parent if workers else None)
 
     def note_batch(self, batch: dict) -> None:
         """Record that a training step used ``batch`` (called after the step)."""
