@@ -8,7 +8,7 @@ SWEEP   ?= branches
 export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 
-.PHONY: setup train prepare precompute throughput gpu-bench bench sweep shards test test-fast clean-cache
+.PHONY: setup train prepare pretrain check-embedded reproduce precompute throughput gpu-bench bench sweep shards test test-fast clean-cache
 
 setup:
 	test -x $(PY) || python3 -m venv .venv
@@ -31,6 +31,22 @@ shards:
 
 prepare:
 	$(PY) -m realisid prepare $(EXP) $(ARGS)
+
+# train the embedded default's stand-in models from scratch into realisid/assets/ (they ship with the package)
+pretrain:
+	$(PY) -m realisid pretrain $(ARGS)
+
+# base samples, face-analyzer accuracy and encoder verification of the shipped stand-ins -> benchmarks/results/embedded/
+check-embedded:
+	$(PY) -m realisid check-embedded $(ARGS)
+
+# every number and picture of the README's results section, from a fresh clone (wall time in the README)
+reproduce:
+	$(PY) -m realisid check-embedded
+	$(PY) -m realisid sweep branches
+	$(PY) -m realisid generate --run runs/sweeps/branches/joint --prompt "a photo of two people" \
+	    --ref data/examples/ref_a.jpg --box 14,44,46,76 --ref data/examples/ref_b.jpg --box 82,44,114,76 \
+	    --out data/examples/two_people.png --seed 1 --panel
 
 # VAE latents + text embeddings beside the train shards: then `make train ARGS="data.precomputed=data/cache/precomputed/<EXP>"`
 precompute:

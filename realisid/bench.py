@@ -1,9 +1,13 @@
 """The scale benchmark: identity fidelity and image quality against face size and number of people.
 
 A grid of prompts x references x face sizes x people count, sampled with each inference setting of a
-trained run (joint, local only, global only), scored by :mod:`realisid.evaluation`. Writes under
-``OUT_DIR``: ``results.csv`` (one row per generated face), ``summary.csv`` (per setting, people count and
-size), ``bins.csv`` (per setting and bin, with FID), ``table.md`` and one PNG plot per metric.
+trained run (joint, local only, global only), scored by :mod:`realisid.evaluation` and calibrated against real
+held-out photos of the same identities (:mod:`realisid.metrics.calibrated`, docs/metrics.md). Writes under
+``OUT_DIR``: ``results.csv`` (one row per generated face), ``real.csv`` (the ceiling's photos), ``summary.csv``
+(per setting, people count and size), ``bins.csv`` (per setting and bin: location, landmarks, FID),
+``calibrated.csv`` (margin, ceiling, retention with 95% intervals per setting and bin), ``table.md``, plots
+(``margin_by_bin.png``, ``retention_by_bin.png``, ``*_vs_size.png``) and ``grid.png`` (rows: face sizes;
+columns: the reference, then each setting's sample).
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ import torch
 from realisid.evaluation import Case, build_evaluator, compute_all
 
 log = logging.getLogger(__name__)
-PLOT_METRICS = ("similarity", "found", "loc_iou", "pose_err")
+PLOT_METRICS = ("similarity", "found", "loc_iou", "pose_err")  # per face size; the calibrated metrics are plotted per bin
 
 
 def newest_run(runs_dir: str, exp: str) -> str | None:
@@ -42,16 +46,28 @@ def row_boxes(n: int, side: float, R: int) -> list[list[float]] | None:
     return [[round(x + i * (side + gap), 2), round(y, 2), round(x + i * (side + gap) + side, 2), round(y + side, 2)] for i in range(n)]
 
 
-def reference_faces(examples: Sequence[dict], count: int) -> list[dict]:
-    """One reference per identity (its largest face), for ``count`` identities of the held-out set."""
+def reference_faces(examples: Sequence[dict], count: int, id_image_size: int) -> list[dict]:
+    """One reference per identity of the held-out set, for ``count`` identities: the face crop of that identity's
+    photo with the largest face (cut as training cuts references). ``key`` names the photo it was cut from, which
+    the ceiling then leaves out."""
+    from PIL import Image
+
+    from realisid.data.pipeline import identity_crop, to_tensor
+    from realisid.evaluation import to_uint8
+
     best: dict[str, dict] = {}
     for ex in examples:
-        ident = ex["key"].rsplit("-", 1)[0]
+        ident = ex["identity"]
         if ident not in best or ex["face_size"] > best[ident]["face_size"]:
             best[ident] = ex
-    refs = [best[k] for k in sorted(best)][:count]
-    if len(refs) < count:
-        log.warning("only %d reference identities available (asked for %d)", len(refs), count)
+    chosen = [best[k] for k in sorted(best)][:count]
+    if len(chosen) < count:
+        log.warning("only %d reference identities available (asked for %d)", len(chosen), count)
+    refs = []
+    for ex in chosen:
+        crop, mask = identity_crop(Image.fromarray(to_uint8(ex["image"])), [float(v) for v in ex["face_box"]], id_image_size)
+        refs.append({"identity": ex["identity"], "key": ex["key"], "id_image": to_tensor(crop),
+                     "id_mask": torch.from_numpy(mask)[None]})
     return refs
 
 
@@ -69,13 +85,14 @@ def build_cases(bench: Mapping[str, Any], refs: Sequence[dict], resolution: int)
                 for ri in range(len(refs)):
                     people = [refs[(ri + j) % len(refs)] for j in range(int(n))]
                     cases.append(Case(prompt=prompt, boxes=boxes, id_images=[p["id_image"] for p in people],
-                                      id_masks=[p["id_mask"] for p in people], identities=[p["key"].rsplit("-", 1)[0] for p in people],
+                                      id_masks=[p["id_mask"] for p in people], identities=[p["identity"] for p in people],
                                       seed=int(bench["seed"]) + 1000 * pi + ri,
                                       tags={"size_px": size_px, "people": int(n), "prompt": pi, "ref": ri}))
     return cases, skipped
 
 
 def summarize(rows: Sequence[dict]) -> list[dict]:
+    """Means per (setting, people count, face size)."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         groups[(r["setting"], r["people"], r["size_px"])].append(r)
@@ -86,8 +103,20 @@ def summarize(rows: Sequence[dict]) -> list[dict]:
             return round(float(np.mean(vals)), 4) if vals else float("nan")
 
         out.append({"setting": setting, "people": people, "size_px": size_px, "face_size": rs[0]["face_size"], "bin": rs[0]["bin"],
-                    "n": len(rs), "similarity": mean("similarity"), "found": mean("found"), "loc_iou": mean("loc_iou"),
-                    "pose_err": mean("pose_err")})
+                    "n": len(rs), "similarity": mean("similarity"), "sim_other": mean("sim_other"), "margin": mean("margin"),
+                    "found": mean("found"), "loc_iou": mean("loc_iou"), "pose_err": mean("pose_err")})
+    return out
+
+
+def calibrated_rows(calibrated: Mapping[str, Mapping[str, dict]]) -> list[dict]:
+    """``{setting: calibrated_identity(...)}`` flattened to CSV rows (value, lo, hi per quantity)."""
+    out = []
+    for setting, per_bin in calibrated.items():
+        for b, e in per_bin.items():
+            row = {"setting": setting, "bin": b, "n": e["n"], "identities": e["identities"], "real_n": e["real_n"]}
+            for q in ("found_rate", "sim_ref", "sim_other", "margin", "ceiling", "retention"):
+                row[q], row[q + "_lo"], row[q + "_hi"] = (round(v, 4) for v in e[q])
+            out.append(row)
     return out
 
 
@@ -142,20 +171,99 @@ def machine() -> str:
         f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU")
 
 
-def markdown(summary: Sequence[dict], bins_rows: Sequence[dict], header: Mapping[str, str], skipped: Sequence[dict], found_measured: bool = True) -> str:
-    def found(v: float) -> str:
-        return f"{v:.2f}" if found_measured else "n/a"
+def calibrated_plot(calibrated: Mapping[str, Mapping[str, dict]], bins: Sequence[str], out_dir: str, title: str = "") -> list[str]:
+    """margin_by_bin.png (margin per bin with 95% intervals, one line per setting or run, the real-photo ceiling
+    dashed) and retention_by_bin.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    xs = np.arange(len(bins))
+    for q in ("margin", "retention"):
+        fig, ax = plt.subplots(figsize=(5.6, 3.8))
+        k = len(calibrated)
+        for i, (label, per_bin) in enumerate(calibrated.items()):
+            vals = np.array([per_bin[b][q] if b in per_bin else (np.nan,) * 3 for b in bins], dtype=float)
+            dx = (i - (k - 1) / 2) * 0.06
+            ax.errorbar(xs + dx, vals[:, 0], yerr=[vals[:, 0] - vals[:, 1], vals[:, 2] - vals[:, 0]], marker="o", capsize=3, label=str(label))
+        if q == "margin":
+            first = next(iter(calibrated.values()))
+            ceil = np.array([first[b]["ceiling"] if b in first else (np.nan,) * 3 for b in bins], dtype=float)
+            ax.errorbar(xs, ceil[:, 0], yerr=[ceil[:, 0] - ceil[:, 1], ceil[:, 2] - ceil[:, 0]], color="black", linestyle="--",
+                        capsize=3, label="ceiling (real photos)")
+        ax.axhline(0.0, color="grey", linewidth=0.8)
+        ax.set_xticks(xs, list(bins))
+        ax.set_xlabel("face-size bin (box long side / image edge)")
+        ax.set_ylabel(q + (" (sim_ref - sim_other)" if q == "margin" else " (margin / ceiling)"))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        ax.set_title(title, fontsize=8)
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"{q}_by_bin.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def size_grid(images: Mapping[str, Sequence[torch.Tensor]], references: Sequence[torch.Tensor], sizes_px: Sequence[int],
+              path: str) -> str:
+    """A PNG: one row per face size, columns reference | each setting's sample (same reference, seed and box)."""
+    import torch.nn.functional as F
+    from torchvision.utils import make_grid, save_image
+
+    tiles = []
+    R = next(iter(images.values()))[0].shape[-1]
+    for i, _ in enumerate(sizes_px):
+        ref = F.interpolate(references[i][None].float(), size=(R, R), mode="bilinear", align_corners=False)[0]
+        tiles += [ref] + [imgs[i] for imgs in images.values()]
+    save_image((make_grid(torch.stack(tiles), nrow=1 + len(images), padding=2, pad_value=1.0) + 1) / 2, path)
+    return path
+
+
+def save_grid_tiles(images: Mapping[str, Sequence[torch.Tensor]], reference: torch.Tensor, sizes_px: Sequence[int], folder: str) -> None:
+    """The grid's pieces as PNGs (``reference.png``, ``<setting>-<size>.png``), so a sweep can put runs side by side."""
+    from realisid.pipeline import tensor_to_pil
+
+    os.makedirs(folder, exist_ok=True)
+    tensor_to_pil(reference[None])[0].save(os.path.join(folder, "reference.png"))
+    for name, imgs in images.items():
+        for size, img in zip(sizes_px, imgs):
+            tensor_to_pil(img[None])[0].save(os.path.join(folder, f"{name}-{size}.png"))
+
+
+def markdown(summary: Sequence[dict], bins_rows: Sequence[dict], calibrated: Mapping[str, Mapping[str, dict]],
+             header: Mapping[str, str], skipped: Sequence[dict], found_measured: bool = True) -> str:
+    from realisid.metrics.calibrated import fmt
+
+    def f2(v: float, measured: bool = True) -> str:
+        return f"{v:.2f}" if measured and v == v else "n/a"
 
     lines = [f"# Scale benchmark: {header.get('run', '')}", ""]
     lines += [f"- {k}: {v}" for k, v in header.items()]
-    lines += ["", "## Identity similarity by face size (misses score 0)", "",
-              "| setting | people | face px @512 | face size | bin | n | similarity | found-rate |", "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "## Identity by face-size bin, calibrated (95% intervals, identities resampled)", "",
+              "sim_ref: generated face vs its reference; sim_other: vs the other identities' references; margin = sim_ref - sim_other "
+              "(misses score 0); ceiling: the same margin on real held-out photos of the same identities in that bin; "
+              "retention = margin / ceiling.", "",
+              "| setting | bin | faces | found-rate | sim_ref | sim_other | margin | ceiling (real) | retention |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for setting, per_bin in calibrated.items():
+        for b, e in per_bin.items():
+            lines.append(f"| {setting} | {b} | {e['n']} ({e['identities']} ids) | {fmt(e['found_rate'], 2) if found_measured else 'n/a'} | "
+                         f"{e['sim_ref'][0]:.3f} | {e['sim_other'][0]:.3f} | {fmt(e['margin'])} | {fmt(e['ceiling'])} | {fmt(e['retention'], 2)} |")
+    lines += ["", "## Location, landmarks and FID by bin (all people counts)", "",
+              "| setting | bin | location IoU | landmark error | face FID | image FID |", "|---|---|---|---|---|---|"]
+    for r in bins_rows:
+        lines.append(f"| {r['setting']} | {r['bin']} | {f2(r['loc_iou'], found_measured)} | {f2(r['pose_err'], found_measured)} | "
+                     f"{r['face_fid']:.1f} | {r['image_fid']:.1f} |")
+    lines += ["", "## By face size and people count", "",
+              "| setting | people | face px @512 | face size | bin | n | sim_ref | margin | found-rate | location IoU |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary:
         lines.append(f"| {r['setting']} | {r['people']} | {r['size_px']} | {r['face_size']:.3f} | {r['bin']} | {r['n']} | "
-                     f"{r['similarity']:.3f} | {found(r['found'])} |")
-    lines += ["", "## Per bin (all people counts)", "", "| setting | bin | id_sim | found_rate | face FID | image FID |", "|---|---|---|---|---|---|"]
-    for r in bins_rows:
-        lines.append(f"| {r['setting']} | {r['bin']} | {r['id_sim']:.3f} | {found(r['found_rate'])} | {r['face_fid']:.1f} | {r['image_fid']:.1f} |")
+                     f"{r['similarity']:.3f} | {r['margin']:.3f} | {f2(r['found'], found_measured)} | {f2(r['loc_iou'], found_measured)} |")
     if skipped:
         lines += ["", "Skipped combinations: " + "; ".join(s["reason"] for s in skipped)]
     return "\n".join(lines) + "\n"
@@ -163,11 +271,12 @@ def markdown(summary: Sequence[dict], bins_rows: Sequence[dict], header: Mapping
 
 def run_bench(cfg, run_dir: str, out_dir: str, *, settings: Mapping[str, Mapping[str, Any]] | None = None,
               progress: bool = True) -> dict:
-    """Benchmark ``run_dir``'s export with ``cfg.bench``; returns the paths written and the summary."""
+    """Benchmark ``run_dir``'s export with ``cfg.bench``; returns the paths written, the summary and the calibrated table."""
     from omegaconf import OmegaConf
-    from tqdm.auto import tqdm
 
     from realisid.data.pipeline import ExampleMaker, load_examples, resolve_shards
+    from realisid.embedded.base import Progress
+    from realisid.metrics.calibrated import calibrated_identity
     from realisid.pipeline import RealisIDPipeline
 
     os.makedirs(out_dir, exist_ok=True)
@@ -176,8 +285,10 @@ def run_bench(cfg, run_dir: str, out_dir: str, *, settings: Mapping[str, Mapping
     maker = ExampleMaker(embed_dim=cfg.data.embed_dim, resolution=int(cfg.data.resolution), vae_scale_factor=pipe.backbone.vae_scale_factor,
                          local_latent_size=int(cfg.model.local.latent_size), crop_expand=float(cfg.model.local.crop_expand),
                          id_image_size=int(cfg.model.id_encoder.image_size))
-    examples = load_examples(resolve_shards(cfg.data.val_shards, "data.val_shards"), maker, int(cfg.data.val_samples))
-    refs = reference_faces(examples, int(b.references))
+    examples = load_examples(resolve_shards(cfg.data.val_shards, "data.val_shards"), maker, int(b.real_images))
+    refs = reference_faces(examples, int(b.references), int(cfg.model.id_encoder.image_size))
+    if len(refs) < 2:
+        raise ValueError(f"the benchmark needs references of at least 2 held-out identities (sim_other); data.val_shards has {len(refs)}")
     cases, skipped = build_cases(b, refs, int(cfg.data.resolution))
     settings = settings or {k: dict(v) for k, v in OmegaConf.to_container(b.settings).items() if not k.startswith("_")}
     # a setting runs only if the run has every branch it explicitly switches on (a local-only run has no "joint");
@@ -187,33 +298,51 @@ def run_bench(cfg, run_dir: str, out_dir: str, *, settings: Mapping[str, Mapping
     if not settings:
         raise ValueError(f"none of the bench settings fits the branches of {run_dir}; add one to bench.settings")
     ev = build_evaluator(cfg, pipe.id_encoder.name)
-    rows, bins_rows = [], []
-    bar = tqdm(total=len(cases) * len(settings), desc="scale bench", disable=not progress)
+    bank = ev.reference_bank({r["identity"]: r["id_image"] for r in refs})
+    real = ev.real_rows(examples, bank, exclude={r["key"] for r in refs})
+    rows, bins_rows, calibrated, grid_images = [], [], {}, {}
+    bar = Progress("scale bench: images", len(cases) * len(settings)) if progress else None
+    done = [0]
+
+    def tick():
+        if bar is not None:
+            bar.step(done[0])
+            done[0] += 1
+
     sample_kwargs = {"num_inference_steps": int(b.steps), "guidance_text": float(cfg.sampling.guidance_text),
                      "guidance_id": float(cfg.sampling.guidance_id), "id_delay": float(cfg.sampling.id_delay)}
     for name, flags in settings.items():
         metrics = ev.new_metrics()
         ev.add_real(metrics, [e["image"] for e in examples], [e["face_box"].tolist() for e in examples])
-        r, _ = ev.evaluate(pipe, cases, metrics, sample_kwargs={**sample_kwargs, **flags}, setting=name, progress=bar.update)
+        r, images = ev.evaluate(pipe, cases, metrics, sample_kwargs={**sample_kwargs, **flags}, setting=name, progress=tick, bank=bank)
         rows += r
+        calibrated[name] = calibrated_identity(r, real, list(ev.bins), n_boot=int(b.bootstrap), seed=int(b.seed))
+        grid_images[name] = [img for c, img in zip(cases, images) if c.tags["people"] == 1 and c.tags["ref"] == 0 and c.tags["prompt"] == 0]
         vals = compute_all(metrics)
         for bin_name in list(ev.bins) + ["all"]:
             bins_rows.append({"setting": name, "bin": bin_name, "id_sim": vals.get(f"id_sim/{bin_name}", float("nan")),
                               "found_rate": vals.get(f"found_rate/{bin_name}", float("nan")),
                               "face_fid": vals.get(f"face_fid/{bin_name}", float("nan")), "image_fid": vals.get(f"image_fid/{bin_name}", float("nan")),
                               "loc_iou": vals.get(f"loc_iou/{bin_name}", float("nan")), "pose_err": vals.get(f"pose_err/{bin_name}", float("nan"))})
-    bar.close()
     summary = summarize(rows)
     header = {"run": run_dir, "date": _dt.date.today().isoformat(), "machine": machine(), "cases": str(len(cases)),
-              "sampling": json.dumps(sample_kwargs), **ev.describe()}
+              "prompts": json.dumps(list(b.prompts)), "sampling": json.dumps(sample_kwargs), **ev.describe(),
+              "real photos (ceiling)": f"{len(real)} held-out photos of the {len(refs)} reference identities"}
     write_csv(os.path.join(out_dir, "results.csv"), rows)
+    write_csv(os.path.join(out_dir, "real.csv"), real)
     write_csv(os.path.join(out_dir, "summary.csv"), summary)
     write_csv(os.path.join(out_dir, "bins.csv"), bins_rows)
+    write_csv(os.path.join(out_dir, "calibrated.csv"), calibrated_rows(calibrated))
     with open(os.path.join(out_dir, "table.md"), "w") as f:
-        f.write(markdown(summary, bins_rows, header, skipped, found_measured=not ev.standin_faces))
-    measured = ("similarity",) if ev.standin_faces else PLOT_METRICS
-    plots = plot(summary, out_dir, title=f"{os.path.basename(run_dir)} | eval: {ev.analyzer.name[:60]}", measured=measured)
+        f.write(markdown(summary, bins_rows, calibrated, header, skipped, found_measured=not ev.standin_faces))
+    measured = ("similarity", "margin") if ev.standin_faces else ("similarity", "margin") + PLOT_METRICS[1:]
+    title = f"{os.path.basename(os.path.normpath(run_dir))} | eval: {ev.analyzer.name[:60]}"
+    plots = plot(summary, out_dir, title=title, measured=measured) + calibrated_plot(calibrated, list(ev.bins), out_dir, title)
+    one_person = [s for s in b.sizes_px if any(c.tags["size_px"] == s and c.tags["people"] == 1 for c in cases)]
+    if refs and one_person and all(len(v) == len(one_person) for v in grid_images.values()):
+        plots.append(size_grid(grid_images, [refs[0]["id_image"]] * len(one_person), one_person, os.path.join(out_dir, "grid.png")))
+        save_grid_tiles(grid_images, refs[0]["id_image"], one_person, os.path.join(out_dir, "grid"))
     with open(os.path.join(out_dir, "header.json"), "w") as f:
         json.dump(header, f, indent=2)
     log.info("scale benchmark of %s: %d cases x %d settings written to %s", run_dir, len(cases), len(settings), out_dir)
-    return {"out_dir": out_dir, "summary": summary, "bins": bins_rows, "plots": plots, "header": header}
+    return {"out_dir": out_dir, "summary": summary, "bins": bins_rows, "calibrated": calibrated, "plots": plots, "header": header}

@@ -28,8 +28,10 @@ def cmd_train(args) -> int:
     else:
         res = train(load_config(args.exp, args.overrides))
     if res.get("interrupted"):
+        from realisid.interrupts import INTERRUPTED_EXIT
+
         sys.stdout.write(f"{res['interrupted']}\ncheckpoint    : {res['checkpoint']}\n")
-        return 3
+        return INTERRUPTED_EXIT
     lines = [
         f"run directory : {res['run_dir']}",
         f"config        : {os.path.join(res['run_dir'], 'config.yaml')}",
@@ -54,6 +56,30 @@ def cmd_prepare(args) -> int:
     out = prepare_embedded_default(cfg)
     for k, v in out.items():
         sys.stdout.write(f"{k}: {v}\n")
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from realisid.config import load_config
+    from realisid.embedded.pretrain import pretrain
+
+    cfg = load_config("base", args.overrides)
+    rec = pretrain(cfg)
+    check = rec["base_check"]
+    det = rec["stages"]["synthetic-face-analyzer"]["accuracy_held_out"]["all"]
+    sys.stdout.write(f"stand-in models written to {cfg.pretrain.out_dir} ({rec['megabytes']} MB) in {rec['seconds_total_this_run']:.0f} s\n"
+                     f"base check    : the analyzer found a face in {check['found']} of {check['samples']} samples from held-out captions\n"
+                     f"face analyzer : held-out recall {det['recall']:.3f}, box IoU {det['box_iou']:.3f}, landmark error {det['landmark_nme']:.3f}\n")
+    return 0
+
+
+def cmd_check_embedded(args) -> int:
+    from realisid.config import load_config
+    from realisid.embedded.check import check_embedded
+
+    cfg = load_config("base", args.overrides)
+    res = check_embedded(cfg, args.out)
+    sys.stdout.write(open(res["table"]).read() + f"\nwritten: {args.out}\n")
     return 0
 
 
@@ -102,11 +128,29 @@ def cmd_generate(args) -> int:
               "resolution": R, "identity_encoder": pipe.id_encoder.name, "backbone": pipe.backbone.name,
               "branches": [k for k, b in (("local", pipe.local_branch), ("global", pipe.global_branch)) if b is not None],
               "people": [{**r, **m} for r, m in zip(refs, out.people)]}
+    if args.panel:
+        record["panel"] = write_panel([r["reference"] for r in refs], out.images[0], os.path.splitext(args.out)[0] + "_panel.png")
     meta_path = os.path.splitext(args.out)[0] + ".json"
     with open(meta_path, "w") as f:
         json.dump(record, f, indent=2)
     sys.stdout.write(f"wrote {args.out} and {meta_path} ({len(people)} people, identity encoder {pipe.id_encoder.name})\n")
     return 0
+
+
+def write_panel(references: list[str], sample, path: str) -> str:
+    """References (each scaled to the sample's height) then the sample, side by side, as one PNG."""
+    from PIL import Image
+
+    h = sample.height
+    tiles = [Image.open(r).convert("RGB") for r in references]
+    tiles = [t.resize((max(1, round(t.width * h / t.height)), h), Image.BICUBIC) for t in tiles] + [sample]
+    canvas = Image.new("RGB", (sum(t.width for t in tiles) + 4 * (len(tiles) - 1), h), (255, 255, 255))
+    x = 0
+    for t in tiles:
+        canvas.paste(t, (x, 0))
+        x += t.width + 4
+    canvas.save(path)
+    return path
 
 
 def cmd_bench(args) -> int:
@@ -134,7 +178,13 @@ def cmd_bench(args) -> int:
 def cmd_sweep(args) -> int:
     from realisid.sweep import run_sweep
 
-    res = run_sweep(args.sweep, args.overrides)
+    from realisid.interrupts import INTERRUPTED_EXIT
+
+    try:
+        res = run_sweep(args.sweep, args.overrides)
+    except KeyboardInterrupt as stop:  # a run saved its last.ckpt; finished runs keep their DONE marker
+        sys.stderr.write(f"realisid sweep: interrupted: {stop or 'Ctrl-C'}\n")
+        return INTERRUPTED_EXIT
     sys.stdout.write(open(res["table"]).read() + f"\nwritten: {res['out_dir']}\n")
     return 0
 
@@ -146,8 +196,15 @@ def cmd_precompute(args) -> int:
 
     cfg = load_config(args.exp, args.overrides)
     prepare_embedded_default(cfg)  # the embedded default's shards and tiny base must exist first
+    from realisid.interrupts import INTERRUPTED_EXIT, terminate_as_interrupt
+
     out = args.out or os.path.join("data", "cache", "precomputed", str(cfg.experiment.name))
-    res = precompute(cfg, out, batch_size=args.batch_size, dtype=args.dtype)
+    try:
+        with terminate_as_interrupt():
+            res = precompute(cfg, out, batch_size=args.batch_size, dtype=args.dtype)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"realisid precompute: interrupted; finished shards in {out} are kept, run the same command again to continue\n")
+        return INTERRUPTED_EXIT
     sys.stdout.write(f"precomputed {res['written']} samples in {res['shards']} shards ({res['skipped_shards']} already done, "
                      f"{res['rejected']} unusable) in {res['seconds']:.0f} s\n"
                      f"train from it: make train EXP={args.exp} ARGS=\"data.precomputed={out}\"\n")
@@ -176,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--box", action="append", default=[], required=True, help="target face box x0,y0,x1,y1, once per person")
     g.add_argument("--out", default="out.png")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--panel", action="store_true", help="also write OUT_panel.png: the references beside the sample")
     g.add_argument("--steps", type=int, default=None)
     g.add_argument("--scheduler", choices=["ddim", "dpm", "euler"], default=None)
     g.add_argument("--guidance-text", type=float, default=None)
@@ -207,17 +265,41 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="stored precision (fp32 reproduces on-the-fly encoding exactly)")
     pc.set_defaults(func=cmd_precompute)
 
-    pr = sub.add_parser("prepare", help="build the embedded default's synthetic shards, stand-in encoder and tiny base model")
+    pt = sub.add_parser("pretrain", help="train the embedded default's stand-in models (base, encoders, face analyzer) into the package")
+    pt.add_argument("overrides", nargs="*", help="e.g. pretrain.unet.steps=2000 pretrain.out_dir=/tmp/assets")
+    pt.set_defaults(func=cmd_pretrain)
+
+    ce = sub.add_parser("check-embedded", help="how well the shipped stand-ins work: base samples, analyzer accuracy, encoder verification")
+    ce.add_argument("overrides", nargs="*")
+    ce.add_argument("--out", default=os.path.join("benchmarks", "results", "embedded"), help="output folder")
+    ce.set_defaults(func=cmd_check_embedded)
+
+    pr = sub.add_parser("prepare", help="draw the embedded default's synthetic shards and check its stand-in models")
     pr.add_argument("exp", nargs="?", default="local_branch")
     pr.add_argument("overrides", nargs="*")
     pr.set_defaults(func=cmd_prepare)
     return p
 
 
+def box_values_as_options(argv: list[str]) -> list[str]:
+    """``--box -5,-5,20,20`` as ``--box=-5,-5,20,20``: argparse would take a value with a leading minus for an
+    option and fail with "expected one argument" instead of letting the box check say what is wrong."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--box" and i + 1 < len(argv) and argv[i + 1].startswith("-") and argv[i + 1][1:2].isdigit():
+            out.append(f"--box={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from realisid.config import ConfigError
 
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(box_values_as_options(list(sys.argv[1:] if argv is None else argv)))
     _setup_logging(args.verbose)
     try:
         return int(args.func(args) or 0)

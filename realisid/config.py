@@ -12,6 +12,9 @@ from typing import Iterable, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from realisid.embedded.assets import register_resolver
+
+register_resolver()  # ${asset:NAME}: a model shipped with the package (the embedded default's stand-ins)
 EXPERIMENTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
 
 

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from realisid.geometry import bins_from_config, face_size, scale_bin
+from realisid.faces.analysis import l2_normalize
+from realisid.geometry import FRONTAL_KPS, bins_from_config, face_size, scale_bin
 
 log = logging.getLogger(__name__)
 
@@ -55,24 +56,69 @@ class Evaluator:
     def describe(self) -> dict[str, str]:
         return {"conditioning identity encoder": self.conditioning_name, "evaluation face analyzer": self.analyzer.name,
                 "FID features": self.fid_name,
-                "location / pose": "not measured (stand-in analyzer takes faces at their target boxes)" if self.standin_faces else "measured"}
+                "location / pose": "not measured (stand-in analyzer takes faces at their target boxes)" if self.standin_faces
+                else f"measured by {self.analyzer.name}"}
 
     def reference_embedding(self, ref: np.ndarray) -> np.ndarray:
-        """Evaluation-encoder embedding of a reference face crop (the crop's central face)."""
-        if self.standin_faces:
-            from realisid.data.pipeline import id_crop_face_box
+        """Evaluation-encoder embedding of a reference face crop (cut by ``identity_crop``, so the face is its
+        central square): the face the analyzer finds there, or, if it finds none, the known central box."""
+        from realisid.data.pipeline import id_crop_face_box
 
-            return self.analyzer.detect_in_box(ref, list(id_crop_face_box(ref.shape[0]))).embedding
-        faces = self.analyzer.detect(ref)
-        if not faces:
-            raise ValueError(f"no face found by {self.analyzer.name} in a reference crop; evaluation needs references with faces")
-        f = faces[0]
-        return f.embedding if f.embedding is not None else self.analyzer.embed(ref, f.kps)
+        box = list(id_crop_face_box(ref.shape[0]))
+        if self.standin_faces:
+            return self.analyzer.detect_in_box(ref, box).embedding
+        from realisid.metrics import match_face
+
+        f = match_face(self.analyzer.detect(ref), box)
+        if f is None:
+            log.debug("no face found by %s in a reference crop; embedding its central face box", self.analyzer.name)
+            kps = FRONTAL_KPS * np.array([box[2] - box[0], box[3] - box[1]], np.float32) + np.array(box[:2], np.float32)
+            return l2_normalize(self.analyzer.embed(ref, kps))
+        return l2_normalize(f.embedding if f.embedding is not None else self.analyzer.embed(ref, f.kps))
+
+    def reference_bank(self, references: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        """``{identity: embedding}`` of reference crops ((3, S, S) in [-1, 1]), for sim_ref and sim_other."""
+        return {k: self.reference_embedding(to_uint8(v)) for k, v in references.items()}
+
+    def find_faces(self, image: np.ndarray, boxes: Sequence[Sequence[float]]) -> list[tuple[Any, np.ndarray | None]]:
+        """For each target box: the analyzer's face for it (or None) and that face's embedding. The image is
+        analysed once, whatever the number of boxes."""
+        from realisid.metrics import match_face
+
+        if self.standin_faces:
+            faces = [self.analyzer.detect_in_box(image, list(b)) for b in boxes]
+        else:
+            detected = self.analyzer.detect(image)
+            faces = [match_face(detected, list(b)) for b in boxes]
+        out = []
+        for f in faces:
+            emb = None
+            if f is not None:
+                emb = l2_normalize(f.embedding if f.embedding is not None else self.analyzer.embed(image, f.kps))
+            out.append((f, emb))
+        return out
+
+    def identity_rows(self, image: np.ndarray, boxes: Sequence[Sequence[float]], identities: Sequence[str],
+                      bank: Mapping[str, np.ndarray]) -> list[dict]:
+        """Per box: found, the matched face, sim_ref / sim_other / margin (misses score 0, see
+        :mod:`realisid.metrics.calibrated`), location IoU and landmark error against ``kps`` when known."""
+        from realisid.metrics.calibrated import other_similarity, scored
+
+        rows = []
+        for (face, emb), box, ident in zip(self.find_faces(image, boxes), boxes, identities):
+            if face is None:
+                row = scored(0.0, 0.0, False)
+            else:  # with a single identity in play there is no stranger to compare with: sim_other is NaN
+                row = scored(float(emb @ bank[ident]), other_similarity(emb, bank, ident) if len(bank) > 1 else float("nan"), True)
+            row["face"] = face
+            rows.append(row)
+        return rows
 
     def new_metrics(self) -> dict[str, Any]:
-        from realisid.metrics import BinnedFID, IdentitySimilarity, LocationIoU, PoseError
+        from realisid.metrics import BinnedFID, IdentityMargin, IdentitySimilarity, LocationIoU, PoseError
 
         m = {"id": IdentitySimilarity(self.bins, encoder_name=self.analyzer.name, conditioning_encoder=self.conditioning_name),
+             "margin": IdentityMargin(self.bins),
              "fid_face": BinnedFID(self.bins, feature=self.fid_feature, feature_name=self.fid_name, key_prefix="face_"),
              "fid_image": BinnedFID(self.bins, feature=self.fid_feature, feature_name=self.fid_name, key_prefix="image_")}
         if not self.standin_faces:
@@ -87,13 +133,38 @@ class Evaluator:
             metrics["fid_face"].update(face_crop_uint8(img, box)[None], real=True, face_size=size)
             metrics["fid_image"].update(((img.clamp(-1, 1) + 1) * 127.5).round().byte()[None], real=True, face_size=size)
 
+    def real_rows(self, examples: Sequence[Mapping[str, Any]], bank: Mapping[str, np.ndarray], exclude: set[str] = frozenset(),
+                  setting: str = "real") -> list[dict]:
+        """The ceiling's rows: real photos of the bank's identities (except the keys in ``exclude``, the photos the
+        references were cut from), scored exactly as generated faces are."""
+        rows = []
+        for ex in examples:
+            ident = ex["identity"]
+            if ident not in bank or ex["key"] in exclude:
+                continue
+            img = ex["image"]
+            box = [float(v) for v in ex["face_box"]]
+            r = self.identity_rows(to_uint8(img), [box], [ident], bank)[0]
+            size = face_size(box, img.shape[-1], img.shape[-2])
+            rows.append({"setting": setting, "key": ex["key"], "identity": ident, "face_size": round(size, 4),
+                         "bin": scale_bin(size, self.bins), **{k: r[k] for k in ("found", "sim_ref", "sim_other", "margin")}})
+        return rows
+
     @torch.no_grad()
     def evaluate(self, pipe, cases: Sequence[Case], metrics: Mapping[str, Any], *, sample_kwargs: Mapping[str, Any],
-                 setting: str = "default", progress: Callable | None = None) -> tuple[list[dict], list[torch.Tensor]]:
-        """Generate every case, update ``metrics``; returns one row per person and the generated images."""
-        from realisid.metrics import match_face, score_faces
+                 setting: str = "default", progress: Callable | None = None,
+                 bank: Mapping[str, np.ndarray] | None = None) -> tuple[list[dict], list[torch.Tensor]]:
+        """Generate every case, update ``metrics``; returns one row per person and the generated images.
+
+        ``bank``: reference embeddings of every identity in play (:meth:`reference_bank`); default: the cases' own."""
+        from realisid.geometry import box_iou
         from realisid.pipeline import Person
 
+        if bank is None:
+            refs: dict[str, torch.Tensor] = {}
+            for case in cases:
+                refs.update({i: img for i, img in zip(case.identities, case.id_images) if i not in refs})
+            bank = self.reference_bank(refs)
         rows, images = [], []
         for case in cases:
             people = [Person(box=b, id_image=i, id_mask=m) for b, i, m in zip(case.boxes, case.id_images, case.id_masks)]
@@ -101,35 +172,35 @@ class Evaluator:
             img = out.images[0].cpu()
             images.append(img)
             arr = to_uint8(img)
-            refs = [self.reference_embedding(to_uint8(i)) for i in case.id_images]
-            sim, found, matched = score_faces([arr] * len(people), case.boxes, refs, self.analyzer)
+            scored_rows = self.identity_rows(arr, case.boxes, case.identities, bank)
             R = img.shape[-1]
             sizes = torch.tensor([face_size(b, R, R) for b in case.boxes])
-            metrics["id"].update(torch.as_tensor(sim), torch.as_tensor(found), sizes)
+            found = torch.tensor([bool(r["found"]) for r in scored_rows])
+            metrics["id"].update(torch.tensor([r["sim_ref"] for r in scored_rows]), found, sizes)
+            if len(bank) > 1:
+                metrics["margin"].update(torch.tensor([r["margin"] for r in scored_rows]), found, sizes)
             for b, s in zip(case.boxes, sizes):
                 metrics["fid_face"].update(face_crop_uint8(img, b)[None], real=False, face_size=s[None])
             metrics["fid_image"].update(((img.clamp(-1, 1) + 1) * 127.5).round().byte()[None], real=False, face_size=sizes.min()[None])
             pose_err = [float("nan")] * len(people)
             iou = [float("nan")] * len(people)
             if "loc" in metrics:
-                metrics["loc"].update(torch.as_tensor(matched, dtype=torch.float32), torch.tensor(case.boxes, dtype=torch.float32), sizes)
-                faces = self.analyzer.detect(arr)
-                det_kps, tgt_kps = [], []
-                for j, (b, meta) in enumerate(zip(case.boxes, out.people)):
-                    f = match_face(faces, b)
-                    det_kps.append(f.kps if f is not None else np.full((5, 2), np.nan, np.float32))
-                    tgt_kps.append(np.asarray(meta["kps"], np.float32))
-                    iod = float(np.linalg.norm(tgt_kps[-1][1] - tgt_kps[-1][0])) or 1.0
-                    pose_err[j] = float(np.linalg.norm(det_kps[-1] - tgt_kps[-1], axis=1).mean() / iod)
-                metrics["pose"].update(torch.tensor(np.stack(det_kps)), torch.tensor(np.stack(tgt_kps)), sizes)
-                from realisid.geometry import box_iou
-
-                iou = [box_iou(m, b) if np.all(np.isfinite(m)) else 0.0 for m, b in zip(np.asarray(matched), case.boxes)]
+                matched = np.array([r["face"].bbox if r["face"] is not None else np.full(4, np.nan) for r in scored_rows], np.float32)
+                metrics["loc"].update(torch.from_numpy(matched), torch.tensor(case.boxes, dtype=torch.float32), sizes)
+                det_kps = np.stack([r["face"].kps if r["face"] is not None else np.full((5, 2), np.nan, np.float32) for r in scored_rows])
+                tgt_kps = np.stack([np.asarray(meta["kps"], np.float32) for meta in out.people])
+                metrics["pose"].update(torch.from_numpy(det_kps), torch.from_numpy(tgt_kps), sizes)
+                for j in range(len(people)):
+                    iod = float(np.linalg.norm(tgt_kps[j][1] - tgt_kps[j][0])) or 1.0
+                    pose_err[j] = float(np.linalg.norm(det_kps[j] - tgt_kps[j], axis=1).mean() / iod)
+                    iou[j] = box_iou(matched[j], case.boxes[j]) if np.all(np.isfinite(matched[j])) else 0.0
             for j, b in enumerate(case.boxes):
+                r = scored_rows[j]
                 rows.append({"setting": setting, **case.tags, "person": j, "identity": case.identities[j],
                              "box": ",".join(f"{v:.1f}" for v in b), "face_size": round(float(sizes[j]), 4),
-                             "bin": scale_bin(float(sizes[j]), self.bins), "similarity": float(sim[j]) if found[j] else 0.0,
-                             "found": bool(found[j]), "loc_iou": iou[j], "pose_err": pose_err[j]})
+                             "bin": scale_bin(float(sizes[j]), self.bins), "similarity": r["sim_ref"], "sim_ref": r["sim_ref"],
+                             "sim_other": r["sim_other"], "margin": r["margin"], "found": bool(r["found"]), "loc_iou": iou[j],
+                             "pose_err": pose_err[j]})
             if progress is not None:
                 progress()
         return rows, images

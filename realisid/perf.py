@@ -276,9 +276,10 @@ def precomputed_batch(module, batch: dict) -> dict:
     with torch.no_grad():
         out["latent_moments"] = module.backbone.latent_moments(batch["image"].to(module.backbone.vae.device)).float()
         embeds, pooled = module.backbone.text_embeddings(batch["caption"])
-    out["text_embeds"] = embeds.float()
+        free, free_pooled = module.backbone.text_embeddings(batch.get("caption_no_identity", batch["caption"]))
+    out["text_embeds"], out["text_embeds_no_identity"] = embeds.float(), free.float()
     if pooled is not None:
-        out["text_pooled"] = pooled.float()
+        out["text_pooled"], out["text_pooled_no_identity"] = pooled.float(), free_pooled.float()
     return out
 
 

@@ -3,7 +3,7 @@
 Each denoising step, for every person: one global-branch pass with that person's location map and identity
 tokens, and one local-branch pass on that person's latent crop (both batched over the three guidance
 conditions). Local residuals are relocated to each person's box and SUMMED over people; global residuals
-are AVERAGED over people; the frozen UNet runs once on the sum. Guidance (DESIGN.md):
+are AVERAGED over people; the frozen UNet runs once on the sum. Guidance:
 ``eps = eps_none + g_text * (eps_t - eps_none) + g_id * (eps_ti - eps_t)``, with identity conditioning
 delayed for the first ``id_delay`` fraction of steps.
 """

@@ -1,7 +1,8 @@
 """Ablation sweeps: a sweep is a config (experiments/sweeps/*.yaml), not a script.
 
 Each entry of ``runs`` names an experiment and overrides. Runs live in ``runs/sweeps/<sweep>/<run>``, tables
-and plots in the sweep's ``out_dir``. The runner trains it (with the sweep's ``train``
+and plots in the sweep's ``out_dir``. ``precompute: FOLDER`` runs ``realisid precompute`` once (VAE latents and
+text embeddings of the train shards) and trains every run from it. The runner trains it (with the sweep's ``train``
 overrides), benchmarks it with the branches it trained (the sweep's ``bench`` overrides), marks it DONE,
 and finally writes one combined table and plot. Rerunning skips DONE runs and resumes interrupted ones.
 """
@@ -16,7 +17,7 @@ from omegaconf import OmegaConf
 from realisid.config import EXPERIMENTS_DIR, ConfigError, load_config
 
 log = logging.getLogger(__name__)
-SWEEP_KEYS = {"name", "out_dir", "train", "bench", "runs"}
+SWEEP_KEYS = {"name", "out_dir", "train", "bench", "runs", "precompute"}
 
 
 def load_sweep(name: str):
@@ -34,46 +35,153 @@ def load_sweep(name: str):
     return sw
 
 
+def _read_csv(path: str) -> list[dict]:
+    def value(v: str):
+        for cast in (int, float):
+            try:
+                return cast(v)
+            except ValueError:
+                pass
+        return {"True": True, "False": False}.get(v, v)
+
+    with open(path) as f:
+        return [{k: value(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _calibrated_from_csv(rows: list[dict]) -> dict[str, dict]:
+    return {r["bin"]: {"n": r["n"], "identities": r["identities"], "real_n": r["real_n"],
+                       **{q: (r[q], r[q + "_lo"], r[q + "_hi"]) for q in ("found_rate", "sim_ref", "sim_other", "margin", "ceiling", "retention")}}
+            for r in rows}
+
+
 def run_sweep(name: str, extra_overrides=()) -> dict:
-    from realisid.bench import plot, run_bench, write_csv
+    from realisid.bench import calibrated_plot, plot, run_bench, write_csv
+    from realisid.geometry import bins_from_config
+    from realisid.metrics.calibrated import fmt, paired_difference
     from realisid.train import resume_config, train
 
     sw = load_sweep(name)
     out_dir = str(sw.out_dir)
-    combined = []
+    combined, per_run_rows, calibrated = [], {}, {}
+    bins = None
+    cache = []
+    if sw.get("precompute"):
+        cache = [f"data.precomputed={precomputed(sw, extra_overrides)}"]
     for run_name, spec in sw.runs.items():
         bench_dir = os.path.join(out_dir, run_name)
-        overrides = list(sw.get("train", [])) + list(spec.get("overrides", [])) + list(extra_overrides)
+        overrides = list(sw.get("train", [])) + cache + list(spec.get("overrides", [])) + list(extra_overrides)
         cfg = load_config(str(spec.exp), overrides + list(sw.get("bench", [])))
+        bins = list(bins_from_config(cfg.bins))
         run_dir = os.path.join(cfg.experiment.runs_dir, "sweeps", str(sw.name), run_name)  # checkpoints stay out of results
         if os.path.exists(os.path.join(run_dir, "DONE")):
             log.info("sweep %s: %s already done, skipped", sw.name, run_name)
         else:
+            res = {}
             if os.path.exists(os.path.join(run_dir, "checkpoints", "last.ckpt")) and not os.path.isdir(os.path.join(run_dir, "export")):
                 log.info("sweep %s: resuming %s", sw.name, run_name)
-                train(resume_config(run_dir), resume=run_dir)
+                res = train(resume_config(run_dir), resume=run_dir)
             elif not os.path.isdir(os.path.join(run_dir, "export")):
                 log.info("sweep %s: training %s (%s %s)", sw.name, run_name, spec.exp, " ".join(overrides))
-                train(cfg, run_dir=run_dir)
+                res = train(cfg, run_dir=run_dir)
+            if res.get("interrupted"):  # SIGTERM / Ctrl-C: the run is saved; benchmarking it half-trained would be wrong
+                raise KeyboardInterrupt(f"sweep {sw.name}: {run_name} {res['interrupted']}; rerun the sweep to resume it")
             run_bench(cfg, run_dir, bench_dir, settings={"trained": {}})
             open(os.path.join(run_dir, "DONE"), "w").write("ok\n")
-        with open(os.path.join(bench_dir, "summary.csv")) as f:
-            for row in csv.DictReader(f):
-                row["run"] = run_name
-                for k in ("people", "size_px"):
-                    row[k] = int(row[k])
-                for k in ("face_size", "similarity", "found", "loc_iou", "pose_err"):
-                    row[k] = float(row[k])
-                combined.append(row)
+        for row in _read_csv(os.path.join(bench_dir, "summary.csv")):
+            row["run"] = run_name
+            combined.append(row)
+        per_run_rows[run_name] = _read_csv(os.path.join(bench_dir, "results.csv"))
+        calibrated[run_name] = _calibrated_from_csv(_read_csv(os.path.join(bench_dir, "calibrated.csv")))
     write_csv(os.path.join(out_dir, "summary.csv"), combined)
-    plots = plot(combined, out_dir, label_key="run", title=f"sweep {sw.name}", measured=("similarity",))
+    title = f"sweep {sw.name}"
+    plots = plot(combined, out_dir, label_key="run", title=title, measured=("similarity", "margin"))
+    plots += calibrated_plot(calibrated, bins, out_dir, title)
+    grid = sweep_grid(out_dir, list(sw.runs), sorted({r["size_px"] for r in combined if r["people"] == 1}))
+    if grid:
+        plots.append(grid)
+    claims = {}
+    baseline = "global_only"
+    if baseline in per_run_rows:
+        for other in ("joint", "local_only"):
+            if other in per_run_rows:
+                claims[f"{other} - {baseline}"] = paired_difference(per_run_rows[other], per_run_rows[baseline], bins, seed=0)
     table = os.path.join(out_dir, "table.md")
     with open(table, "w") as f:
-        f.write(f"# Sweep {sw.name}\n\nIdentity similarity (evaluation stand-in encoder, misses score 0) by run and face size.\n\n")
+        f.write(f"# Sweep {sw.name}\n\nIdentity margin (sim_ref - sim_other, misses score 0) and retention (margin / the real-photo "
+                "ceiling) per face-size bin, 95% intervals resampling identities. Each run is benchmarked with the branches it trained.\n\n")
+        for q, digits in (("margin", 3), ("retention", 2)):
+            f.write(f"\n## {q}\n\n| run | " + " | ".join(bins + ["all"]) + " |\n|---|" + "---|" * (len(bins) + 1) + "\n")
+            for run_name, per_bin in calibrated.items():
+                f.write(f"| {run_name} | " + " | ".join(fmt(per_bin[b][q], digits) if b in per_bin else "-" for b in bins + ["all"]) + " |\n")
+        first = next(iter(calibrated.values()))
+        f.write("| ceiling (real photos) | " + " | ".join(fmt(first[b]["ceiling"]) if b in first else "-" for b in bins + ["all"]) + " |\n")
+        f.write("\n## found-rate\n\n| run | " + " | ".join(bins + ["all"]) + " |\n|---|" + "---|" * (len(bins) + 1) + "\n")
+        for run_name, per_bin in calibrated.items():
+            f.write(f"| {run_name} | " + " | ".join(f"{per_bin[b]['found_rate'][0]:.2f}" if b in per_bin else "-" for b in bins + ["all"]) + " |\n")
+        if claims:
+            f.write("\n## The paper's claim: margin difference on the same cases (same reference, box, seed)\n\n| difference | "
+                    + " | ".join(bins + ["all"]) + " |\n|---|" + "---|" * (len(bins) + 1) + "\n")
+            for label, per_bin in claims.items():
+                f.write(f"| {label} | " + " | ".join(fmt(per_bin[b]) if b in per_bin else "-" for b in bins + ["all"]) + " |\n")
         sizes = sorted({r["size_px"] for r in combined})
         for n in sorted({r["people"] for r in combined}):
-            f.write(f"\n## {n} {'person' if n == 1 else 'people'}\n\n| run | " + " | ".join(f"{s} px" for s in sizes) + " |\n|---|" + "---|" * len(sizes) + "\n")
+            f.write(f"\n## margin by face size, {n} {'person' if n == 1 else 'people'}\n\n| run | " + " | ".join(f"{s} px" for s in sizes)
+                    + " |\n|---|" + "---|" * len(sizes) + "\n")
             for run_name in sw.runs:
-                vals = {r["size_px"]: r["similarity"] for r in combined if r["run"] == run_name and r["people"] == n}
+                vals = {r["size_px"]: r["margin"] for r in combined if r["run"] == run_name and r["people"] == n}
                 f.write(f"| {run_name} | " + " | ".join(f"{vals[s]:.3f}" if s in vals else "-" for s in sizes) + " |\n")
-    return {"out_dir": out_dir, "table": table, "plots": plots}
+    with open(os.path.join(out_dir, "claims.json"), "w") as f:
+        import json
+
+        json.dump(claims, f, indent=2)
+    return {"out_dir": out_dir, "table": table, "plots": plots, "claims": claims, "calibrated": calibrated}
+
+
+def precomputed(sw, extra_overrides=()) -> str:
+    """The sweep's precomputed cache (written on the first run of the sweep, reused after)."""
+    import json
+
+    from realisid.data.precompute import INFO_FILE, precompute
+    from realisid.prepare import prepare_embedded_default
+
+    folder = str(sw.precompute)
+    info = os.path.join(folder, INFO_FILE)
+    if os.path.exists(info) and json.load(open(info)).get("complete"):
+        return folder
+    first = next(iter(sw.runs.values()))
+    cfg = load_config(str(first.exp), list(sw.get("train", [])) + list(extra_overrides))
+    prepare_embedded_default(cfg)
+    log.info("sweep %s: precomputing latents and text embeddings into %s (once for every run)", sw.name, folder)
+    precompute(cfg, folder)
+    return folder
+
+
+def sweep_grid(out_dir: str, runs: list[str], sizes_px: list[int]) -> str | None:
+    """rows = face sizes, columns = reference | each run's sample (same reference, box and seed), from the runs' grid tiles."""
+    from PIL import Image
+
+    folders = [os.path.join(out_dir, r, "grid") for r in runs]
+    ref_path = os.path.join(folders[0], "reference.png") if folders else ""
+    if not os.path.exists(ref_path):
+        return None
+    tiles = []
+    for size in sizes_px:
+        row = [Image.open(ref_path).convert("RGB")]
+        for folder in folders:
+            path = os.path.join(folder, f"trained-{size}.png")
+            if not os.path.exists(path):
+                return None
+            row.append(Image.open(path).convert("RGB"))
+        tiles.append(row)
+    side = row[1].width
+    pad = 2
+    canvas = Image.new("RGB", ((side + pad) * (len(runs) + 1) + pad, (side + pad) * len(sizes_px) + pad), (255, 255, 255))
+    for i, row in enumerate(tiles):
+        for j, im in enumerate(row):
+            canvas.paste(im.resize((side, side), Image.BICUBIC), (pad + j * (side + pad), pad + i * (side + pad)))
+    path = os.path.join(out_dir, "grid.png")
+    canvas.save(path)
+    with open(os.path.join(out_dir, "grid.md"), "w") as f:
+        f.write("rows (top to bottom): face sizes " + ", ".join(f"{s} px" for s in sizes_px) + " at 512 scale; columns: reference | "
+                + " | ".join(runs) + "\n")
+    return path

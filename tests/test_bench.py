@@ -44,8 +44,17 @@ def test_scale_bench_writes_tables_and_plots(face_shards, eval_standin, tmp_path
     module.export(str(run / "export"))
     res = run_bench(cfg, str(run), str(tmp_path / "bench"), progress=False)
     out = tmp_path / "bench"
-    for f in ("results.csv", "summary.csv", "bins.csv", "table.md", "header.json", "similarity_vs_size.png"):
+    for f in ("results.csv", "real.csv", "summary.csv", "bins.csv", "calibrated.csv", "table.md", "header.json", "similarity_vs_size.png",
+              "margin_by_bin.png", "retention_by_bin.png", "grid.png", "grid/reference.png", "grid/joint-64.png"):
         assert (out / f).exists(), f
+    cal = list(csv.DictReader(open(out / "calibrated.csv")))
+    assert {(r["setting"], r["bin"]) for r in cal} >= {("joint", "all"), ("local_only", "all"), ("global_only", "all")}
+    for r in cal:
+        assert float(r["margin_lo"]) <= float(r["margin"]) <= float(r["margin_hi"])
+        assert abs(float(r["margin"]) - (float(r["sim_ref"]) - float(r["sim_other"]))) < 2e-4
+    real = list(csv.DictReader(open(out / "real.csv")))
+    refs = {r["identity"] for r in csv.DictReader(open(out / "results.csv"))}
+    assert real and {r["identity"] for r in real} <= refs  # the ceiling uses photos of the reference identities only
     rows = list(csv.DictReader(open(out / "results.csv")))
     # 3 settings x (size 64: 1 and 3 people; size 192 at 64 px: 1 person, 3 do not fit) x 2 references
     assert len(rows) == 3 * 2 * (1 + 3 + 1)
@@ -66,7 +75,7 @@ def test_sweep_skips_finished_runs(face_shards, eval_standin, tmp_path, monkeypa
     sweep.write_text(f"""name: mini
 out_dir: {tmp_path}/sweep
 train: [{common.replace('" "', '", "')}, trainer.max_steps=2, trainer.val_check_interval=2, trainer.checkpoint_every_n_steps=2]
-bench: ["bench.sizes_px=[64]", "bench.people=[1]", bench.references=1, bench.steps=2, "bench.prompts=[a photo]"]
+bench: ["bench.sizes_px=[64]", "bench.people=[1]", bench.references=2, bench.steps=2, "bench.prompts=[a photo]", bench.bootstrap=50]
 runs:
   local_only: {{exp: local_branch}}
   no_upsample: {{exp: local_branch, overrides: [model.local.upsample=false]}}
@@ -79,3 +88,26 @@ runs:
     monkeypatch.setattr(realisid.train, "train", lambda *a, **k: calls.append(a))
     run_sweep(str(sweep))
     assert calls == []  # both runs were DONE
+
+
+def test_an_interrupted_sweep_run_is_neither_benchmarked_nor_marked_done(tmp_path, monkeypatch):
+    """SIGTERM during a sweep's training: the run saved last.ckpt and must resume on the next sweep, not be
+    benchmarked half-trained and skipped forever."""
+    import realisid.bench
+    import realisid.train
+    from realisid.cli import main
+    from realisid.interrupts import INTERRUPTED_EXIT
+
+    sweep = tmp_path / "mini.yaml"
+    sweep.write_text(f"""name: mini
+out_dir: {tmp_path}/sweep
+train: [experiment.runs_dir={tmp_path}/runs]
+runs:
+  local_only: {{exp: local_branch}}
+""")
+    monkeypatch.setattr(realisid.train, "train", lambda cfg, **k: {"interrupted": "SIGTERM at step 3"})
+    benched = []
+    monkeypatch.setattr(realisid.bench, "run_bench", lambda *a, **k: benched.append(a))
+    assert main(["sweep", str(sweep)]) == INTERRUPTED_EXIT
+    assert benched == []
+    assert not (tmp_path / "runs" / "sweeps" / "mini" / "local_only" / "DONE").exists()

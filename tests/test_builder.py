@@ -470,7 +470,9 @@ def test_resume_after_interrupt_while_writing(people_folder, clean_build, analyz
     with pytest.raises(KeyboardInterrupt):
         build_shards(str(people_folder), str(out), "ppl", analyzer, workers=0, shard_size=3, progress=False)
     monkeypatch.undo()
-    assert sorted(f for f in os.listdir(out) if f.startswith("ppl-")) == ["ppl-000000.tar", "ppl-000001.tar.tmp"]
+    # the half-written shard's .tar.tmp is deleted on the way out; one left by a hard kill is deleted by the rerun
+    assert sorted(f for f in os.listdir(out) if f.startswith("ppl-")) == ["ppl-000000.tar"]
+    (out / "ppl-000001.tar.tmp").write_bytes(b"left by a kill -9")
     journal = load_json((out / "ppl.progress.json"))
     assert [s["file"] for s in journal["shards"]] == ["ppl-000000.tar"] and len(journal["shards"][0]["sources"]) == 3
     assert journal["counts"]["kept"] == 3 and not journal["complete"]
@@ -483,6 +485,7 @@ def test_resume_after_interrupt_while_writing(people_folder, clean_build, analyz
     assert (out / "ppl-000000.tar").read_bytes() == first
     assert comparable(m) == comparable(clean)
     assert shard_bytes(out, "ppl") == shard_bytes(clean_out, "ppl")  # byte-identical to an uninterrupted build
+    assert not list(out.glob("ppl-*.tar.tmp"))
     assert len(read_shards(out, "ppl")) == 8  # and no duplicate keys
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
     assert load_json((out / "ppl.progress.json"))["complete"]
@@ -557,7 +560,14 @@ def test_cli_build_shards(model_dir, tmp_path, capsys):
     assert m["name"] == "faces" and m["kept"] == 3 and m["selection"]["min_face"] == 16
     with pytest.raises(ValueError, match="pass --model-dir with an insightface model folder"):
         builder.faces_config(None, None)
-    with pytest.raises(ValueError, match="experiment 'local_branch' has faces.model_dir unset"):
-        builder.faces_config(None, "local_branch")
+    no_faces = tmp_path / "no_faces.yaml"
+    no_faces.write_text("defaults: [base]\nfaces:\n  model_dir: null\n")
+    with pytest.raises(ValueError, match="has faces.model_dir unset"):
+        builder.faces_config(None, str(no_faces))
+    # the embedded default's experiments name its synthetic face analyzer
+    from realisid.embedded.assets import asset_path
+
+    synthetic = builder.faces_config(None, "local_branch")
+    assert synthetic["kind"] == "synthetic" and synthetic["model_dir"] == asset_path("synthetic-face-analyzer")
     cfg = builder.faces_config(model_dir, "local_branch")
     assert cfg["det_size"] == [640, 640] and cfg["model_dir"] == model_dir and cfg["kind"] == "insightface"

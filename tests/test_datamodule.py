@@ -26,7 +26,7 @@ def test_batch_shapes_and_ranges(tiny_cfg, face_shards):
     batches = list(itertools.islice(dm.train_dataloader(), 3))  # the stream is infinite
     assert [b["data_consumed"] for b in batches] == [4, 8, 12] and {b["data_stream"] for b in batches} == {0}
     shipped = unpack_batch(batches[0])  # one buffer between processes; uint8 pixels
-    assert set(batches[0]) - {"packed", "packed_layout"} == {"key", "caption", "skipped", "data_stream", "data_consumed"}
+    assert set(batches[0]) - {"packed", "packed_layout"} == {"key", "identity", "caption", "caption_no_identity", "skipped", "data_stream", "data_consumed"}
     assert shipped["image"].shape == (4, 64, 64, 3) and shipped["image"].dtype == torch.uint8
     b = ready_batch(batches[0])  # what the module does once the batch is on its device
     assert b["image"].shape == (4, 3, 64, 64) and b["image"].dtype == torch.float32

@@ -190,7 +190,7 @@ def test_generate_reference_without_face(run_dir, tmp_path, capsys):
     onnx_models.make_scrfd(str(models / "det.onnx"))
     onnx_models.make_arcface(str(models / "rec.onnx"), dim=64)
     cfg = OmegaConf.load(run_dir / "export" / "config.yaml")
-    cfg.faces.model_dir = str(models)
+    cfg.faces.kind, cfg.faces.model_dir = "insightface", str(models)
     run = tmp_path / "run2"
     import shutil
 

@@ -1,7 +1,7 @@
 """The shard builder: a folder of photos or existing webdataset / img2dataset tars to RealisID face shards.
 
 ``build_shards`` keeps single-person photos (one face that is large, confident and not cut by the border;
-other faces much smaller) and writes them in the shard format of DESIGN.md through
+other faces much smaller) and writes them in the shard format of realisid/data/shards.py through
 :class:`~realisid.data.shards.FaceShardWriter`, with the identity embedding when the analyzer has one and
 a reference face (``ref.jpg``) cut from ANOTHER photo of the same identity.
 
@@ -957,7 +957,11 @@ def cmd_build_shards(args) -> int:
     except KeyboardInterrupt:
         sys.stderr.write(f"realisid build-shards: interrupted; finished shards in {args.out} are kept, run the same command "
                          "again to resume\n")
-        return INTERRUPTED_EXIT
+        # every shard and the journal are closed by now. The killed pool's manager thread can block the interpreter's
+        # exit (concurrent.futures joins it at exit, and it may wait on a pipe to a dead worker): leave at once
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(INTERRUPTED_EXIT)
     sys.stdout.write(format_summary(manifest, args.out, name, time.time() - t0))
     return 0
 

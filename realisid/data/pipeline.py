@@ -5,7 +5,8 @@ An example holds everything the branches need, at the experiment's resolutions:
 VAE grid, so it maps onto whole latent pixels); ``pe_map`` (3,P,P) in [0,1], the pose/expression contours in
 crop coordinates (P = local latent size x VAE factor); ``loc_map`` (1,R,R);
 ``id_image`` (3,S,S) and ``id_mask`` (1,S,S), the reference face (another photo of the person when the shard
-has one); ``id_embed`` (D,) with ``has_id_embed``; ``caption``; ``face_size`` (the bins' measure).
+has one); ``id_embed`` (D,) with ``has_id_embed``; ``caption`` and ``caption_no_identity`` (the same without the
+person's identity attributes, when the shard has it); ``face_size`` (the bins' measure).
 """
 from __future__ import annotations
 
@@ -136,12 +137,21 @@ def make_example(decoded: Mapping[str, Any], *, resolution: int, vae_scale_facto
         "id_mask": id_mask,
         "id_embed": torch.from_numpy(emb) if emb is not None else _NO_EMBED,
         "has_id_embed": emb is not None,
+        "identity": identity_of(meta, decoded["key"]),
         "caption": str(meta.get("caption") or ""),
+        # the caption without the person's identity (hair, glasses, ...) where the shard has one; else the caption
+        "caption_no_identity": str(meta.get("caption_no_identity") or meta.get("caption") or ""),
         "face_size": float(face_size(meta["bbox"], meta["width"], meta["height"])),
     }
     if "image" in pixels:
         ex["image"] = pixels["image"]
     return ex if uint8_pixels else finish_batch(ex)
+
+
+def identity_of(meta: Mapping[str, Any], key: str) -> str:
+    """A sample's identity: the shard's ``identity`` field, else its key up to the last ``-`` (``synth-0003-0011``)."""
+    ident = meta.get("identity")
+    return str(ident) if ident not in (None, "") else key.rsplit("-", 1)[0]
 
 
 def _contour_points(meta: Mapping[str, Any], kps: np.ndarray, to_global, key: str) -> tuple[list[tuple[str, int]], np.ndarray]:
@@ -276,7 +286,7 @@ class ExampleMaker:
             ex = make_example(decoded, uint8_pixels=True, stored=stored, **self.kwargs)
             if stored:
                 ex.pop("image", None)
-                ex.update({k: torch.from_numpy(stored[k]) for k in ("latent_moments", "text_embeds", "text_pooled") if k in stored})
+                ex.update({k: torch.from_numpy(stored[k]) for k in ("latent_moments", "text_embeds", "text_pooled", "text_embeds_no_identity", "text_pooled_no_identity") if k in stored})
         except SampleError as err:
             self.skipped[err.reason] += 1
             n = sum(self.skipped.values())

@@ -10,7 +10,8 @@ member of the original samples plus
   ``data.resolution``; training samples from it with the step's generator, exactly as encoding on the fly does,
   so the noise draws and the loss are the same;
 - ``text`` (L, D) and, for SDXL, ``text_pooled`` (P,): the caption's text embeddings. Dropped captions use the
-  empty prompt's embedding, computed once;
+  empty prompt's embedding, computed once; ``text_no_identity`` (and ``text_pooled_no_identity``): the same for
+  the identity-free caption (``data.identity_free_captions``);
 - ``pe_map`` (P, P, 3), ``id_image`` (S, S, 3) and ``id_mask`` (S, S), uint8: the example's drawn guidance and
   reference crop, exactly as the pipeline makes them, so training from the cache decodes no JPEG at all.
 
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 INFO_FILE = "precomputed.json"
 MEMBER = "precomputed.npy"
 FIELDS = {"latent": ("latent_moments", 3), "text": ("text_embeds", 2), "text_pooled": ("text_pooled", 1),  # field: (batch key, rank)
+          "text_no_identity": ("text_embeds_no_identity", 2), "text_pooled_no_identity": ("text_pooled_no_identity", 1),
           "pe_map": ("pe_map", 3), "id_image": ("id_image", 3), "id_mask": ("id_mask", 2)}
 
 
@@ -81,7 +83,7 @@ def stored_arrays(raw: Mapping[str, Any], key: str) -> dict[str, np.ndarray]:
 
 def cache_info(backbone, cfg) -> dict:
     """What a cache must match: the backbone's fingerprint and the settings that shape an example."""
-    return {"format": 3, "resolution": int(cfg.data.resolution), "local_latent_size": int(cfg.model.local.latent_size),
+    return {"format": 4, "resolution": int(cfg.data.resolution), "local_latent_size": int(cfg.model.local.latent_size),
             "crop_expand": float(cfg.model.local.crop_expand), "id_image_size": int(cfg.model.id_encoder.image_size),
             **backbone.fingerprint()}
 
@@ -151,20 +153,24 @@ def precompute(cfg, out_dir: str, batch_size: int = 32, dtype: str = "fp32") -> 
         embeds, pooled = backbone.text_embeddings(batch["caption"])
         embeds = embeds.float().cpu().numpy()
         pooled = pooled.float().cpu().numpy() if pooled is not None else None
+        free, free_pooled = backbone.text_embeddings(batch["caption_no_identity"])
+        free = free.float().cpu().numpy()
+        free_pooled = free_pooled.float().cpu().numpy() if free_pooled is not None else None
         ex0 = pending[0][1]
         fields = [("latent", np_dtype, moments.shape[1:]), ("text", np_dtype, embeds.shape[1:]),
                   ("pe_map", np.uint8, tuple(ex0["pe_map"].shape)), ("id_image", np.uint8, tuple(ex0["id_image"].shape)),
                   ("id_mask", np.uint8, tuple(ex0["id_mask"].shape[-2:]))]
+        fields.append(("text_no_identity", np_dtype, free.shape[1:]))
         if pooled is not None:
-            fields.append(("text_pooled", np_dtype, pooled.shape[1:]))
+            fields += [("text_pooled", np_dtype, pooled.shape[1:]), ("text_pooled_no_identity", np_dtype, free_pooled.shape[1:])]
         for i, (raw, ex) in enumerate(pending):
             sample = {k: v for k, v in raw.items() if k == "__key__" or not k.startswith("__")}
             record = np.zeros((), dtype=fields)
-            record["latent"], record["text"] = moments[i], embeds[i]
+            record["latent"], record["text"], record["text_no_identity"] = moments[i], embeds[i], free[i]
             record["pe_map"], record["id_image"] = ex["pe_map"].numpy(), ex["id_image"].numpy()
             record["id_mask"] = ex["id_mask"][0].numpy().round()  # a 0/1 mask
             if pooled is not None:
-                record["text_pooled"] = pooled[i]
+                record["text_pooled"], record["text_pooled_no_identity"] = pooled[i], free_pooled[i]
             sample[MEMBER] = encode_array(record)
             writer.write(sample)
         counts["written"] += len(pending)

@@ -1,6 +1,6 @@
 """The shard format: the contract between the shard builder (and the synthetic generator) and the pipeline.
 
-One sample is a group of tar members sharing a key (see DESIGN.md):
+One sample is a group of tar members sharing a key (the format users write and read):
 ``KEY.jpg`` full RGB image, ``KEY.json`` face metadata, optional ``KEY.id.npy`` identity embedding and
 optional ``KEY.ref.jpg`` reference face from another photo of the same identity. Beside the shards,
 ``NAME.manifest.json`` counts what was kept and rejected. Nothing here ever unpickles.
@@ -177,7 +177,7 @@ def decode_sample(raw: Mapping[str, Any], embed_dim: int | None = None,
 
 def face_meta(image_size: tuple[int, int], bbox: Sequence[float], kps: np.ndarray, *, det_score: float,
               identity: str | None, caption: str, source: str, landmarks: Mapping[str, Any] | None = None) -> dict:
-    """The JSON record of one sample, as DESIGN.md specifies it."""
+    """The JSON record of one sample, in the shard format above."""
     width, height = image_size
     meta = {
         "width": int(width),
@@ -292,13 +292,17 @@ class FaceShardWriter:
             self._finish()
 
     def abort(self) -> None:
-        """Close an interrupted run's open ``.tar.tmp`` without finishing it; finished shards stay as they are."""
+        """Close and delete an interrupted run's open ``.tar.tmp`` without finishing it; finished shards stay as they are."""
         if self._writer is not None:
             try:
                 self._writer.close()
             except Exception:  # best effort: the .tmp file is removed by the next run anyway
                 log.debug("closing %s failed", self._tmp, exc_info=True)
             self._writer = None
+            try:  # the unfinished shard is redone by the next run (the journal lists finished shards only)
+                os.remove(self._tmp)
+            except OSError:
+                pass
 
     def reject(self, reason: str) -> None:
         self.manifest.rejected[reason] += 1

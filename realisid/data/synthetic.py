@@ -1,6 +1,6 @@
 """Procedural synthetic faces with exact boxes and landmarks, written to real webdataset shards.
 
-This is the embedded default data set (DESIGN.md, "The embedded default"): no download, a few seconds on
+This is the embedded default data set (docs/embedded.md): no download, a few seconds on
 a laptop CPU, and deterministic for a seed. Every synthetic person (:class:`Identity`) has a fixed
 appearance: skin, hair colour and style, face shape, feature proportions, glasses and facial hair. Each
 image (:func:`render_face`) varies the nuisances: head pose (yaw, roll, pitch), expression (smile, mouth
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 FACE_MODEL = "synthetic-exact-v1"
 SOURCE = "synthetic-v1"
-FACE_SIZE_RANGE = (0.07, 0.45)   # log-uniform; covers every bin of realisid.geometry.DEFAULT_BINS
+FACE_SIZE_RANGE = (0.045, 0.45)  # log-uniform; covers every bin of realisid.geometry.DEFAULT_BINS and the benchmark sizes (24..192 px at 512)
 MAX_CAPTION = 77
 _DEPTH = 0.85                    # face ellipsoid depth in units of the head half-width
 
@@ -113,6 +113,7 @@ class RenderedFace:
     landmarks: dict[str, list[list[float]]]     # left/right_brow, left/right_eye, outer/inner_lips polylines
     pose: dict[str, float]                      # yaw/roll/pitch in degrees, smile, mouth_open, eye_open, brow_raise
     caption: str                                # lower case, at most MAX_CAPTION characters
+    caption_no_identity: str = ""               # the same scene without the person's identity (hair, glasses, facial hair)
 
 
 def _jitter(rng: np.random.Generator, colour: Sequence[int], amount: int) -> RGB:
@@ -252,9 +253,9 @@ def _pixel_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
     return yy, xx
 
 
-def _background(rng: np.random.Generator, size: int) -> tuple[np.ndarray, str]:
-    """An (H, W, 3) uint8 background and its caption words."""
-    kind = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+def _background(rng: np.random.Generator, size: int, kinds: Sequence[str] = BACKGROUNDS) -> tuple[np.ndarray, str]:
+    """An (H, W, 3) uint8 background of one of ``kinds`` and its caption words."""
+    kind = kinds[int(rng.integers(len(kinds)))]
     (n1, c1), (n2, c2) = (_COLOURS[i] for i in rng.choice(len(_COLOURS), size=2, replace=False))
     c1 = np.asarray(_jitter(rng, c1, 20), np.float32)
     c2 = np.asarray(_jitter(rng, c2, 20), np.float32)
@@ -295,9 +296,14 @@ def _background(rng: np.random.Generator, size: int) -> tuple[np.ndarray, str]:
     return np.clip(img + 0.5, 0, 255).astype(np.uint8), words
 
 
-def _caption(expression: str, ident: Identity, shirt: str, background: str) -> str:
+def _caption(expression: str, ident: Identity, shirt: str, background: str) -> tuple[str, str]:
+    """The caption (identity attributes, clothing, background) and the same without identity attributes.
+
+    The second names only what any person could have (expression, shirt, background), so a model trained on it
+    must take hair, glasses and facial hair from somewhere else: the reference face."""
     style = ident.style_name
-    subject = "a photo of a " + (f"{expression} " if expression else "") + ("bald " if style == "bald" else "") + "person"
+    expr = f"{expression} " if expression else ""
+    subject = "a photo of a " + expr + ("bald " if style == "bald" else "") + "person"
     hair = {"short": f"short {ident.hair_name} hair", "long": f"long {ident.hair_name} hair",
             "bun": f"{ident.hair_name} hair in a bun", "spiky": f"spiky {ident.hair_name} hair",
             "bob": f"a {ident.hair_name} bob"}.get(style)
@@ -308,20 +314,18 @@ def _caption(expression: str, ident: Identity, shirt: str, background: str) -> s
     if fh != "none":
         extras.append(f"a {fh}")
     bg_short = background.split(" ", 2)[-1] if " and " in background else background
-    candidates = [
-        [hair, *extras, f"{shirt} shirt", background],
-        [hair, *extras, f"{shirt} shirt", bg_short],
-        [hair, *extras, f"{shirt} shirt", background.split()[-2] + " background"],
-        [hair, *extras, f"{shirt} shirt"],
-        [hair, *extras],
-        [hair],
-    ]
-    for parts in candidates:
-        parts = [p for p in parts if p]
-        text = subject + (" with " + ", ".join(parts) if parts else "")
-        if len(text) <= MAX_CAPTION:
-            return text
-    return subject[:MAX_CAPTION]
+    scene = [[f"{shirt} shirt", background], [f"{shirt} shirt", bg_short], [f"{shirt} shirt", background.split()[-2] + " background"],
+             [f"{shirt} shirt"], []]
+
+    def first_fitting(subject: str, who: list) -> str:
+        for parts in [who + sc for sc in scene] + [who[:1]]:
+            parts = [p for p in parts if p]
+            text = subject + (" with " + ", ".join(parts) if parts else "")
+            if len(text) <= MAX_CAPTION:
+                return text
+        return subject[:MAX_CAPTION]
+
+    return first_fitting(subject, [hair, *extras]), first_fitting("a photo of a " + expr + "person", [])
 
 
 def _supersample(image_size: int) -> int:
@@ -329,11 +333,12 @@ def _supersample(image_size: int) -> int:
 
 
 def render_face(identity: Identity, rng: np.random.Generator, image_size: int = 128,
-                face_size: float | None = None) -> RenderedFace:
+                face_size: float | None = None, backgrounds: Sequence[str] = BACKGROUNDS) -> RenderedFace:
     """Draw one photo of ``identity`` with random pose, expression, location, background and clothing.
 
-    ``face_size`` is the face box long side over the image edge (DESIGN.md's measure); ``None`` draws it
-    with :func:`sample_face_size`. All randomness comes from ``rng``, in a fixed order.
+    ``face_size`` is the face box long side over the image edge (the bins' measure); ``None`` draws it
+    with :func:`sample_face_size`. ``backgrounds``: the kinds to choose from (see :data:`BACKGROUNDS`). All
+    randomness comes from ``rng``, in a fixed order.
     """
     if face_size is None:
         face_size = sample_face_size(rng)
@@ -370,7 +375,7 @@ def render_face(identity: Identity, rng: np.random.Generator, image_size: int = 
     shirt_name, shirt = _COLOURS[int(rng.integers(len(_COLOURS)))]
     shirt = _jitter(rng, shirt, 18)
     collar = COLLARS[int(rng.integers(len(COLLARS)))]
-    bg, bg_words = _background(rng, W)
+    bg, bg_words = _background(rng, W, backgrounds)
     canvas = Image.fromarray(bg, "RGB")
     if ss > 1:
         canvas = canvas.resize((W * ss, H * ss), Image.NEAREST)
@@ -613,11 +618,11 @@ def render_face(identity: Identity, rng: np.random.Generator, image_size: int = 
         expression = "sleepy"
     else:
         expression = ""
-    caption = _caption(expression, ident, shirt_name, bg_words)
+    caption, caption_no_identity = _caption(expression, ident, shirt_name, bg_words)
     pose = {"yaw": yaw_d, "roll": roll_d, "pitch": pitch_d, "smile": smile, "mouth_open": mouth_open,
             "eye_open": eye_open, "brow_raise": brow_raise}
     return RenderedFace(image=image, bbox=tuple(float(v) for v in bbox), kps=kps, landmarks=landmarks,
-                        pose=pose, caption=caption)
+                        pose=pose, caption=caption, caption_no_identity=caption_no_identity)
 
 
 # ------------------------------------------------------------------------------------------------ shards
@@ -637,13 +642,18 @@ def _image_rngs(seed: int, index: int, j: int) -> tuple[np.random.Generator, np.
 
 def generate_synthetic_shards(out_dir: str, *, num_identities: int = 64, images_per_identity: int = 24,
                               val_identities: int = 8, image_size: int = 128, ref_size: int = 64,
-                              shard_size: int = 256, seed: int = 0) -> dict:
+                              shard_size: int = 256, seed: int = 0, ref_choices: int = 1,
+                              backgrounds: Sequence[str] = BACKGROUNDS) -> dict:
     """Write the synthetic set as ``train`` and ``val`` shards (held-out identities) into ``out_dir``.
 
     ``train`` holds identities ``[0, num_identities - val_identities)`` and ``val`` the last
     ``val_identities``. Each sample carries the full image, its metadata and a reference face cropped from
-    the identity's image with the largest face (the second largest for that image itself). Identities are
-    interleaved in write order so every shard holds many people. Returns ``{"train": manifest, "val": manifest}``.
+    another image of the same identity: one of that identity's ``ref_choices`` largest faces other than the
+    image itself (chosen per image, reproducibly; 1: always the largest other face), named in the sample's
+    ``ref_key``. The metadata also holds ``caption_no_identity``, the caption without the person's identity
+    attributes. ``backgrounds``: the background kinds drawn (a subset of :data:`BACKGROUNDS`). Identities are
+    interleaved in write order so every shard holds many people.
+    Returns ``{"train": manifest, "val": manifest}``.
     """
     from realisid.data.shards import FaceShardWriter, face_meta
 
@@ -652,36 +662,43 @@ def generate_synthetic_shards(out_dir: str, *, num_identities: int = 64, images_
                          f"num_identities={num_identities}, val_identities={val_identities}")
     if images_per_identity < 2:
         raise ValueError(f"images_per_identity must be >= 2 so every reference comes from another image, got {images_per_identity}")
+    backgrounds = tuple(backgrounds)
+    unknown = [b for b in backgrounds if b not in BACKGROUNDS]
+    if unknown or not backgrounds:
+        raise ValueError(f"backgrounds {list(backgrounds)}: give a non-empty subset of {list(BACKGROUNDS)}")
+    if not 1 <= ref_choices < images_per_identity:
+        raise ValueError(f"ref_choices must be in [1, images_per_identity - 1], got {ref_choices} with {images_per_identity} images")
     t_start = time.perf_counter()
     splits = {"train": range(0, num_identities - val_identities), "val": range(num_identities - val_identities, num_identities)}
     manifests = {}
     for split, indices in splits.items():
         writer = FaceShardWriter(out_dir, split, face_model=FACE_MODEL, maxcount=shard_size)
         idents = {i: make_identity(i, seed) for i in indices}
-        # Face sizes come from their own stream, so the reference image is known before rendering.
+        # Face sizes come from their own stream, so the reference images are known before rendering.
         sizes = {i: [sample_face_size(_image_rngs(seed, i, j)[0]) for j in range(images_per_identity)] for i in indices}
-        refs = {}
+        largest = {i: [int(j) for j in np.argsort(-np.asarray(sizes[i]), kind="stable")[: ref_choices + 1]] for i in indices}
+        crops: dict[tuple[int, int], Image.Image] = {}
         for i in indices:
-            order = np.argsort(-np.asarray(sizes[i]), kind="stable")
-            best, second = int(order[0]), int(order[1])
-            for j in (best, second):
-                face = render_face(idents[i], _image_rngs(seed, i, j)[1], image_size, sizes[i][j])
-                refs[(i, j)] = _face_crop(face.image, face.bbox, ref_size)
-            refs[i] = (best, second)
+            for j in largest[i]:
+                face = render_face(idents[i], _image_rngs(seed, i, j)[1], image_size, sizes[i][j], backgrounds)
+                crops[(i, j)] = _face_crop(face.image, face.bbox, ref_size)
         order_rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 0x53, len(indices)])
         for j in range(images_per_identity):
             for i in (indices[k] for k in order_rng.permutation(len(indices))):
                 ident = idents[i]
-                face = render_face(ident, _image_rngs(seed, i, j)[1], image_size, sizes[i][j])
-                best, second = refs[i]
-                ref = refs[(i, second if j == best else best)]
+                face = render_face(ident, _image_rngs(seed, i, j)[1], image_size, sizes[i][j], backgrounds)
+                options = [k for k in largest[i] if k != j][:ref_choices]
+                src = options[int(np.random.default_rng([int(seed) & 0xFFFFFFFF, 0x54, i, j]).integers(len(options)))]
                 meta = face_meta((image_size, image_size), face.bbox, face.kps, det_score=1.0, identity=ident.name,
                                  caption=face.caption, source=SOURCE, landmarks=face.landmarks)
+                meta["caption_no_identity"] = face.caption_no_identity
+                meta["ref_key"] = f"{ident.name}-{src:04d}"
                 meta["pose"] = {k: round(v, 4) for k, v in face.pose.items()}
-                writer.write(f"{ident.name}-{j:04d}", face.image, meta, ref=ref)
+                writer.write(f"{ident.name}-{j:04d}", face.image, meta, ref=crops[(i, src)])
         writer.manifest.extra.update({
             "generator": "realisid.data.synthetic", "seed": int(seed), "image_size": int(image_size),
-            "ref_size": int(ref_size), "images_per_identity": int(images_per_identity),
+            "ref_size": int(ref_size), "images_per_identity": int(images_per_identity), "ref_choices": int(ref_choices),
+            "backgrounds": list(backgrounds),
             "identity_indices": [indices.start, indices.stop], "pose_units": "degrees",
         })
         manifests[split] = writer.close()

@@ -107,12 +107,18 @@ def _make_insightface(cfg: Mapping) -> FaceAnalyzer:
     return InsightFaceAnalyzer(
         str(cfg["model_dir"]),
         det_size=tuple(int(v) for v in det_size),
-        det_thresh=float(cfg.get("det_thresh", 0.5)),
+        det_thresh=float(0.5 if cfg.get("det_thresh") is None else cfg["det_thresh"]),
         providers=tuple(providers),
     )
 
 
-_FACTORIES: dict[str, Callable[[Mapping], FaceAnalyzer]] = {"insightface": _make_insightface}
+def _make_synthetic(cfg: Mapping) -> FaceAnalyzer:
+    from realisid.embedded.detector import make_synthetic_analyzer
+
+    return make_synthetic_analyzer(cfg)
+
+
+_FACTORIES: dict[str, Callable[[Mapping], FaceAnalyzer]] = {"insightface": _make_insightface, "synthetic": _make_synthetic}
 
 
 def register_face_analyzer(kind: str, factory: Callable[[Mapping], FaceAnalyzer]) -> None:

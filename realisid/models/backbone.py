@@ -220,13 +220,17 @@ def build_tiny_backbone(cfg: Mapping[str, Any], seed: int = 0) -> Backbone:
     return Backbone(unet, vae, text_encoder, tokenizer, _plain(cfg["scheduler"]), "sd15", name="tiny-random")
 
 
-def save_backbone(backbone: Backbone, path: str) -> None:
-    """Write the backbone as a diffusers folder that :func:`load_pretrained_backbone` reads back."""
+def save_backbone(backbone: Backbone, path: str, half_unet: bool = False) -> None:
+    """Write the backbone as a diffusers folder that :func:`load_pretrained_backbone` reads back.
+
+    ``half_unet``: store the UNet's weights in float16 (half the bytes; loading casts them to the dtype asked for)."""
+    import copy
     import json
 
     from diffusers import DDPMScheduler
 
-    backbone.unet.save_pretrained(os.path.join(path, "unet"))
+    unet = copy.deepcopy(backbone.unet).to(torch.float16) if half_unet else backbone.unet
+    unet.save_pretrained(os.path.join(path, "unet"))
     backbone.vae.save_pretrained(os.path.join(path, "vae"))
     backbone.text_encoder.save_pretrained(os.path.join(path, "text_encoder"))
     backbone.tokenizer.save_pretrained(os.path.join(path, "tokenizer"))

@@ -84,8 +84,14 @@ class ClipEncoder(IdentityEncoder):
             self.model = CLIPVisionModel.from_pretrained(os.path.expanduser(path))
             self.name = f"clip:{path}"
         else:
+            tiny = dict(tiny or {})
+            known = CLIPVisionConfig().to_dict()
+            bad = {k: v for k, v in tiny.items() if k not in known or v is None}
+            if bad:  # CLIPVisionConfig ignores unknown keys, which would silently build a full-size ViT-B
+                raise ValueError(f"model.id_encoder.tiny_clip has unknown or empty keys {sorted(bad)}; write it as "
+                                 "{hidden_size: 32, num_hidden_layers: 2, ...} (a space after each colon)")
             torch.manual_seed(0)
-            self.model = CLIPVisionModel(CLIPVisionConfig(**dict(tiny or {})))
+            self.model = CLIPVisionModel(CLIPVisionConfig(**tiny))
             self.name = "clip:tiny-random (stand-in)"
         self.model.requires_grad_(False)
         self.image_size = int(self.model.config.image_size)

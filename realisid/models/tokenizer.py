@@ -51,5 +51,5 @@ CAPTION_WORDS = (
     "a photo of the person man woman face portrait smiling neutral surprised laughing serious with and in on "
     "short long black brown blond red grey gray white blue green yellow orange purple pink hair bald bun shirt "
     "striped checkered plain gradient dotted blobs background glasses beard looking left right up down at camera "
-    "outdoors indoors close up small wide shot"
+    "outdoors indoors close up small wide shot blonde bob goatee moustache sleepy spiky spotted teal neck collar"
 ).split()

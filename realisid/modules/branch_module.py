@@ -97,12 +97,30 @@ class RealisIDModule(L.LightningModule):
             self._null_text = (e.to(self.device), p.to(self.device) if p is not None else None)
         return self._null_text
 
-    def text_conditioning(self, batch: dict, keep_text: torch.Tensor, image_hw: tuple[int, int]):
-        """Text conditioning from precomputed embeddings when the batch has them, else from the captions."""
+    def identity_free_mask(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Per sample: train on the caption without the person's identity (``data.identity_free_captions``), so the
+        branches must carry identity from the reference rather than leave it to the text."""
+        p = float(self.cfg.data.identity_free_captions)
+        return torch.rand(n, generator=generator, device="cpu") < p if p > 0 else torch.zeros(n, dtype=torch.bool)
+
+    def text_conditioning(self, batch: dict, keep_text: torch.Tensor, image_hw: tuple[int, int], free: torch.Tensor | None = None):
+        """Text conditioning from precomputed embeddings when the batch has them, else from the captions; ``free``
+        marks samples that use their identity-free caption."""
+        free = free if free is not None else torch.zeros(len(keep_text), dtype=torch.bool)
         if "text_embeds" not in batch:
-            return self.backbone.encode_text([c if k else "" for c, k in zip(batch["caption"], keep_text.tolist())], image_hw)
+            caps = [(f if use_free else c) if k else "" for c, f, k, use_free in
+                    zip(batch["caption"], batch.get("caption_no_identity", batch["caption"]), keep_text.tolist(), free.tolist())]
+            return self.backbone.encode_text(caps, image_hw)
         embeds, pooled = batch["text_embeds"].to(self.device), batch.get("text_pooled")
         pooled = pooled.to(self.device) if pooled is not None else None
+        if bool(free.any()):
+            if "text_embeds_no_identity" not in batch:
+                raise ValueError("data.identity_free_captions > 0 but the precomputed cache has no identity-free text embeddings; "
+                                 "re-run `make precompute` with this version")
+            use = free.to(self.device)
+            embeds = torch.where(use[:, None, None], batch["text_embeds_no_identity"].to(self.device, embeds.dtype), embeds)
+            if pooled is not None:
+                pooled = torch.where(use[:, None], batch["text_pooled_no_identity"].to(self.device, pooled.dtype), pooled)
         if not bool(keep_text.all()):
             null_e, null_p = self.null_text()
             drop = (~keep_text).to(self.device)
@@ -130,8 +148,9 @@ class RealisIDModule(L.LightningModule):
         if self.channels_last:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
         keep_text, keep_id = self.dropout_masks(n, generator) if dropout else (torch.ones(n, dtype=torch.bool),) * 2
+        free = self.identity_free_mask(n, generator) if dropout else None
         image_hw = tuple(s * self.backbone.vae_scale_factor for s in latents.shape[-2:])
-        text = self.text_conditioning(batch, keep_text, image_hw)
+        text = self.text_conditioning(batch, keep_text, image_hw, free)
         tokens = self.identity_tokens(batch, keep_id.to(self.device))
         res = self.branch_residuals(noisy, t, tokens, batch, text.added_cond_kwargs)
         pred = self.backbone.unet(noisy, t, encoder_hidden_states=text.embeds, added_cond_kwargs=text.added_cond_kwargs,

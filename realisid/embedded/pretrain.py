@@ -1,0 +1,231 @@
+"""``make pretrain``: train the embedded default's stand-in models once and write them into the package.
+
+Stages, each cached in ``pretrain.work_dir`` so an interrupted recipe resumes where it stopped:
+
+1. the synthetic face shards (the same ones ``make train`` draws: same generator, seed and sizes);
+2. the base model's VAE, its latent scale, the training latents;
+3. the base model's UNet and text encoder (EMA weights; resumable inside the stage);
+4. the two stand-in identity encoders (conditioning, and evaluation with another seed);
+5. the synthetic face analyzer (detector + 5 points), with its accuracy on held-out identities;
+6. the base check: samples from held-out captions, 30 DDIM steps, the analyzer counts the faces it finds.
+
+The result goes to ``pretrain.out_dir`` (the package's ``realisid/assets/`` by default): a diffusers folder
+``tiny-sd/`` (UNet weights stored in float16 to fit the package budget; loaded as float32), the encoder and
+analyzer folders, ``base_samples.png`` and ``PRETRAINED.json`` with every setting, statistic and wall time.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import platform
+import shutil
+import time
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from realisid.embedded.assets import RECORD
+
+log = logging.getLogger(__name__)
+
+
+def _stage_done(path: str) -> dict | None:
+    marker = os.path.join(path, "DONE.json")
+    if os.path.exists(marker):
+        with open(marker) as f:
+            return json.load(f)
+    return None
+
+
+def _mark(path: str, stats: dict) -> dict:
+    os.makedirs(path, exist_ok=True)
+    tmp = os.path.join(path, "DONE.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(stats, f, indent=2)
+    os.replace(tmp, os.path.join(path, "DONE.json"))
+    return stats
+
+
+def synthetic_shards(cfg: DictConfig) -> dict:
+    """The embedded default's synthetic shards (written once; the marker holds the manifests' summary)."""
+    syn = cfg.prepare.synthetic
+    done = _stage_done(syn.out_dir)
+    settings = OmegaConf.to_container(syn, resolve=True)
+    if done is not None and done.get("settings") == settings:
+        return done
+    if done is not None:
+        raise ValueError(f"{syn.out_dir} holds synthetic shards made with other settings ({done.get('settings')}); "
+                         f"delete the folder (make clean-cache) to draw them again with {settings}")
+    from realisid.data.synthetic import generate_synthetic_shards
+
+    log.info("drawing the synthetic face shards in %s (first run only)", syn.out_dir)
+    t0 = time.perf_counter()
+    manifests = generate_synthetic_shards(syn.out_dir, num_identities=syn.num_identities, images_per_identity=syn.images_per_identity,
+                                          val_identities=syn.val_identities, image_size=syn.image_size, shard_size=syn.shard_size,
+                                          seed=syn.seed, ref_choices=syn.ref_choices, backgrounds=list(syn.backgrounds))
+    return _mark(syn.out_dir, {"settings": settings, "seconds": round(time.perf_counter() - t0, 1),
+                               **{k: {"kept": v["kept"], "face_size_bins": v["face_size_bins"]} for k, v in manifests.items()}})
+
+
+def shard_urls(cfg: DictConfig, split: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(cfg.prepare.synthetic.out_dir, f"{split}-*.tar")))
+
+
+def pretrain(cfg: DictConfig) -> dict:
+    """Run every stage that is not done yet; returns the record written to ``out_dir/PRETRAINED.json``."""
+    from realisid.embedded import base as B
+    from realisid.models.backbone import build_tiny_backbone, save_backbone
+
+    p = cfg.pretrain
+    seed = int(cfg.experiment.seed)
+    work, out = str(p.work_dir), str(p.out_dir)
+    os.makedirs(work, exist_ok=True)
+    t_all = time.perf_counter()
+    record: dict[str, Any] = {"recipe": OmegaConf.to_container(p, resolve=True),
+                              "architecture": OmegaConf.to_container(cfg.model.tiny, resolve=True),
+                              "synthetic": synthetic_shards(cfg), "machine": _machine(), "stages": {}}
+    threads = int(p.threads) if p.get("threads") else torch.get_num_threads()
+    torch.set_num_threads(threads)
+    resolution = int(cfg.data.resolution)
+    data = B.load_image_set(shard_urls(cfg, "train"), resolution)
+    log.info("pretrain: %d training images at %d px, %d threads", len(data), resolution, threads)
+
+    # ---- 2. VAE
+    bb = build_tiny_backbone(cfg.model.tiny, seed)
+    vae_dir = os.path.join(work, "vae")
+    stats = _stage_done(vae_dir)
+    if stats is None:
+        t0 = time.perf_counter()
+        g = torch.Generator().manual_seed(seed)
+        stats = B.train_vae(bb.vae, data, steps=int(p.vae.steps), batch_size=int(p.vae.batch_size), lr=float(p.vae.lr),
+                            crop=int(p.vae.crop), kl_weight=float(p.vae.kl_weight), generator=g)
+        moments = B.encode_moments(bb.vae, data.images)
+        stats["latent_scale"] = B.set_latent_scale(bb.vae, moments)
+        stats["recon_mse"] = B.reconstruction_mse(bb.vae, data)
+        stats["seconds"] = round(time.perf_counter() - t0, 1)
+        bb.vae.save_pretrained(vae_dir)
+        torch.save(moments, os.path.join(vae_dir, "moments.pt"))
+        _mark(vae_dir, stats)
+    else:
+        from diffusers import AutoencoderKL
+
+        bb.vae = AutoencoderKL.from_pretrained(vae_dir).eval().requires_grad_(False)
+    record["stages"]["vae"] = stats
+    moments = torch.load(os.path.join(vae_dir, "moments.pt"))
+    log.info("pretrain: VAE reconstruction MSE %.4f (faces %.4f), latent scale %.3f", stats["recon_mse"]["image"],
+             stats["recon_mse"]["face"], stats["latent_scale"])
+
+    # ---- 3. UNet + text encoder
+    base_dir = os.path.join(work, "tiny-sd")
+    stats = _stage_done(base_dir)
+    if stats is None:
+        t0 = time.perf_counter()
+        g = torch.Generator().manual_seed(seed + 1)
+        u = p.unet
+        stats = B.train_unet(bb, moments, data, steps=int(u.steps), batch_size=int(u.batch_size), lr=float(u.lr),
+                             weight_decay=float(u.weight_decay), ema_decay=float(u.ema_decay), min_snr_gamma=float(u.min_snr_gamma),
+                             caption_probs=OmegaConf.to_container(u.captions), generator=g,
+                             checkpoint=os.path.join(work, "unet-stage.pt"), checkpoint_every=int(u.checkpoint_every))
+        stats["seconds"] = round(time.perf_counter() - t0, 1)
+        save_backbone(bb, base_dir, half_unet=True)
+        _mark(base_dir, stats)
+    record["stages"]["unet"] = stats
+    from realisid.models.backbone import load_pretrained_backbone
+
+    bb = load_pretrained_backbone(base_dir)  # what users load: the float16-stored UNet, read back as float32
+
+    # ---- 4. stand-in identity encoders
+    from realisid.faces.standin import load_standin, train_standin
+
+    train_urls, val_urls = shard_urls(cfg, "train"), shard_urls(cfg, "val")
+    st = cfg.prepare.standin
+    for name, s in (("standin-arcface", seed), ("standin-arcface-eval", int(cfg.prepare.eval_standin.seed))):
+        d = os.path.join(work, name)
+        stats = _stage_done(d)
+        if stats is None:
+            stats = _mark(d, train_standin(train_urls, val_urls, d, steps=int(st.steps), image_size=int(st.image_size),
+                                           embed_dim=int(st.embed_dim), seed=s, num_threads=threads))
+        record["stages"][name] = {k: stats[k] for k in ("verification_accuracy", "auc", "mean_same_cos", "mean_diff_cos", "total_seconds")
+                                  if k in stats}
+
+    # ---- 5. synthetic face analyzer
+    from realisid.embedded import detector as D
+    from realisid.geometry import bins_from_config
+
+    det_dir = os.path.join(work, "synthetic-face-analyzer")
+    stats = _stage_done(det_dir)
+    val = B.load_image_set(val_urls, resolution)
+    if stats is None:
+        t0 = time.perf_counter()
+        d = p.detector
+        gen = torch.Generator().manual_seed(seed + 2)
+        extra_index = torch.randperm(len(data), generator=gen)[: int(d.vae_copies)]
+        extra = _vae_round_trip(bb, data.images[extra_index])
+        model, stats = D.train_detector(data.images, data.boxes, data.kps, steps=int(d.steps), batch_size=int(d.batch_size),
+                                        lr=float(d.lr), seed=seed, extra_images=extra, extra_index=extra_index, input_size=resolution,
+                                        negative_p=float(d.negative_p))
+        analyzer = D.SyntheticFaceAnalyzer(model, resolution, float(d.threshold))
+        bins = bins_from_config(cfg.bins)
+        stats["accuracy_held_out"] = D.detector_accuracy(analyzer, val.images, val.boxes, val.kps, bins)
+        stats["accuracy_held_out_through_vae"] = D.detector_accuracy(analyzer, _vae_round_trip(bb, val.images), val.boxes, val.kps, bins)
+        stats["negatives_held_out"] = D.negative_accuracy(analyzer, val.images, val.boxes, seed=seed)
+        stats["seconds"] = round(time.perf_counter() - t0, 1)
+        D.save_detector(model, det_dir, input_size=resolution, threshold=float(d.threshold), stats=stats)
+        _mark(det_dir, stats)
+    record["stages"]["synthetic-face-analyzer"] = stats
+
+    # ---- 6. base check: does the base draw people from noise?
+    from realisid.embedded.check import base_check, held_out_captions, save_framed_grid
+
+    analyzer = D.load_synthetic_analyzer(det_dir)
+    c = p.check
+    prompts = held_out_captions(val.captions, int(c.samples), seed)
+    t0 = time.perf_counter()
+    images, found = base_check(bb, analyzer, prompts, steps=int(c.steps), guidance=float(c.guidance), seed=seed)
+    record["base_check"] = {"prompts": prompts, "faces_found": [bool(f) for f in found], "found": int(sum(found)), "samples": len(found),
+                            "steps": int(c.steps), "guidance": float(c.guidance), "seconds": round(time.perf_counter() - t0, 1)}
+    log.info("pretrain: the base drew a face the analyzer found in %d of %d samples from held-out captions", sum(found), len(found))
+
+    # ---- write the package assets
+    os.makedirs(out, exist_ok=True)
+    for name in ("tiny-sd", "standin-arcface", "standin-arcface-eval", "synthetic-face-analyzer"):
+        dst = os.path.join(out, name)
+        if os.path.exists(dst):
+            shutil.rmtree(dst)
+        shutil.copytree(os.path.join(work, name), dst, ignore=shutil.ignore_patterns("DONE.json", "*.tmp"))
+    save_framed_grid(images, found, os.path.join(out, "base_samples.png"))
+    record["seconds_total_this_run"] = round(time.perf_counter() - t_all, 1)
+    record["seconds_by_stage"] = {k: v.get("seconds", v.get("total_seconds")) for k, v in record["stages"].items()}
+    record["megabytes"] = round(_folder_bytes(out) / 2**20, 2)
+    if record["megabytes"] > float(p.max_megabytes):
+        raise ValueError(f"the shipped models take {record['megabytes']} MB, over pretrain.max_megabytes={p.max_megabytes}; "
+                         "shrink the UNet (model.tiny.unet.block_out_channels) or raise the budget on purpose")
+    with open(os.path.join(out, RECORD), "w") as f:
+        json.dump(record, f, indent=2)
+    log.info("pretrain: wrote %s (%.1f MB) in %.0f s", out, record["megabytes"], record["seconds_total_this_run"])
+    return record
+
+
+@torch.no_grad()
+def _vae_round_trip(bb, images: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+    """uint8 images through the base VAE (encode to the posterior mean, decode): what generated images look like."""
+    from realisid.embedded.base import to_signed
+
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = to_signed(images[i:i + batch_size])
+        rec = bb.vae.decode(bb.vae.encode(x).latent_dist.mean).sample
+        out.append(((rec.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
+    return torch.cat(out)
+
+
+def _folder_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+
+
+def _machine() -> str:
+    return f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}" + (
+        f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU")

@@ -1,0 +1,73 @@
+"""The embedded default's own path on shrunk settings: `make pretrain` writes the stand-ins, preparation draws the
+shards and checks them, training loads them by path (stand-in conditioning, synthetic analyzer metrics), the
+export reloads and generates."""
+import json
+import os
+
+import pytest
+
+
+def _shrunk(tmp_path):
+    syn = tmp_path / "synthetic"
+    assets = tmp_path / "assets"
+    return [f"prepare.synthetic.out_dir={syn}", "prepare.synthetic.num_identities=6", "prepare.synthetic.images_per_identity=6",
+            "prepare.synthetic.val_identities=2", "prepare.synthetic.shard_size=16", "prepare.synthetic.ref_choices=2",
+            "prepare.standin.steps=3", f"pretrain.out_dir={assets}", f"pretrain.work_dir={tmp_path / 'work'}", "pretrain.vae.steps=3",
+            "pretrain.vae.batch_size=4", "pretrain.unet.steps=3", "pretrain.unet.batch_size=4", "pretrain.unet.checkpoint_every=2",
+            "pretrain.detector.steps=3", "pretrain.detector.batch_size=4", "pretrain.detector.vae_copies=4", "pretrain.check.samples=2",
+            "pretrain.check.steps=2", "pretrain.max_megabytes=40"], assets
+
+
+@pytest.mark.slow
+def test_pretrain_then_train_on_the_prepared_default(tmp_path):
+    from realisid.config import load_config
+    from realisid.embedded.assets import pretrained_record
+    from realisid.embedded.pretrain import pretrain
+
+    overrides, assets = _shrunk(tmp_path)
+    rec = pretrain(load_config("base", overrides))
+    for name in ("tiny-sd/unet", "tiny-sd/vae", "tiny-sd/text_encoder", "tiny-sd/tokenizer", "standin-arcface", "standin-arcface-eval",
+                 "synthetic-face-analyzer"):
+        assert (assets / name).is_dir(), name
+    assert (assets / "base_samples.png").exists()
+    assert pretrained_record(str(assets)) == json.loads(json.dumps(rec))
+    assert set(rec["stages"]) == {"vae", "unet", "standin-arcface", "standin-arcface-eval", "synthetic-face-analyzer"}
+    assert rec["base_check"]["samples"] == 2 and 0 <= rec["base_check"]["found"] <= 2
+    acc = rec["stages"]["synthetic-face-analyzer"]["accuracy_held_out"]
+    assert acc["all"]["n"] == 2 * 6 and 0.0 <= acc["all"]["recall"] <= 1.0
+    assert rec["megabytes"] < 40
+    # a second run finds every stage done and only rewrites the assets
+    again = pretrain(load_config("base", overrides))
+    assert json.dumps(again["stages"], sort_keys=True) == json.dumps(rec["stages"], sort_keys=True)  # NaN-safe
+
+    from realisid.pipeline import Person, RealisIDPipeline
+    from realisid.train import train
+
+    asset = lambda n: str(assets / n)  # noqa: E731
+    cfg = load_config("joint", overrides + [
+        "prepare.enabled=true", f"model.pretrained={asset('tiny-sd')}", f"model.id_encoder.path={asset('standin-arcface')}",
+        f"evaluation.standin_path={asset('standin-arcface-eval')}", f"faces.model_dir={asset('synthetic-face-analyzer')}",
+        f"faces.recognizer={asset('standin-arcface-eval')}", f"data.train_shards={tmp_path}/synthetic/train-*.tar",
+        f"data.val_shards={tmp_path}/synthetic/val-*.tar", "data.batch_size=2", "data.num_workers=0", "data.shuffle_buffer=4",
+        "data.val_samples=4", "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.enable_progress_bar=false",
+        "validation.num_images=1", "validation.steps=2", "evaluation.every_n_validations=1", "evaluation.per_bin=1", "evaluation.steps=2",
+        f"experiment.runs_dir={tmp_path}/runs"])
+    res = train(cfg)
+    assert res["prepared"]["stand_ins"]["base model (model.pretrained)"] == asset("tiny-sd")
+    assert res["global_step"] == 2 and os.path.isdir(res["export"])
+    pipe = RealisIDPipeline.from_export(res["export"])
+    assert pipe.id_encoder.name == "standin-arcface-synthetic"
+    import torch
+
+    ref = torch.zeros(3, 32, 32)
+    out = pipe("a photo of a person", [Person(box=[40, 40, 72, 72], id_image=ref)], num_inference_steps=2, seed=0)
+    assert out.images[0].size == (128, 128)
+
+
+def test_missing_stand_ins_name_the_fix(tmp_path):
+    from realisid.config import load_config
+    from realisid.prepare import check_stand_ins
+
+    cfg = load_config("local_branch", [f"model.pretrained={tmp_path}/nowhere"])
+    with pytest.raises(FileNotFoundError, match=r"base model \(model.pretrained\): .*nowhere.*make pretrain"):
+        check_stand_ins(cfg)
