@@ -32,6 +32,21 @@ RANDOM_TINY = SHRUNK_ARCH + ["model.pretrained=", "model.id_encoder.kind=clip", 
                              "evaluation.encoder=standin", "faces.model_dir="]
 
 
+def tiny_run_config(tmp_path, name, shards, *extra):
+    """A short local_branch training run on ``shards`` (train-*.tar / val-*.tar) in ``tmp_path/name``, saved as
+    ``tmp_path/name.yaml`` for a subprocess: (cfg, path). ``extra`` overrides come last and win."""
+    from realisid.config import load_config, save_config
+
+    cfg = load_config("local_branch", RANDOM_TINY + [
+        f"data.train_shards={shards}/train-*.tar", f"data.val_shards={shards}/val-*.tar", "data.batch_size=2",
+        "data.num_workers=0", "data.shuffle_buffer=4", "data.val_samples=2", "trainer.max_steps=16", "trainer.val_check_interval=1000",
+        "trainer.checkpoint_every_n_steps=2", "trainer.enable_progress_bar=false", "validation.num_images=0",
+        f"experiment.runs_dir={tmp_path}/{name}", *extra])
+    path = tmp_path / f"{name}.yaml"
+    save_config(cfg, str(path))
+    return cfg, path
+
+
 @pytest.fixture
 def tiny_cfg():
     from realisid.config import load_config

@@ -11,20 +11,12 @@ import time
 import pytest
 import torch
 
-from conftest import RANDOM_TINY, write_face_shards
+from conftest import tiny_run_config, write_face_shards
 
 
 def _config(tmp_path, name, shards, *extra):
-    from realisid.config import load_config, save_config
-
-    cfg = load_config("local_branch", RANDOM_TINY + [
-        f"data.train_shards={shards}/train-*.tar", f"data.val_shards={shards}/val-*.tar", "data.batch_size=2",
-        "data.num_workers=1", "data.shuffle_buffer=4", "data.val_samples=2", "trainer.max_steps=12", "trainer.val_check_interval=1000",
-        "trainer.checkpoint_every_n_steps=2", "trainer.enable_progress_bar=false", "validation.num_images=0",
-        f"experiment.runs_dir={tmp_path}/{name}", *extra])
-    path = tmp_path / f"{name}.yaml"
-    save_config(cfg, str(path))
-    return cfg, path
+    """A 12-step run with one data worker (the process a group signal also reaches)."""
+    return tiny_run_config(tmp_path, name, shards, "data.num_workers=1", "trainer.max_steps=12", *extra)
 
 
 def _start_group(args, cwd=None):

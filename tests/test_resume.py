@@ -8,20 +8,11 @@ import time
 import pytest
 import torch
 
-from conftest import RANDOM_TINY
+from conftest import tiny_run_config
 
 
 def _cfg(tmp_path, face_shards, name, *extra):
-    from realisid.config import load_config, save_config
-
-    cfg = load_config("local_branch", RANDOM_TINY + [
-        f"data.train_shards={face_shards}/train-*.tar", f"data.val_shards={face_shards}/val-*.tar", "data.batch_size=2",
-        "data.num_workers=0", "data.shuffle_buffer=4", "data.val_samples=2", "trainer.max_steps=16", "trainer.val_check_interval=1000",
-        "trainer.checkpoint_every_n_steps=2", "trainer.enable_progress_bar=false", "validation.num_images=0",
-        f"experiment.runs_dir={tmp_path}/{name}", *extra])
-    path = tmp_path / f"{name}.yaml"
-    save_config(cfg, str(path))
-    return cfg, path
+    return tiny_run_config(tmp_path, name, face_shards, *extra)
 
 
 def _trainable(ckpt):

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from realisid.faces.analysis import Face, as_rgb_uint8, l2_normalize
+from realisid.geometry import box_iou
 
 log = logging.getLogger(__name__)
 
@@ -164,18 +165,10 @@ def decode(out: Mapping[str, torch.Tensor], threshold: float, max_faces: int = 2
             box = np.array([cx - lw / 2, cy - lh / 2, cx + lw / 2, cy + lh / 2], np.float32) * STRIDE
             rel = out["kps"][b, :, i, j].view(5, 2).cpu().numpy()
             kp = (rel * max(lw, lh) + [cx, cy]) * STRIDE
-            if all(_iou(box, f["bbox"]) < nms_iou for f in faces):
+            if all(box_iou(box, f["bbox"]) < nms_iou for f in faces):
                 faces.append({"bbox": box, "kps": kp.astype(np.float32), "score": float(s)})
         results.append(faces)
     return results
-
-
-def _iou(a: Sequence[float], b: Sequence[float]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return float(inter / union) if union > 0 else 0.0
 
 
 # --------------------------------------------------------------------------------------------- analyzer
@@ -390,7 +383,7 @@ def detector_accuracy(analyzer: SyntheticFaceAnalyzer, images: torch.Tensor, box
     for img, bx, kp in zip(images, boxes, kps):
         arr = img.permute(1, 2, 0).numpy().astype(np.uint8)
         faces = analyzer.detect(arr)
-        ious = [_iou(f.bbox.tolist(), bx.tolist()) for f in faces]
+        ious = [float(box_iou(f.bbox.tolist(), bx.tolist())) for f in faces]
         best = int(np.argmax(ious)) if ious else -1
         iou = ious[best] if ious else 0.0
         iod = float(np.linalg.norm(kp[1] - kp[0])) or 1.0
@@ -461,7 +454,7 @@ def negative_accuracy(analyzer: SyntheticFaceAnalyzer, images: torch.Tensor, box
         if float(max(bx[2] - bx[0], bx[3] - bx[1])) < 12:
             continue
         arr = faceless(img.float(), bx).round().clamp(0, 255).permute(1, 2, 0).numpy().astype(np.uint8)
-        hits += any(_iou(f.bbox.tolist(), bx.tolist()) > 0.1 for f in analyzer.detect(arr))
+        hits += any(float(box_iou(f.bbox.tolist(), bx.tolist())) > 0.1 for f in analyzer.detect(arr))
         n += 1
     noise_hits = 0
     S = images.shape[-1]
