@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from realisid.models.relocate import crop_resize, relocate, relocate_native
+from realisid.models.relocate import crop_resize, host_boxes, relocate, relocate_native
 
 Residuals = tuple[list[torch.Tensor], torch.Tensor]
 BRANCH_FILE = "realisid_branch.json"
@@ -81,16 +81,30 @@ class LocalBranch(_ControlBranch):
     kind = "local"
 
     def __init__(self, controlnet, latent_size: int = 16, upsample: bool = True):
+        if upsample:
+            check_local_latent_size(int(latent_size), len(controlnet.config.block_out_channels))
         super().__init__(controlnet, latent_size=int(latent_size), upsample=bool(upsample))
         self.latent_size = int(latent_size)
         self.upsample = bool(upsample)
 
+    @classmethod
+    def from_unet(cls, unet, conditioning_channels: int, conditioning_embedding_out_channels: Sequence[int],
+                  load_weights_from_unet: bool = True, latent_size: int = 16, upsample: bool = True):
+        """As :meth:`_ControlBranch.from_unet`; the crop size is checked against the UNet before the copy is made."""
+        if upsample:
+            check_local_latent_size(int(latent_size), len(unet.config.block_out_channels))
+        return super().from_unet(unet, conditioning_channels, conditioning_embedding_out_channels, load_weights_from_unet,
+                                 latent_size=latent_size, upsample=upsample)
+
     def forward(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, id_tokens: torch.Tensor, pe_map: torch.Tensor,
-                boxes: torch.Tensor, added_cond_kwargs: dict | None = None) -> Residuals:
+                boxes: torch.Tensor | Sequence[Sequence[int]], added_cond_kwargs: dict | None = None) -> Residuals:
         """Residuals for the full-size UNet, non-zero only inside each face box.
 
-        ``boxes``: (B, 4) integer latent-pixel crop boxes; ``pe_map``: (B, 3, latent_size * f, latent_size * f).
+        ``boxes``: latent-pixel crop boxes ``(x0, y0, x1, y1)``, a (B, 4) integer tensor (read back once here) or a
+        host list of B 4-int sequences (no device->host transfer at all); ``pe_map``: (B, 3, latent_size * f,
+        latent_size * f).
         """
+        boxes = host_boxes(boxes)
         latent_hw = tuple(noisy_latents.shape[-2:])
         if not self.upsample:
             return self._forward_native(noisy_latents, timesteps, id_tokens, pe_map, boxes, added_cond_kwargs)
@@ -116,7 +130,7 @@ class LocalBranch(_ControlBranch):
             cond = F.pad(cond, (0, pw * self.cond_scale_factor, 0, ph * self.cond_scale_factor))
             added = {k: v[i : i + 1] for k, v in added_cond_kwargs.items()} if added_cond_kwargs else None
             down, mid = self._run(padded, t[i : i + 1], id_tokens[i : i + 1], cond, added)
-            box = [int(v) for v in torch.as_tensor(boxes[i]).tolist()]
+            box = boxes[i]
 
             def paste(r):  # drop the padding, then relocate at the residual's level
                 s = r.shape[-2] / padded.shape[-2]  # exact: the padded crop divides by every level
@@ -126,6 +140,23 @@ class LocalBranch(_ControlBranch):
             outs.append(([paste(r) for r in down], paste(mid)))
         down = [torch.cat([o[0][k] for o in outs], 0) for k in range(len(outs[0][0]))]
         return down, torch.cat([o[1] for o in outs], 0)
+
+
+def check_local_latent_size(latent_size: int, levels: int) -> None:
+    """Refuse a local crop size the UNet cannot halve exactly at every level.
+
+    The crop's residual at level k (k = 0 .. levels-1) has ``ceil(latent_size / 2^k)`` cells and is relocated at
+    scale ``cells / latent_size``; unless ``2^(levels-1)`` divides ``latent_size`` that scale is not ``2^-k`` and
+    the deep residuals land off the face box.
+    """
+    multiple = 2 ** (levels - 1)
+    if latent_size > 0 and latent_size % multiple == 0:
+        return
+    below, above = latent_size // multiple * multiple, (latent_size // multiple + 1) * multiple
+    near = f"{below} or {above}" if below > 0 else f"{max(above, multiple)}"
+    raise ValueError(f"model.local.latent_size={latent_size} is not a multiple of {multiple}, the down-sampling of the "
+                     f"{levels}-level UNet (2^{levels - 1}): its deepest residuals would be relocated off the face box; "
+                     f"use {near} (or model.local.upsample=false for native-size crops)")
 
 
 class GlobalBranch(_ControlBranch):
