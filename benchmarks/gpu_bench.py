@@ -172,8 +172,11 @@ def main(argv=None) -> int:
             log.info("compare: %s", res["compare"])
         if "sampling" not in skip:
             set_options(module, base, BF16 if device == "cuda" else FP32)
-            res["sampling"] = compare_sampling(module.pipeline(), args.sample_steps, args.rounds,
+            # generation as `realisid generate --device cuda` runs it: fp16 frozen parts on a GPU, fp32 branches
+            pipe = module.pipeline().to(device, "fp16" if device == "cuda" else "fp32")
+            res["sampling"] = compare_sampling(pipe, args.sample_steps, args.rounds,
                                                base.model["global"].conditioning_embedding_out_channels, int(base.model.id_encoder.image_size))
+            res["sampling"]["dtype"] = str(pipe.backbone.unet.dtype).removeprefix("torch.")
             log.info("sampling: %s", res["sampling"])
 
     gpu = res["machine"].get("gpu", "none")
@@ -212,8 +215,10 @@ def render(res: dict, sizes: list[int]) -> str:
         s = res["sampling"]
         lines += [f"## Sampling, {s['steps']} steps", "",
                   "Passes alone: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in s["passes"].items()) + ".", "",
-                  "| people | measured s | predicted s | ratio |", "|---|---|---|---|"]
-        lines += [f"| {r['people']} | {r['measured_s']:.3f} | {r['predicted_s']:.3f} | {r['ratio']:.3f} |" for r in s["rows"]]
+                  f"Generation at {res['resolution']} px, frozen parts {s.get('dtype', '?')}, branches fp32 under autocast.", "",
+                  "| people | measured s | images/s | peak memory MiB | predicted s | ratio |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['people']} | {r['measured_s']:.3f} | {r.get('images_per_s', 1 / r['measured_s']):.3f} | "
+                  f"{mib(r['peak_bytes']) if r.get('peak_bytes') else '-'} | {r['predicted_s']:.3f} | {r['ratio']:.3f} |" for r in s["rows"]]
         lines += ["", f"Plain diffusers ControlNet pipeline: {s['plain_controlnet_s']:.3f} s.", ""]
     return "\n".join(lines)
 

@@ -270,8 +270,11 @@ def markdown(summary: Sequence[dict], bins_rows: Sequence[dict], calibrated: Map
 
 
 def run_bench(cfg, run_dir: str, out_dir: str, *, settings: Mapping[str, Mapping[str, Any]] | None = None,
-              progress: bool = True) -> dict:
-    """Benchmark ``run_dir``'s export with ``cfg.bench``; returns the paths written, the summary and the calibrated table."""
+              progress: bool = True, device: str | None = None, dtype: str | None = None) -> dict:
+    """Benchmark ``run_dir``'s export with ``cfg.bench``; returns the paths written, the summary and the calibrated table.
+
+    ``device`` / ``dtype``: where sampling runs (default: cuda when available, fp16 frozen parts there); the
+    face analyzer and the evaluation encoder run where they run (CPU for ONNX models)."""
     from omegaconf import OmegaConf
 
     from realisid.data.pipeline import ExampleMaker, load_examples, resolve_shards
@@ -280,7 +283,7 @@ def run_bench(cfg, run_dir: str, out_dir: str, *, settings: Mapping[str, Mapping
     from realisid.pipeline import RealisIDPipeline
 
     os.makedirs(out_dir, exist_ok=True)
-    pipe = RealisIDPipeline.from_export(os.path.join(run_dir, "export"))
+    pipe = RealisIDPipeline.from_export(os.path.join(run_dir, "export"), device=device, dtype=dtype)
     b = cfg.bench
     maker = ExampleMaker(embed_dim=cfg.data.embed_dim, resolution=int(cfg.data.resolution), vae_scale_factor=pipe.backbone.vae_scale_factor,
                          local_latent_size=int(cfg.model.local.latent_size), crop_expand=float(cfg.model.local.crop_expand),
@@ -325,7 +328,8 @@ def run_bench(cfg, run_dir: str, out_dir: str, *, settings: Mapping[str, Mapping
                               "face_fid": vals.get(f"face_fid/{bin_name}", float("nan")), "image_fid": vals.get(f"image_fid/{bin_name}", float("nan")),
                               "loc_iou": vals.get(f"loc_iou/{bin_name}", float("nan")), "pose_err": vals.get(f"pose_err/{bin_name}", float("nan"))})
     summary = summarize(rows)
-    header = {"run": run_dir, "date": _dt.date.today().isoformat(), "machine": machine(), "cases": str(len(cases)),
+    header = {"run": run_dir, "date": _dt.date.today().isoformat(), "machine": machine(),
+              "device": f"{pipe.device}, frozen parts {str(pipe.backbone.unet.dtype).removeprefix('torch.')}", "cases": str(len(cases)),
               "prompts": json.dumps(list(b.prompts)), "sampling": json.dumps(sample_kwargs), **ev.describe(),
               "real photos (ceiling)": f"{len(real)} held-out photos of the {len(refs)} reference identities"}
     write_csv(os.path.join(out_dir, "results.csv"), rows)

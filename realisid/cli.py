@@ -108,7 +108,7 @@ def cmd_generate(args) -> int:
         from realisid.faces import load_face_analyzer
 
         analyzer = load_face_analyzer(cfg.faces)
-    pipe = RealisIDPipeline.from_export(export)
+    pipe = RealisIDPipeline.from_export(export, device=args.device, dtype=args.dtype)
     people, refs = [], []
     for ref, box in zip(args.ref, boxes):
         person, info = reference_person(ref, box, int(cfg.model.id_encoder.image_size), analyzer)
@@ -125,7 +125,8 @@ def cmd_generate(args) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     out.images[0].save(args.out)
     record = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": args.seed, "run": args.run, **settings,
-              "resolution": R, "identity_encoder": pipe.id_encoder.name, "backbone": pipe.backbone.name,
+              "resolution": R, "device": str(pipe.device), "frozen_dtype": str(pipe.backbone.unet.dtype).removeprefix("torch."),
+              "identity_encoder": pipe.id_encoder.name, "backbone": pipe.backbone.name,
               "branches": [k for k, b in (("local", pipe.local_branch), ("global", pipe.global_branch)) if b is not None],
               "people": [{**r, **m} for r, m in zip(refs, out.people)]}
     if args.panel:
@@ -169,7 +170,7 @@ def cmd_bench(args) -> int:
         log.info("no finished %s run yet: training one on the embedded default first", args.exp)
         run = train(cfg)["run_dir"]
     out = args.out or os.path.join("benchmarks", "results", f"{_dt.date.today().isoformat()}-{cfg.experiment.name}")
-    res = run_bench(cfg, run, out)
+    res = run_bench(cfg, run, out, device=args.device, dtype=args.dtype)
     sys.stdout.write(open(os.path.join(out, "table.md")).read())
     sys.stdout.write(f"\nwritten: {out}/ (results.csv, summary.csv, bins.csv, table.md, {', '.join(os.path.basename(p) for p in res['plots'])})\n")
     return 0
@@ -211,6 +212,12 @@ def cmd_precompute(args) -> int:
     return 0
 
 
+def _device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="where sampling runs: cpu, cuda, cuda:N (default: cuda when available, else cpu)")
+    p.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
+                   help="the frozen parts' precision (default: fp16 on a GPU, fp32 on a CPU; the trained branches stay fp32 under autocast)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="realisid", description="RealisID: identity customization with local and global ControlNet branches.")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -239,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance-text", type=float, default=None)
     g.add_argument("--guidance-id", type=float, default=None)
     g.add_argument("--id-delay", type=float, default=None, help="fraction of steps before identity conditioning starts")
+    _device_args(g)
     g.set_defaults(func=cmd_generate)
 
     b = sub.add_parser("bench", help="scale benchmark: identity fidelity against face size and people count (benchmarks/results/)")
@@ -246,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("overrides", nargs="*")
     b.add_argument("--run", default=None, help="run directory to benchmark (default: the newest finished run of EXP; trains one if none)")
     b.add_argument("--out", default=None, help="output folder (default: benchmarks/results/<date>-<exp>)")
+    _device_args(b)
     b.set_defaults(func=cmd_bench)
 
     sw = sub.add_parser("sweep", help="ablation sweep from experiments/sweeps/<SWEEP>.yaml: train + bench each run, one combined table")

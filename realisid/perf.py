@@ -296,7 +296,9 @@ def sampling_people(resolution: int, n: int, id_size: int):
 
 @torch.no_grad()
 def pass_times(pipe, people, repeat: int, rounds: int) -> dict:
-    """Each pass the joint pipeline makes per step, timed alone at its real shapes (batch of 3 guidance conditions)."""
+    """Each pass the joint pipeline makes per step, timed alone at its real shapes: the UNet on the 3 guidance
+    conditions, each branch on the rows it really runs (:meth:`RealisIDPipeline.branch_rows`: 2 on SD1.5 with
+    identity on, 1 during the identity delay; ``*_delay`` keys)."""
     bb, device = pipe.backbone, pipe.device
     R, f = pipe.resolution, bb.vae_scale_factor
     inputs = [pipe.person_inputs(p) for p in people]
@@ -304,18 +306,21 @@ def pass_times(pipe, people, repeat: int, rounds: int) -> dict:
     x = torch.randn(3, bb.latent_channels, R // f, R // f, device=device, dtype=bb.unet.dtype)
     t = torch.full((3,), 500, device=device, dtype=torch.long)
     text = bb.encode_text(["", "a photo", "a photo"], (R, R))
-    tokens = p0["tokens"].expand(3, -1, -1)
     out = {}
     with pipe.autocast():
         res = None
-        if pipe.global_branch is not None:
-            loc = p0["loc_map"].expand(3, -1, -1, -1)
-            out["global"] = time_call(lambda: pipe.global_branch(x, t, tokens, loc, text.added_cond_kwargs), repeat, rounds=rounds, device=device)
-            res = pipe.global_branch(x, t, tokens, loc, text.added_cond_kwargs)
-        if pipe.local_branch is not None:
-            pe, box = p0["pe_map"].expand(3, -1, -1, -1), p0["latent_box"].expand(3, -1)
-            out["local"] = time_call(lambda: pipe.local_branch(x, t, tokens, pe, box, text.added_cond_kwargs), repeat, rounds=rounds, device=device)
-            res = res or pipe.local_branch(x, t, tokens, pe, box, text.added_cond_kwargs)
+        for suffix, id_on in (("", True), ("_delay", False)):
+            rows = pipe.branch_rows(id_on, text.added_cond_kwargs)[0]
+            k, sel = len(rows), torch.tensor(rows, device=device)
+            xk, tk, tokens = x[sel], t[sel], p0["tokens"].expand(k, -1, -1)
+            added = {key: v[sel] for key, v in text.added_cond_kwargs.items()} if text.added_cond_kwargs else None
+            if pipe.global_branch is not None:
+                loc = p0["loc_map"].expand(k, -1, -1, -1)
+                out["global" + suffix] = time_call(lambda: pipe.global_branch(xk, tk, tokens, loc, added), repeat, rounds=rounds, device=device)
+            if pipe.local_branch is not None:
+                pe, box = p0["pe_map"].expand(k, -1, -1, -1), p0["latent_box"] * k
+                out["local" + suffix] = time_call(lambda: pipe.local_branch(xk, tk, tokens, pe, box, added), repeat, rounds=rounds, device=device)
+        res = pipe.step_residuals(x, t, inputs[:1], True, text.added_cond_kwargs)
         out["unet"] = time_call(lambda: bb.unet(x, t, encoder_hidden_states=text.embeds, added_cond_kwargs=text.added_cond_kwargs,
                                                 down_block_additional_residuals=res[0], mid_block_additional_residual=res[1], return_dict=False),
                                 repeat, rounds=rounds, device=device)
@@ -327,10 +332,15 @@ def pass_times(pipe, people, repeat: int, rounds: int) -> dict:
     return out
 
 
-def predicted_sampling_time(passes: dict, people: int, steps: int) -> float:
-    """The design's cost: per step one UNet pass plus, per person, a global and a local pass; plus the once-per-image parts."""
-    per_step = passes["unet"] + people * (passes.get("global", 0.0) + passes.get("local", 0.0))
-    return steps * per_step + passes["text_once"] + people * passes["person_once"] + passes["decode_once"]
+def predicted_sampling_time(passes: dict, people: int, steps: int, id_delay: float = 0.1) -> float:
+    """The design's cost: per step one UNet pass plus, per person, a global and a local pass on the distinct
+    guidance rows (fewer rows during the first ``id_delay`` of the steps); plus the once-per-image parts."""
+    delay = int(round(id_delay * steps))
+
+    def per_step(suffix: str) -> float:
+        return passes["unet"] + people * (passes.get("global" + suffix, 0.0) + passes.get("local" + suffix, 0.0))
+
+    return (steps - delay) * per_step("") + delay * per_step("_delay") + passes["text_once"] + people * passes["person_once"] + passes["decode_once"]
 
 
 def plain_controlnet_pipeline(backbone, conditioning_embedding_out_channels):
@@ -367,15 +377,20 @@ def compare_sampling(pipe, steps: int, rounds: int, plain_channels, id_size: int
         passes = pass_times(pipe, people[1], repeat=repeat, rounds=1)
         row = {"passes": passes}
         for n in (1, 2, 3):
-            t = time_call(lambda: pipe("a photo of a person", people[n], num_inference_steps=steps, seed=0, output_type="pt"), 1,
+            if pipe.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            t = time_call(lambda: pipe("a photo of a person", people[n], num_inference_steps=steps, id_delay=0.1, seed=0, output_type="pt"), 1,
                           warmup=warm, rounds=1)
-            row[n] = (t, predicted_sampling_time(passes, n, steps))
+            row[n] = (t, predicted_sampling_time(passes, n, steps, id_delay=0.1))
+            row[f"peak{n}"] = torch.cuda.max_memory_allocated() if pipe.device.type == "cuda" else None
         with pipe.autocast():
             row["plain"] = time_call(lambda: plain("a photo of a person", image=control, num_inference_steps=steps, height=R, width=R,
                                                    guidance_scale=7.5, output_type="pt"), 1, warmup=warm, rounds=1)
         per_round.append(row)
     med = statistics.median
     rows = [{"people": n, "measured_s": med(r[n][0] for r in per_round), "predicted_s": med(r[n][1] for r in per_round),
-             "ratio": med(r[n][0] / r[n][1] for r in per_round), "ratio_rounds": [r[n][0] / r[n][1] for r in per_round]} for n in (1, 2, 3)]
+             "ratio": med(r[n][0] / r[n][1] for r in per_round), "ratio_rounds": [r[n][0] / r[n][1] for r in per_round],
+             "images_per_s": 1.0 / med(r[n][0] for r in per_round), "peak_bytes": max((r[f"peak{n}"] or 0) for r in per_round) or None}
+            for n in (1, 2, 3)]
     passes = {k: med(r["passes"][k] for r in per_round) for k in per_round[0]["passes"]}
     return {"steps": steps, "passes": passes, "rows": rows, "plain_controlnet_s": med(r["plain"] for r in per_round)}

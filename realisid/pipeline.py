@@ -63,8 +63,11 @@ class RealisIDPipeline:
                    soft_location=c.model["global"].soft_location)
 
     @classmethod
-    def from_export(cls, export_dir: str, backbone=None) -> "RealisIDPipeline":
-        """Load a run's exported branches (diffusers ``from_pretrained``) with the backbone its config names."""
+    def from_export(cls, export_dir: str, backbone=None, device: str | torch.device | None = "cpu",
+                    dtype: str | torch.dtype | None = None) -> "RealisIDPipeline":
+        """Load a run's exported branches (diffusers ``from_pretrained``) with the backbone its config names, then
+        move it with :meth:`to` (``device=None``: cuda when available; ``dtype=None``: fp16 frozen parts on a GPU, as
+        loaded on a CPU)."""
         from safetensors.torch import load_file
 
         from realisid.models.backbone import load_backbone
@@ -84,8 +87,28 @@ class RealisIDPipeline:
         for m in (proj, local, glob_):
             if m is not None:
                 m.eval().requires_grad_(False)
-        return cls(backbone, enc, proj, local, glob_, resolution=c.data.resolution, crop_expand=c.model.local.crop_expand,
+        pipe = cls(backbone, enc, proj, local, glob_, resolution=c.data.resolution, crop_expand=c.model.local.crop_expand,
                    local_latent_size=c.model.local.latent_size, soft_location=c.model["global"].soft_location)
+        return pipe.to(device, dtype)
+
+    def to(self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> "RealisIDPipeline":
+        """Move every part to ``device`` (None: cuda when available, else cpu). ``dtype`` (fp32 | fp16 | bf16, or a
+        torch dtype; None: fp16 on a GPU, unchanged on a CPU) is for the frozen parts (UNet, text encoders, a CLIP
+        identity encoder; the VAE only where its config does not ask for ``force_upcast``, as SDXL's does); the
+        trained branches and the projector keep fp32 weights and run under autocast (see :meth:`autocast`)."""
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev, self.backbone.unet.dtype)
+        self.backbone.to(dev)
+        if dt != self.backbone.unet.dtype:
+            self.backbone.to(dt)
+            if getattr(self.backbone.vae.config, "force_upcast", False):
+                self.backbone.vae.to(torch.float32)  # SDXL's VAE overflows in fp16
+        self.id_encoder.to(dev)
+        self.id_encoder.to_frozen_dtype(dt)
+        for part in (self.projector, self.local_branch, self.global_branch):
+            if part is not None:
+                part.to(dev, torch.float32)
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -111,7 +134,7 @@ class RealisIDPipeline:
         size = face_size(box, R, R)
         return {
             "box": box, "crop_box": list(crop_box), "tokens": tokens,
-            "latent_box": torch.tensor([[v // f for v in crop_box]]),
+            "latent_box": [[int(v) // f for v in crop_box]],  # a host list: the branch never reads boxes from the device
             "pe_map": torch.from_numpy(pe.astype(np.float32) / 255.0).permute(2, 0, 1)[None].to(self.device),
             # at the global branch's conditioning size once, not every step
             "loc_map": self.global_branch.fit_location(torch.from_numpy(loc)[None, None].to(self.device), R // f)
@@ -120,27 +143,55 @@ class RealisIDPipeline:
         }
 
     # ---- residuals of one step ----------------------------------------------------------------------
+    def branch_rows(self, id_on: bool, added_cond_kwargs=None) -> tuple[list[int], list[int]]:
+        """Which of the 3 guidance rows (none, text, text+identity) the branches must actually run on.
+
+        The branches see the noisy latent and timestep (the same in all rows), the identity tokens (null, null,
+        the person's, or null in all rows while identity is delayed) and, on SDXL only, the pooled text and
+        time ids (the negative prompt's in row 0, the prompt's in rows 1 and 2). Returns the rows to compute
+        and, for each of the 3 rows, which computed row it equals: on SD1.5 2 passes instead of 3, 1 during
+        the identity delay; on SDXL 3 and 2.
+        """
+        text_rows = (0, 1, 1) if added_cond_kwargs else (0, 0, 0)
+        keys = [(text_rows[i], i == 2 and id_on) for i in range(3)]
+        distinct = list(dict.fromkeys(keys))
+        return [keys.index(k) for k in distinct], [distinct.index(k) for k in keys]
+
     def step_residuals(self, latents: torch.Tensor, t: torch.Tensor, people: list[dict], id_on: bool,
                        added_cond_kwargs=None, use_local: bool = True, use_global: bool = True):
-        """Residuals for a batch of 3 guidance conditions (none, text, text+identity) of one image."""
+        """Residuals for a batch of 3 guidance conditions (none, text, text+identity) of one image; each branch
+        runs only on the distinct rows (:meth:`branch_rows`) and the result is spread back to the 3 rows."""
         n = latents.shape[0]
+        if n == 3:
+            run, spread = self.branch_rows(id_on, added_cond_kwargs)
+        else:
+            run, spread = list(range(n)), list(range(n))
+        k = len(run)
+        sel = torch.tensor(run, device=latents.device)
+        x, tt = latents.index_select(0, sel), t.index_select(0, sel) if t.ndim else t
+        added = {key: v.index_select(0, sel) for key, v in added_cond_kwargs.items()} if added_cond_kwargs else None
         local_sum, globals_ = None, []
         for p in people:
             key = ("tokens_batch", n, id_on)  # built once per person and phase, not every step
             if key not in p:
                 null = torch.zeros_like(p["tokens"])
-                p[key] = torch.cat([null] * (n - 1) + [p["tokens"] if id_on else null], 0)
+                rows = [p["tokens"] if (id_on and r == n - 1) else null for r in range(n)]
+                p[key] = torch.cat([rows[r] for r in run], 0)
             tokens = p[key]
             if use_local and self.local_branch is not None:
-                r = self.local_branch(latents, t, tokens, p["pe_map"].expand(n, -1, -1, -1), p["latent_box"].expand(n, -1), added_cond_kwargs)
+                r = self.local_branch(x, tt, tokens, p["pe_map"].expand(k, -1, -1, -1), p["latent_box"] * k, added)
                 local_sum = add_residuals(local_sum, r)
             if use_global and self.global_branch is not None:
-                globals_.append(self.global_branch(latents, t, tokens, p["loc_map"].expand(n, -1, -1, -1), added_cond_kwargs))
+                globals_.append(self.global_branch(x, tt, tokens, p["loc_map"].expand(k, -1, -1, -1), added))
         global_avg = None
         if globals_:
-            k = float(len(globals_))
-            global_avg = ([sum(g[0][i] for g in globals_) / k for i in range(len(globals_[0][0]))], sum(g[1] for g in globals_) / k)
-        return add_residuals(local_sum, global_avg)
+            m = float(len(globals_))
+            global_avg = ([sum(g[0][i] for g in globals_) / m for i in range(len(globals_[0][0]))], sum(g[1] for g in globals_) / m)
+        res = add_residuals(local_sum, global_avg)
+        if res is None or spread == list(range(k)):
+            return res
+        back = torch.tensor(spread, device=latents.device)
+        return [r.index_select(0, back) for r in res[0]], res[1].index_select(0, back)
 
     # ---- sampling -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -169,16 +220,17 @@ class RealisIDPipeline:
         text = self.backbone.encode_text([negative_prompt, prompt, prompt], (R, R))
         g = torch.Generator(device="cpu").manual_seed(int(seed))
         shape = (1, self.backbone.latent_channels, R // f, R // f)
-        latents = (torch.randn(shape, generator=g) * sched.init_noise_sigma).to(self.device, self.backbone.unet.dtype)
+        # the sampler's state stays in fp32 across steps; only each pass's input is cast to the UNet's dtype
+        latents = (torch.randn(shape, generator=g) * sched.init_noise_sigma).to(self.device, torch.float32)
         delay_steps = int(round(id_delay * num_inference_steps))
         for i, t in enumerate(sched.timesteps):
-            x = sched.scale_model_input(torch.cat([latents] * 3), t)
+            x = sched.scale_model_input(torch.cat([latents] * 3), t).to(self.backbone.unet.dtype)
             tt = t.expand(3) if t.ndim else t.repeat(3)
             res = self.step_residuals(x, tt, inputs, i >= delay_steps, text.added_cond_kwargs, use_local, use_global)
             eps = self.backbone.unet(x, tt, encoder_hidden_states=text.embeds, added_cond_kwargs=text.added_cond_kwargs,
                                      down_block_additional_residuals=res[0] if res else None,
                                      mid_block_additional_residual=res[1] if res else None, return_dict=False)[0]
-            e_none, e_t, e_ti = eps.chunk(3)
+            e_none, e_t, e_ti = eps.float().chunk(3)
             eps = e_none + guidance_text * (e_t - e_none) + guidance_id * (e_ti - e_t)
             latents = sched.step(eps, t, latents).prev_sample
         image = self.backbone.decode_latents(latents)
@@ -186,6 +238,35 @@ class RealisIDPipeline:
         if output_type == "pt":
             return RealisIDOutput(image, meta, latents)  # type: ignore[arg-type]
         return RealisIDOutput(tensor_to_pil(image), meta, latents)
+
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` or ``auto``: cuda when available, else cpu; a CUDA device asked for on a machine without one is
+    refused with the fix named."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} but this machine has no CUDA device; use --device cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, current: torch.dtype = torch.float32) -> torch.dtype:
+    """The frozen parts' dtype: given, or by default fp16 on a GPU for a model in fp32 and otherwise the dtype the
+    model already has (on a CPU, fp32: CPU half kernels are slow)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        return torch.float16 if device.type == "cuda" and current == torch.float32 else current
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}; valid: auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
 
 
 def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:

@@ -61,7 +61,9 @@ def test_each_person_gets_one_local_and_one_global_pass_per_step(joint, n_people
     boxes = [(2, 2, 20, 20), (24, 24, 42, 42), (44, 2, 62, 20)][:n_people]
     sample(pipe, [person(b, i) for i, b in enumerate(boxes)], num_inference_steps=4)
     assert len(calls["local"]) == 4 * n_people and len(calls["global"]) == 4 * n_people
-    assert set(calls["local"]) == {3}  # each pass carries the three guidance conditions in one batch
+    # each pass carries the distinct guidance conditions in one batch: on SD1.5 the branches see the same
+    # inputs in the "none" and "text" rows, so 2 rows (identity on from the first step at 4 steps x 0.1 delay)
+    assert set(calls["local"]) == set(calls["global"]) == {2}
 
 
 def test_local_residuals_zero_outside_every_box(joint):
@@ -75,7 +77,7 @@ def test_local_residuals_zero_outside_every_box(joint):
     for r in down + [mid]:
         inside = torch.zeros(r.shape[-2:], dtype=torch.bool)
         for p in inputs:
-            lb = p["latent_box"][0].tolist()
+            lb = p["latent_box"][0]
             x0, y0, x1, y1 = box_at_scale(lb, r.shape[-1] / 32, r.shape[-1], r.shape[-2])
             inside[y0:y1, x0:x1] = True
         assert r[..., ~inside].abs().max() == 0 and r[..., inside].abs().max() > 0
@@ -156,6 +158,7 @@ def test_generate_cli_two_people(run_dir, tmp_path, capsys):
     assert Image.open(out).size == (64, 64)
     rec = json.load(open(tmp_path / "out" / "two.json"))
     assert rec["seed"] == 5 and rec["steps"] == 2 and len(rec["people"]) == 2 and rec["branches"] == ["local", "global"]
+    assert rec["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")
     assert rec["people"][0]["box"] == [2, 10, 26, 34] and "ref0.json" in rec["people"][0]["reference_face"]
     assert rec["people"][1]["reference_face"].startswith("whole image")
     # landmarks from the reference face, moved into the target box: left eye at (18-8)/32*24+2 = 9.5
@@ -176,6 +179,17 @@ def test_generate_cli_bad_boxes_one_line(run_dir, tmp_path, capsys, args, needle
     err = capsys.readouterr().err.strip()
     assert needle in err and "\n" not in err and "Traceback" not in err
     assert not (tmp_path / "o.png").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_generate_cli_cuda_without_a_gpu_is_one_line(run_dir, tmp_path, capsys):
+    from realisid.cli import main
+
+    a, _ = _refs(tmp_path)
+    rc = main(["generate", "--run", str(run_dir), "--prompt", "x", "--ref", a, "--box", "2,10,26,34", "--out", str(tmp_path / "o.png"),
+               "--device", "cuda", "--steps", "1"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "--device cuda but this machine has no CUDA device; use --device cpu" in err and "\n" not in err
 
 
 def test_generate_reference_without_face(run_dir, tmp_path, capsys):
@@ -201,3 +215,91 @@ def test_generate_reference_without_face(run_dir, tmp_path, capsys):
     assert main(["generate", "--run", str(run), "--prompt", "x", "--ref", str(blank), "--box", "8,8,40,40", "--out", str(tmp_path / "o.png")]) == 2
     err = capsys.readouterr().err.strip()
     assert "no face found" in err and str(blank) in err and "\n" not in err
+
+
+def test_cfg_rows_with_identical_branch_inputs_run_once(joint, monkeypatch):
+    """Issue 11, defect 10: the branches run on the distinct guidance rows only (SD1.5: "none" and "text" give
+    them the same inputs; during the identity delay all three do) and the residuals equal a 3-row pass."""
+    pipe = joint.pipeline()
+    rows = {"local": 0, "global": 0}
+    for name, branch in (("local", pipe.local_branch), ("global", pipe.global_branch)):
+        original = branch.forward
+
+        def counted(*a, _orig=original, _name=name, **k):
+            rows[_name] += a[0].shape[0]
+            return _orig(*a, **k)
+
+        monkeypatch.setattr(branch, "forward", counted)
+    sample(pipe, [person((8, 8, 32, 32))], num_inference_steps=4, id_delay=0.25)  # 1 step without identity, 3 with
+    assert rows == {"local": 1 + 3 * 2, "global": 1 + 3 * 2}  # was 4 x 3 rows each
+    monkeypatch.undo()
+    assert pipe.branch_rows(True) == ([0, 2], [0, 0, 1]) and pipe.branch_rows(False) == ([0], [0, 0, 0])
+    sdxl_added = {"text_embeds": torch.zeros(3, 8), "time_ids": torch.zeros(3, 6)}
+    assert pipe.branch_rows(True, sdxl_added) == ([0, 1, 2], [0, 1, 2]) and pipe.branch_rows(False, sdxl_added) == ([0, 1], [0, 1, 1])
+    # the deduplicated residuals equal the branches run on all three rows
+    p = pipe.person_inputs(person((8, 8, 32, 32)))
+    x, t = torch.randn(1, 4, 32, 32).expand(3, -1, -1, -1), torch.tensor([500] * 3)
+    tokens = torch.cat([torch.zeros_like(p["tokens"])] * 2 + [p["tokens"]])
+    with torch.no_grad():
+        down, mid = pipe.step_residuals(x, t, [p], True)
+        ld, lm = pipe.local_branch(x, t, tokens, p["pe_map"].expand(3, -1, -1, -1), p["latent_box"] * 3)
+        gd, gm = pipe.global_branch(x, t, tokens, p["loc_map"].expand(3, -1, -1, -1))
+    for a, b in zip(down + [mid], [u + v for u, v in zip(ld, gd)] + [lm + gm]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_half_precision_sampler_keeps_fp32_latents(joint):
+    """Issue 11, defect 1 (sampling): with a bf16 backbone the DDIM state stays fp32 across steps; only each
+    pass's input is cast. (Stepping in bf16 rounds the latent to 8 bits of mantissa every step.)"""
+    import copy
+
+    pipe = joint.pipeline()
+    half = RealisIDPipeline(copy.deepcopy(joint.backbone).to(torch.bfloat16), joint.id_encoder, joint.projector, joint.local_branch,
+                            joint.global_branch, resolution=64, crop_expand=1.6, local_latent_size=16)
+    seen = []
+    sched_cls = type(half.backbone.sampling_scheduler("ddim"))
+    original = sched_cls.step
+
+    def spy(self, model_output, timestep, sample, *a, **k):
+        seen.append((model_output.dtype, sample.dtype))
+        return original(self, model_output, timestep, sample, *a, **k)
+
+    sched_cls.step = spy
+    try:
+        out = half("a photo of a person", [person((8, 8, 32, 32))], num_inference_steps=3, seed=0, output_type="pt")
+    finally:
+        sched_cls.step = original
+    assert seen and all(d == (torch.float32, torch.float32) for d in seen)
+    assert out.latents.dtype == torch.float32
+    ref = pipe("a photo of a person", [person((8, 8, 32, 32))], num_inference_steps=3, seed=0, output_type="pt")
+    assert (out.latents - ref.latents).abs().max() < 0.1 * ref.latents.abs().max()  # the same sample up to bf16 passes
+
+
+def test_pipeline_moves_to_a_device_and_dtype(joint, tmp_path):
+    """Issue 11, defect 2: from_export / pipeline.to take a device and a dtype for the frozen parts; the trained
+    parts stay fp32; a CUDA device on a machine without one is refused with the fix named."""
+    from realisid.pipeline import resolve_device
+
+    joint.export(str(tmp_path / "export"))
+    pipe = RealisIDPipeline.from_export(str(tmp_path / "export"), backbone=__import__("copy").deepcopy(joint.backbone), device="cpu",
+                                        dtype="bf16")
+    assert pipe.device.type == "cpu" and pipe.backbone.unet.dtype == torch.bfloat16 and pipe.backbone.text_encoder.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for part in (pipe.projector, pipe.local_branch, pipe.global_branch) for p in part.parameters())
+    img = pipe("a photo of a person", [person((8, 8, 32, 32))], num_inference_steps=2, seed=0, output_type="pt").images
+    assert img.dtype in (torch.float32, torch.bfloat16) and torch.isfinite(img.float()).all()
+    assert resolve_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device; use --device cpu"):
+            resolve_device("cuda")
+    with pytest.raises(ValueError, match="--dtype 'fp8'"):
+        pipe.to("cpu", "fp8")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_pipeline_samples_on_the_gpu_in_half_precision(joint, tmp_path):
+    joint.export(str(tmp_path / "export"))
+    pipe = RealisIDPipeline.from_export(str(tmp_path / "export"), device=None)
+    assert pipe.device.type == "cuda" and pipe.backbone.unet.dtype == torch.float16
+    out = pipe("a photo of a person", [person((8, 8, 32, 32))], num_inference_steps=4, seed=0, output_type="pt")
+    assert out.latents.dtype == torch.float32 and torch.isfinite(out.images.float()).all()

@@ -50,3 +50,90 @@ def test_few_step_training_run_and_export(tiny_cfg, face_shards, tmp_path):
     ia = pipe_a("a photo", [person], num_inference_steps=3, seed=1, output_type="pt").images
     ib = pipe_b("a photo", [person], num_inference_steps=3, seed=1, output_type="pt").images
     torch.testing.assert_close(ia, ib, rtol=0, atol=1e-5)
+
+
+def _step_batch(module, shards, n=2, precomputed=True):
+    """A batch as the training step sees it; ``precomputed``: latents, text embeddings and identity features
+    from the cache's keys (so the frozen encoders do not run) and the crop boxes as a host list."""
+    from realisid.data.pipeline import ExampleMaker, collate, load_examples
+    from realisid.modules.branch_module import HOST_BOXES
+
+    c = module.cfg
+    maker = ExampleMaker(resolution=int(c.data.resolution), vae_scale_factor=module.backbone.vae_scale_factor,
+                         local_latent_size=int(c.model.local.latent_size), crop_expand=float(c.model.local.crop_expand),
+                         id_image_size=int(c.model.id_encoder.image_size))
+    batch = collate(load_examples([str(shards / "train-000000.tar")], maker, n))
+    if precomputed:
+        with torch.no_grad():
+            batch["latent_moments"] = module.backbone.latent_moments(batch.pop("image"))
+            batch["text_embeds"] = module.backbone.text_embeddings(batch["caption"])[0]
+            batch["text_embeds_no_identity"] = module.backbone.text_embeddings(batch["caption_no_identity"])[0]
+            batch["id_features"] = module.id_encoder(batch["id_image"], batch["id_mask"])
+        batch[HOST_BOXES] = batch["crop_box"].tolist()
+    return batch
+
+
+def test_half_precision_noising_is_computed_in_fp32(tiny_cfg, face_shards, monkeypatch):
+    """Issue 11, defect 1: with a bf16 backbone, x_t and the target are computed in fp32 and only then cast.
+    At t = 0 bf16 rounds 1 - alpha_bar to 0, so x_t came out as the clean latent (no noise at all)."""
+    from realisid.modules import build_module
+    from realisid.modules.losses import diffusion_inputs
+
+    module = build_module(tiny_cfg("local_branch", "model.backbone_dtype=bf16", "trainer.precision=bf16-mixed"))
+    batch = _step_batch(module, face_shards)
+    seen = {}
+    unet_forward = module.backbone.unet.forward
+    monkeypatch.setattr(module.backbone.unet, "forward", lambda x, t, *a, **k: (seen.update(x=x, t=t), unet_forward(x, t, *a, **k))[1])
+    moments = module.backbone.latents_from_moments
+    monkeypatch.setattr(module.backbone, "latents_from_moments", lambda *a, **k: seen.setdefault("z", moments(*a, **k)))
+    real_randint = torch.randint
+    monkeypatch.setattr(torch, "randint", lambda low, high, size, **k: torch.zeros(size, dtype=torch.long, device=k.get("device")))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        module.shared_step(batch, generator=torch.Generator().manual_seed(0), dropout=False)
+    monkeypatch.setattr(torch, "randint", real_randint)
+    assert seen["x"].dtype == torch.bfloat16 and (seen["t"] == 0).all()
+    a0 = float(module.alphas_cumprod[0])
+    spread = (seen["x"].float() - a0 ** 0.5 * seen["z"].float()).std().item()
+    assert 0.6 * (1 - a0) ** 0.5 < spread < 1.6 * (1 - a0) ** 0.5, spread  # noise at scale sqrt(1 - a_0) = 0.029, not 0
+    # the pure function: every timestep's noise scale within 0.1% of float64 for bf16 inputs
+    z, eps = torch.randn(1000, 4, 2, 2).to(torch.bfloat16), torch.randn(1000, 4, 2, 2)
+    t = torch.arange(1000)
+    noisy, target = diffusion_inputs(module.alphas_cumprod, z, eps, t, "v_prediction")
+    acp = module.alphas_cumprod.double()[t].view(-1, 1, 1, 1)
+    want = acp.sqrt() * z.double() + (1 - acp).sqrt() * eps.double()
+    assert noisy.dtype == target.dtype == torch.float32
+    torch.testing.assert_close(noisy.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_step_seeds_are_distinct_over_ranks_steps_and_micro_batches():
+    """Issue 11, defect 12: with 8+ ranks and gradient accumulation the per-step RNG keys collided
+    ((seed * a + step * 131 + micro) * 7 + rank: rank 7 of micro-batch 0 = rank 0 of micro-batch 1)."""
+    from realisid.modules.branch_module import step_seed
+
+    keys = {(s, m, r): step_seed(0, s, m, r) for s in range(40) for m in range(8) for r in range(64)}
+    assert len(set(keys.values())) == len(keys)
+    assert step_seed(0, 3, 1, 2) == step_seed(0, 3, 1, 2) and step_seed(1, 3, 1, 2) != step_seed(0, 3, 1, 2)
+    assert all(0 <= k < 2**63 for k in keys.values())
+
+
+def test_precomputed_training_step_reads_nothing_back_from_the_device(tiny_cfg, face_shards, monkeypatch):
+    """Issue 11, defect 14: a training step on a precomputed batch makes no host-device sync (no .item(),
+    .tolist(), .cpu(), bool() of a tensor, ...), so it can be compiled and never stalls a GPU. Counted on CPU
+    by patching the Tensor methods that read values back."""
+    from realisid.modules import build_module
+
+    module = build_module(tiny_cfg("joint", "data.identity_free_captions=0.5"))
+    batch = _step_batch(module, face_shards)
+    calls = []
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _name=name, _orig=original, **k):
+            calls.append(_name)
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    out = module.shared_step(batch, generator=torch.Generator().manual_seed(0))
+    monkeypatch.undo()
+    assert calls == [], calls
+    assert torch.isfinite(out["loss"])

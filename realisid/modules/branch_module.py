@@ -7,6 +7,7 @@ JointModule (both, residuals summed into one UNet forward).
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import Any
 
@@ -20,10 +21,11 @@ from realisid.models.branches import GlobalBranch, LocalBranch, add_residuals
 from realisid.models.id_encoder import IdProjector, build_id_encoder
 from realisid.modules.efficiency import apply_efficiency, check_precision
 from realisid.modules.ema import WeightEMA
-from realisid.modules.losses import face_weighted_mse, latent_mask
+from realisid.modules.losses import diffusion_inputs, face_weighted_mse, latent_mask
 
 log = logging.getLogger(__name__)
 FROZEN_PREFIXES = ("backbone.", "id_encoder.")
+HOST_BOXES = "crop_box_host"  # the crop boxes as a list of ints, kept on the host
 
 
 class RealisIDModule(L.LightningModule):
@@ -56,13 +58,23 @@ class RealisIDModule(L.LightningModule):
         self.ema: WeightEMA | None = None
         self.channels_last = False
         self.applied = apply_efficiency(self, cfg.efficiency, m.backbone_dtype)  # sets ema and channels_last
+        self._nonfinite: torch.Tensor | None = None       # non-finite losses since the last optimizer step (no host read)
+        self._nonfinite_loss: torch.Tensor | None = None
 
     # ---- conditioning -------------------------------------------------------------------------------
     def identity_features(self, batch: dict) -> torch.Tensor:
+        """The frozen identity encoder's output per sample: from the precompute cache (``id_features``, every
+        sample, no encoder run), else from stored ArcFace embeddings (``id_embed`` when every sample has one),
+        else by running the encoder on the reference crops (with their key points where the batch has them)."""
+        feats = batch.get("id_features")
+        if feats is not None:
+            return feats.to(self.device)
         emb = batch.get("id_embed")
         if (emb is not None and emb.numel() and not self.id_encoder.sequence and bool(batch["has_id_embed"].all())
                 and emb.shape[-1] == self.id_encoder.embed_dim):
             return emb.to(self.device)
+        if batch.get("id_kps") is not None:
+            return self.id_encoder(batch["id_image"], batch["id_mask"], kps=batch["id_kps"])
         return self.id_encoder(batch["id_image"], batch["id_mask"])
 
     def identity_tokens(self, batch: dict, keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -74,7 +86,9 @@ class RealisIDModule(L.LightningModule):
     def branch_residuals(self, noisy, t, tokens, batch, added=None):
         parts = []
         if self.local_branch is not None:
-            boxes = batch["crop_box"] // self.backbone.vae_scale_factor
+            f = self.backbone.vae_scale_factor
+            host = batch.get(HOST_BOXES)  # read on the host before the transfer: the step never reads the device
+            boxes = [[v // f for v in b] for b in host] if host is not None else batch["crop_box"] // f
             parts.append(self.local_branch(noisy, t, tokens, batch["pe_map"], boxes, added))
         if self.global_branch is not None:
             loc = self.global_branch.fit_location(batch["loc_map"], noisy.shape[-1])
@@ -106,6 +120,7 @@ class RealisIDModule(L.LightningModule):
     def text_conditioning(self, batch: dict, keep_text: torch.Tensor, image_hw: tuple[int, int], free: torch.Tensor | None = None):
         """Text conditioning from precomputed embeddings when the batch has them, else from the captions; ``free``
         marks samples that use their identity-free caption."""
+        training_free = free is not None
         free = free if free is not None else torch.zeros(len(keep_text), dtype=torch.bool)
         if "text_embeds" not in batch:
             caps = [(f if use_free else c) if k else "" for c, f, k, use_free in
@@ -113,7 +128,8 @@ class RealisIDModule(L.LightningModule):
             return self.backbone.encode_text(caps, image_hw)
         embeds, pooled = batch["text_embeds"].to(self.device), batch.get("text_pooled")
         pooled = pooled.to(self.device) if pooled is not None else None
-        if bool(free.any()):
+        # per-sample choices by torch.where on the device, never a host read of a mask
+        if training_free and float(self.cfg.data.identity_free_captions) > 0 or "text_embeds_no_identity" in batch:
             if "text_embeds_no_identity" not in batch:
                 raise ValueError("data.identity_free_captions > 0 but the precomputed cache has no identity-free text embeddings; "
                                  "re-run `make precompute` with this version")
@@ -121,13 +137,23 @@ class RealisIDModule(L.LightningModule):
             embeds = torch.where(use[:, None, None], batch["text_embeds_no_identity"].to(self.device, embeds.dtype), embeds)
             if pooled is not None:
                 pooled = torch.where(use[:, None], batch["text_pooled_no_identity"].to(self.device, pooled.dtype), pooled)
-        if not bool(keep_text.all()):
-            null_e, null_p = self.null_text()
-            drop = (~keep_text).to(self.device)
-            embeds = torch.where(drop[:, None, None], null_e.to(embeds.dtype), embeds)
-            if pooled is not None:
-                pooled = torch.where(drop[:, None], null_p.to(pooled.dtype), pooled)
+        null_e, null_p = self.null_text()
+        drop = (~keep_text).to(self.device)
+        embeds = torch.where(drop[:, None, None], null_e.to(embeds.dtype), embeds)
+        if pooled is not None:
+            pooled = torch.where(drop[:, None], null_p.to(pooled.dtype), pooled)
         return self.backbone.conditioning(embeds, pooled, image_hw)
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int = 0):
+        """The crop boxes as a host list, read while the batch is still on the host (the local branch cuts and
+        pastes with them: reading them from the device would stall every step)."""
+        if isinstance(batch, dict):
+            from realisid.data.pipeline import unpack_batch
+
+            boxes = unpack_batch(batch).get("crop_box")
+            if isinstance(boxes, torch.Tensor):
+                batch[HOST_BOXES] = boxes.tolist()
+        return batch
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int = 0):
         """The training stream ships one packed buffer with uint8 pixels; here, on the device, it becomes the
@@ -136,15 +162,19 @@ class RealisIDModule(L.LightningModule):
 
     # ---- the step -----------------------------------------------------------------------------------
     def shared_step(self, batch: dict, generator: torch.Generator | None = None, dropout: bool = True) -> dict[str, torch.Tensor]:
+        """One diffusion training forward. With a precomputed batch (latents, text embeddings, identity features,
+        host-side crop boxes) it reads nothing back from the device, so it can be compiled and never stalls the GPU."""
         n = len(batch["caption"])
         device_gen = _device_gen(generator, self.device)
         if "latent_moments" in batch:  # precomputed: the VAE does not run
             latents = self.backbone.latents_from_moments(batch["latent_moments"], device_gen)
         else:
             latents = self.backbone.encode_images(batch["image"], generator=device_gen)
-        noise = torch.randn(latents.shape, generator=generator, device="cpu").to(latents)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (n,), generator=generator, device="cpu").to(self.device)
-        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        # noise, timesteps, x_t and the target in fp32 on the device; only the UNet's input is cast to its dtype
+        noise = torch.randn(latents.shape, generator=device_gen, device=self.device, dtype=torch.float32)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (n,), generator=device_gen, device=self.device)
+        noisy, target = diffusion_inputs(self.alphas_cumprod, latents, noise, t, self.noise_scheduler.config.prediction_type)
+        noisy = noisy.to(self.backbone.unet.dtype)
         if self.channels_last:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
         keep_text, keep_id = self.dropout_masks(n, generator) if dropout else (torch.ones(n, dtype=torch.bool),) * 2
@@ -156,32 +186,54 @@ class RealisIDModule(L.LightningModule):
         pred = self.backbone.unet(noisy, t, encoder_hidden_states=text.embeds, added_cond_kwargs=text.added_cond_kwargs,
                                   down_block_additional_residuals=res[0] if res else None,
                                   mid_block_additional_residual=res[1] if res else None, return_dict=False)[0]
-        target = noise if self.noise_scheduler.config.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, t)
         mask = latent_mask(batch["loc_map"], tuple(latents.shape[-2:]))
         loss, full, face = face_weighted_mse(pred, target, mask, float(self.cfg.model.loss.face_lambda))
         return {"loss": loss, "mse": full, "face_mse": face}
 
     def step_generator(self, batch_idx: int) -> torch.Generator:
-        """Noise, timesteps and dropout of a step depend only on (seed, step): a resumed run draws the same."""
+        """Noise, timesteps and dropout of a step depend only on (seed, step, micro-batch, rank): a resumed run
+        draws the same, and no two ranks or micro-batches share a stream (see :func:`step_seed`)."""
         accum = max(1, int(self.trainer.accumulate_grad_batches)) if self._trainer is not None else 1
-        key = (int(self.cfg.experiment.seed) * 1_000_003 + self.global_step * 131 + batch_idx % accum) * 7 + self.global_rank
-        return torch.Generator().manual_seed(key % (2**63 - 1))
+        return torch.Generator().manual_seed(step_seed(int(self.cfg.experiment.seed), self.global_step, batch_idx % accum, self.global_rank))
 
     def training_step(self, batch: dict, batch_idx: int):
+        """The loss, always returned: a non-finite one is dealt with before the optimizer step (see
+        :meth:`on_before_optimizer_step`), where every rank takes the same decision."""
         out = self.shared_step(batch, generator=self.step_generator(batch_idx))
-        if not torch.isfinite(out["loss"]):
-            msg = (f"non-finite training loss {out['loss'].item()} at step {self.global_step} (batch {batch_idx}); "
-                   "lower optim.lr, check the data, or set trainer.nonfinite_loss=skip")
-            if self.cfg.trainer.nonfinite_loss == "skip":
-                log.warning("skipped batch: %s", msg)
-                self.log("train/skipped_nonfinite", 1.0, reduce_fx="sum")
-                return None
-            raise FloatingPointError(msg)
+        bad = (~torch.isfinite(out["loss"].detach())).float()
+        self._nonfinite = bad if self._nonfinite is None else self._nonfinite + bad  # summed over accumulated micro-batches
+        loss = out["loss"].detach()  # kept for the message: the first non-finite one, else the latest
+        prev = self._nonfinite_loss
+        self._nonfinite_loss = loss if prev is None else torch.where(torch.isfinite(prev), loss, prev)
         self.log_dict({f"train/{k}": v for k, v in out.items()}, prog_bar=False, batch_size=len(batch["caption"]))
         self.log("loss", out["loss"], prog_bar=True, logger=False)
         if "skipped" in batch:  # per-stream running count of unusable samples, see ExampleMaker
             self.log("data/skipped_samples", float(max(batch["skipped"])))  # a list of ints: no device sync
         return out["loss"]
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Non-finite losses: the flag is summed over ranks (every rank joins the all-reduce, so DDP stays in
+        step), then all ranks stop together (``trainer.nonfinite_loss=stop``) or all skip the update together
+        (``skip``: the gradients are dropped, so the optimizer leaves every weight as it was). The one host read
+        of the step happens here, after backward."""
+        flag, loss = self._nonfinite, self._nonfinite_loss
+        self._nonfinite = self._nonfinite_loss = None
+        if flag is None:
+            return
+        if self.trainer.world_size > 1:
+            flag = self.trainer.strategy.reduce(flag, reduce_op="sum")
+        if not bool(flag > 0):
+            return
+        value = loss.item()
+        what = f"non-finite training loss {value}" if not math.isfinite(value) else f"non-finite training loss on another rank than {self.global_rank}"
+        msg = f"{what} at step {self.global_step}; lower optim.lr, check the data, or set trainer.nonfinite_loss=skip"
+        if self.cfg.trainer.nonfinite_loss != "skip":
+            raise FloatingPointError(msg)
+        log.warning("skipped batch: %s", msg)
+        self.log("train/skipped_nonfinite", 1.0, reduce_fx="sum")
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
 
     def validation_step(self, batch: dict, batch_idx: int):
         g = torch.Generator().manual_seed(int(self.cfg.experiment.seed) * 7919 + batch_idx)  # same noise every validation
@@ -311,11 +363,23 @@ def _load_or_init(cls, path, init):
     return cls.from_pretrained(path)
 
 
+def step_seed(seed: int, step: int, micro_batch: int, rank: int) -> int:
+    """A 63-bit seed from a hash of (seed, step, micro-batch, rank): distinct streams for every rank and every
+    accumulated micro-batch (a linear mix like ``(seed * a + step * b + micro) * 7 + rank`` repeats itself
+    once there are 8 ranks and gradient accumulation), and the same on every machine (no salted ``hash``)."""
+    import hashlib
+
+    key = f"{int(seed)}:{int(step)}:{int(micro_batch)}:{int(rank)}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") & (2**63 - 1)
+
+
 def _device_gen(generator, device):
+    """A generator on ``device`` for the step's latents, noise and timesteps, seeded from the step's (host)
+    generator's seed without drawing from it (no tensor read back) and apart from its stream."""
     if generator is None:
         return None
     g = torch.Generator(device=device)
-    g.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+    g.manual_seed((generator.initial_seed() ^ 0x5DEECE66D) & (2**63 - 1))
     return g
 
 
