@@ -2,7 +2,8 @@
 
 An experiment file states only what differs from what it inherits. Every key it sets, and every override
 given on the command line, must already exist in what it inherits: a misspelt key fails with its name
-and the nearest valid keys instead of silently creating a new one.
+and the nearest valid keys instead of silently creating a new one. A value the user must give (``???``,
+e.g. ``model.pretrained`` in the real-weight experiments) fails at loading, naming the key and how to give it.
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def _check_keys(child: DictConfig, parent: DictConfig, source: str, prefix: str 
     """Every key of ``child`` must exist in ``parent`` (unless the parent value is an open dict/None)."""
     for k in child.keys():
         path = f"{prefix}{k}"
-        if k not in parent:
+        if k not in parent.keys():  # (a ??? value is "not in" the mapping itself)
             raise ConfigError(f"unknown key '{path}' in {source}; nearest valid keys: {_nearest(path, _root(parent))}")
         pnode = parent._get_node(k)
         cnode = child._get_node(k)
@@ -91,7 +92,10 @@ def load_yaml_tree(path: str, _seen: tuple[str, ...] = ()) -> DictConfig:
         return cfg
     if not defines_keys:  # only the schema root (base.yaml) may add keys; experiments change values
         _check_keys(cfg, merged, os.path.relpath(path))
-    return OmegaConf.merge(merged, cfg)
+    out = OmegaConf.merge(merged, cfg)
+    for key in unset_keys(cfg):  # a merge keeps the inherited value under ???; the file means "the user gives it"
+        OmegaConf.update(out, key, "???", merge=False)
+    return out
 
 
 def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
@@ -101,7 +105,7 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
             raise ConfigError(f"override '{item}' must look like key=value, e.g. trainer.max_steps=50")
         key, value = item.split("=", 1)
         key = key.strip().lstrip("+")
-        if OmegaConf.select(cfg, key, default="__missing__") == "__missing__" and not _parent_open(cfg, key):
+        if not _has_key(cfg, key) and not _parent_open(cfg, key):
             raise ConfigError(f"unknown key '{key}' in override '{item}'; nearest valid keys: {_nearest(key, cfg)}")
         parsed = OmegaConf.from_dotlist([f"{key}={value}"])
         old = OmegaConf.select(cfg, key)
@@ -109,6 +113,39 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
         _check_type(key, old, new)
         cfg = OmegaConf.merge(cfg, parsed)
     return cfg
+
+
+def _has_key(cfg: DictConfig, key: str) -> bool:
+    """``key`` exists, with a value or still ``???`` (which ``OmegaConf.select`` reports as absent)."""
+    parent_key, _, leaf = key.rpartition(".")
+    parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+    return isinstance(parent, DictConfig) and leaf in parent.keys()  # "in parent" is False for a ??? value
+
+
+def unset_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    """The keys whose value is ``???``, sorted; nothing is resolved (a file's interpolations may point outside it)."""
+    out = []
+    for k in cfg.keys():
+        node, path = cfg._get_node(k), f"{prefix}{k}"
+        if node._is_missing():
+            out.append(path)
+        elif isinstance(node, DictConfig) and not node._is_none() and not node._is_interpolation():
+            out.extend(unset_keys(node, path + "."))
+    return sorted(out)
+
+
+# what a ``???`` key takes, shown in the error (keys not listed show KEY=...)
+VALUE_EXAMPLES = {"model.pretrained": "/path/to/local/diffusers/folder"}
+
+
+def check_mandatory(cfg: DictConfig, exp: str) -> None:
+    """Every ``???`` value must have been given; the error names each key and the command line that gives it."""
+    missing = unset_keys(cfg)
+    if missing:
+        given = " ".join(f"{k}={VALUE_EXAMPLES.get(k, '...')}" for k in missing)
+        raise ConfigError(f"experiment '{exp}' leaves {', '.join(missing)} without a value (???): give "
+                          f"{'it' if len(missing) == 1 else 'them'} after the experiment name, e.g. "
+                          f"make train EXP={exp} ARGS=\"{given}\" (or python -m realisid train {exp} {given})")
 
 
 def _parent_open(cfg: DictConfig, key: str) -> bool:
@@ -162,6 +199,7 @@ def load_config(exp: str, overrides: Iterable[str] = ()) -> DictConfig:
     cfg = apply_overrides(cfg, list(overrides))
     if "experiment" in cfg and cfg.experiment.get("name") in (None, "", "???"):
         cfg.experiment.name = os.path.splitext(os.path.relpath(path, EXPERIMENTS_DIR))[0].replace(os.sep, "-")
+    check_mandatory(cfg, exp)
     return cfg
 
 

@@ -30,6 +30,124 @@ def _save_sdxl(path):
     DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(os.path.join(path, "scheduler"))
 
 
+@pytest.fixture(scope="module")
+def sdxl_dir(tmp_path_factory):
+    """A tiny random SDXL-layout folder (two CLIP text encoders, text_time added embedding), saved once."""
+    path = tmp_path_factory.mktemp("sdxl") / "sdxl"
+    _save_sdxl(str(path))
+    return str(path)
+
+
+def _tiny_backbone(tiny_cfg, **vae):
+    """The shrunk random SD1.5-layout backbone; ``vae``: extra AutoencoderKL arguments."""
+    from omegaconf import OmegaConf
+
+    from realisid.models.backbone import build_tiny_backbone
+
+    return build_tiny_backbone(OmegaConf.merge(tiny_cfg("local_branch").model.tiny, {"vae": vae}))
+
+
+def test_force_upcast_vae_stays_fp32_with_half_backbone(sdxl_dir, tiny_cfg):
+    """SDXL's VAE overflows to NaN in fp16; its config's force_upcast keeps it in fp32 beside a half UNet: at
+    loading, on every later cast, and under the trainer's autocast; latents come back in the UNet's dtype."""
+    from realisid.models.backbone import load_pretrained_backbone
+
+    bb = load_pretrained_backbone(sdxl_dir, dtype=torch.bfloat16)
+    assert bb.vae.config.force_upcast and bb.vae.dtype == torch.float32
+    assert bb.unet.dtype == torch.bfloat16 and bb.text_encoder_2.dtype == torch.bfloat16
+    ref = _tiny_backbone(tiny_cfg)
+    before = {k: v.clone() for k, v in ref.vae.state_dict().items()}
+    for cast in (lambda m: m.to(torch.float16), lambda m: m.half(), lambda m: m.to("cpu", torch.bfloat16), lambda m: m.bfloat16()):
+        cast(ref)
+        assert ref.vae.dtype == torch.float32 and ref.unet.dtype in (torch.float16, torch.bfloat16)
+        assert all(torch.equal(v, before[k]) for k, v in ref.vae.state_dict().items())  # never rounded through half
+    ref.to(torch.float32)
+    assert ref.unet.dtype == torch.float32
+    # the methods that touch the VAE, with a bf16 UNet, also under the trainer's autocast
+    seen = []
+    bb.vae.decoder.conv_out.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    bb.vae.encoder.conv_out.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    images = torch.rand(2, 3, 32, 32, dtype=torch.bfloat16) * 2 - 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        moments = bb.latent_moments(images)
+        z = bb.latents_from_moments(moments, torch.Generator().manual_seed(0))
+        z2 = bb.encode_images(images, torch.Generator().manual_seed(0))
+        out = bb.decode_latents(z)
+    assert moments.dtype == torch.float32 and z.dtype == z2.dtype == torch.bfloat16 and torch.equal(z, z2)
+    assert out.dtype == torch.float32 and out.shape == (2, 3, 32, 32) and torch.isfinite(out).all()
+    assert seen and all(d == torch.float32 for d in seen)  # the VAE ran in fp32, not in autocast's bf16
+    assert bb.decode_latents(z.half()).dtype == torch.float32 and bb.decode_latents(z.double()).shape == out.shape
+    # a VAE that may run in half (force_upcast false, e.g. SDXL's fp16-fix VAE) follows the backbone
+    half_ok = _tiny_backbone(tiny_cfg, force_upcast=False).to(torch.bfloat16)
+    assert half_ok.vae.dtype == torch.bfloat16
+
+
+def test_sdxl_empty_prompt_is_zeros(sdxl_dir, tmp_path, tiny_cfg):
+    """SDXL's unconditional text is zeros (diffusers' force_zeros_for_empty_prompt): for encode_text and for the
+    null text that training with precomputed embeddings takes from text_embeddings([""])."""
+    import json
+    import shutil
+
+    from realisid.models.backbone import load_pretrained_backbone
+
+    bb = load_pretrained_backbone(sdxl_dir)
+    assert bb.force_zeros_for_empty_prompt  # no model_index.json: SDXL's default
+    embeds, pooled = bb.text_embeddings(["a photo of a person", "", "  "])
+    assert embeds.shape == (3, 77, 64) and pooled.shape == (3, 32)
+    assert embeds[0].abs().sum() > 0 and pooled[0].abs().sum() > 0
+    assert torch.all(embeds[1:] == 0) and torch.all(pooled[1:] == 0)
+    cond = bb.encode_text([""], (64, 64))
+    assert torch.all(cond.embeds == 0) and torch.all(cond.added_cond_kwargs["text_embeds"] == 0)
+    # the folder's model_index.json decides when it says so
+    off = tmp_path / "sdxl-off"
+    shutil.copytree(sdxl_dir, off)
+    (off / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": False}))
+    e_off, p_off = load_pretrained_backbone(str(off)).text_embeddings([""])
+    assert e_off.abs().sum() > 0 and p_off.abs().sum() > 0
+    # SD1.5 was trained with the encoded empty prompt: unchanged
+    e15, _ = _tiny_backbone(tiny_cfg).text_embeddings([""])
+    assert e15.abs().sum() > 0
+
+
+def test_sdxl_time_ids_carry_original_size_and_crop(sdxl_dir):
+    """time_ids = original_size + crop_top_left + target_size per sample (diffusers' train_text_to_image_sdxl.py)."""
+    from realisid.models.backbone import load_pretrained_backbone
+
+    bb = load_pretrained_backbone(sdxl_dir, dtype=torch.bfloat16)
+    embeds, pooled = bb.text_embeddings(["a photo", "a face"])
+    cond = bb.conditioning(embeds, pooled, (64, 64), original_size=torch.tensor([[480.0, 640.0], [1000.0, 1337.0]]),
+                           crop_top_left=torch.tensor([[0.0, 80.0], [12.0, 3.0]]))
+    ids = cond.added_cond_kwargs["time_ids"]
+    assert ids.tolist() == [[480, 640, 0, 80, 64, 64], [1000, 1337, 12, 3, 64, 64]]  # 1337 kept exactly (not rounded in bf16)
+    default = bb.encode_text(["a photo", "a face"], (64, 48)).added_cond_kwargs["time_ids"]
+    assert default.tolist() == [[64, 48, 0, 0, 64, 48]] * 2
+    # the half UNet takes them: rows with other sizes give other outputs
+    x = torch.randn(2, 4, 8, 8, dtype=torch.bfloat16)
+    t = torch.tensor([500, 500])
+    twice = torch.cat([x[:1], x[:1]])
+    same = bb.conditioning(embeds[:1].repeat(2, 1, 1), pooled[:1].repeat(2, 1), (64, 64),
+                           original_size=torch.tensor([[64.0, 64.0], [1000.0, 1337.0]]))
+    out = bb.unet(twice, t, same.embeds, added_cond_kwargs=same.added_cond_kwargs).sample
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all() and not torch.equal(out[0], out[1])
+    with pytest.raises(ValueError, match=r"original_size has shape \(3, 2\); give one pair per sample: a \(2, 2\) tensor"):
+        bb.conditioning(embeds, pooled, (64, 64), original_size=torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="crop_top_left has shape"):
+        bb.conditioning(embeds, pooled, (64, 64), crop_top_left=torch.zeros(2, 3))
+
+
+def test_layout_mismatch_is_named_and_sdxl_saves_back(sdxl_dir, tmp_path):
+    from realisid.models.backbone import load_pretrained_backbone, save_backbone
+
+    with pytest.raises(ValueError, match="model.layout=sd15 but .* is an SDXL folder.*sdxl/local_branch"):
+        load_pretrained_backbone(sdxl_dir, layout="sd15")
+    bb = load_pretrained_backbone(sdxl_dir)
+    bb.force_zeros_for_empty_prompt = False
+    save_backbone(bb, str(tmp_path / "again"))
+    again = load_pretrained_backbone(str(tmp_path / "again"))
+    assert again.layout == "sdxl" and again.force_zeros_for_empty_prompt is False
+    torch.testing.assert_close(again.text_embeddings(["a photo"])[1], bb.text_embeddings(["a photo"])[1])
+
+
 def test_sdxl_layout_trains_a_local_step(tmp_path, tiny_cfg):
     from realisid.models.backbone import load_pretrained_backbone
     from realisid.modules import build_module

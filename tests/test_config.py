@@ -50,3 +50,62 @@ def test_open_mapping_accepts_new_bins_and_config_saves(tmp_path):
     again = load_config(str(tmp_path / "run" / "config.yaml"))
     assert again.trainer.max_steps == cfg.trainer.max_steps
     assert os.path.exists(tmp_path / "run" / "config.yaml")
+
+
+REAL = {"sd15": {"layout": "sd15", "resolution": 512, "latent_size": 64}, "sdxl": {"layout": "sdxl", "resolution": 1024, "latent_size": 128}}
+MODULES = {"local_branch": "local", "global_branch": "global", "joint": "joint"}
+
+
+@pytest.mark.parametrize("backbone", sorted(REAL))
+@pytest.mark.parametrize("exp", sorted(MODULES))
+def test_real_run_experiments_state_paper_settings(backbone, exp):
+    """sd15/* and sdxl/* load with model.pretrained given, and none of the tiny default's run settings is inherited."""
+    from omegaconf import OmegaConf
+
+    tiny = load_config(exp)
+    cfg = load_config(f"{backbone}/{exp}", ["model.pretrained=/models/weights"])
+    want = REAL[backbone]
+    assert cfg.experiment.module == MODULES[exp] and cfg.experiment.name == f"{backbone}-{exp}"
+    assert cfg.model.pretrained == "/models/weights" and cfg.model.layout == want["layout"]
+    assert cfg.data.resolution == want["resolution"] and cfg.model.local.latent_size == want["latent_size"]
+    assert cfg.model.local.upsample is True
+    assert list(cfg.model.local.conditioning_embedding_out_channels) == [16, 32, 96, 256]
+    assert list(cfg.model["global"].conditioning_embedding_out_channels) == [16, 32, 96, 256]
+    assert cfg.optim.lr == 1e-5 and cfg.optim.weight_decay == 1e-2 and cfg.data.batch_size == 16
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.model.backbone_dtype == "bf16"
+    assert cfg.prepare.enabled is False and cfg.evaluation.every_n_validations == 0
+    for key in ("optim.lr", "optim.warmup_steps", "trainer.max_steps", "trainer.val_check_interval", "trainer.checkpoint_every_n_steps",
+                "data.resolution", "model.local.latent_size", "model.pretrained", "trainer.precision", "prepare.enabled"):
+        assert OmegaConf.select(cfg, key) != OmegaConf.select(tiny, key), key
+    assert cfg.trainer.max_steps >= 10 * cfg.optim.warmup_steps and cfg.trainer.max_steps > 100 * tiny.trainer.max_steps
+    # nothing a real run uses points at the embedded default's stand-ins (realisid/assets)
+    used = OmegaConf.to_container(cfg, resolve=True)
+    for section in ("prepare", "pretrain"):  # `make pretrain` / the embedded preparation, off here
+        used.pop(section)
+    assert "assets" not in str(used), [k for k, v in used.items() if "assets" in str(v)]
+
+
+@pytest.mark.parametrize("exp", [f"{b}/{m}" for b in sorted(REAL) for m in sorted(MODULES)] + ["sd15/base", "sdxl/base"])
+def test_real_run_without_pretrained_names_the_key_and_the_fix(exp):
+    with pytest.raises(ConfigError, match=rf"experiment '{exp}' leaves model.pretrained without a value \(\?\?\?\): give it .*"
+                                          rf'make train EXP={exp} ARGS="model.pretrained=/path/to/local/diffusers/folder"'):
+        load_config(exp)
+    assert exp in list_experiments()
+
+
+def test_real_run_cli_message(capsys):
+    from realisid.cli import main
+
+    assert main(["train", "sd15/local_branch"]) == 2
+    err = capsys.readouterr().err
+    assert "model.pretrained" in err and 'make train EXP=sd15/local_branch ARGS="model.pretrained=' in err and "Traceback" not in err
+
+
+def test_a_file_of_ones_own_may_give_a_mandatory_value(tmp_path):
+    p = tmp_path / "mine.yaml"
+    p.write_text("defaults: [sd15/joint]\nmodel:\n  pretrained: /models/sd15\ntrainer:\n  max_steps: 7\n")
+    cfg = load_config(str(p))
+    assert cfg.model.pretrained == "/models/sd15" and cfg.trainer.max_steps == 7 and cfg.optim.lr == 1e-5
+    p.write_text("defaults: [sd15/joint]\ntrainer:\n  max_steps: 7\n")
+    with pytest.raises(ConfigError, match="leaves model.pretrained without a value"):
+        load_config(str(p))

@@ -70,7 +70,9 @@ def test_bf16_mixed_keeps_frozen_parts_in_half_and_branches_in_fp32(tiny_cfg, fa
 
     module = build_module(_cfg(tiny_cfg, face_shards, "joint", "model.backbone_dtype=bf16", "trainer.precision=bf16-mixed"))
     module.load_state_dict(reference["state"])
-    assert module.backbone.unet.dtype == torch.bfloat16 and module.backbone.vae.dtype == torch.bfloat16
+    # the tiny VAE's config has diffusers' default force_upcast=true: it stays in fp32 (tests/test_backbone.py)
+    assert module.backbone.unet.dtype == torch.bfloat16 and module.backbone.vae.dtype == torch.float32
+    assert "frozen parts in bf16 (VAE in fp32: force_upcast)" in module.applied
     assert module.backbone.text_encoder.dtype == torch.bfloat16 and module.id_encoder.model.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in module.local_branch.parameters())
     with torch.autocast("cpu", dtype=torch.bfloat16):  # what Lightning's bf16-mixed wraps the step in
@@ -96,6 +98,46 @@ def test_half_backbone_needs_matching_precision(tiny_cfg, face_shards):
                           "trainer.accelerator=cpu"))
     with pytest.raises(ValueError, match="gradient_checkpointing='some'; valid: none, branches, all"):
         build_module(_cfg(tiny_cfg, face_shards, "local_branch", "efficiency.gradient_checkpointing=some"))
+
+
+@pytest.mark.parametrize("backbone_dtype,precision,fix", [
+    ("fp32", "bf16-true", "trainer.precision=bf16-mixed .*model.backbone_dtype=bf16"),
+    ("bf16", "bf16-true", "trainer.precision=bf16-mixed .*model.backbone_dtype=bf16"),
+    ("fp32", "16-true", "trainer.precision=16-mixed .*model.backbone_dtype=fp16"),
+    ("fp16", "16-true", "trainer.precision=16-mixed .*model.backbone_dtype=fp16"),
+    ("fp32", "transformer-engine", "trainer.precision=bf16-mixed"),
+])
+def test_true_half_precision_is_refused_for_trainable_parts(backbone_dtype, precision, fix):
+    """16-true / bf16-true cast the trainable branches and their optimizer state to half: at lr 1e-5 most bf16
+    updates round away. Refused whatever the backbone dtype, naming trainer.precision, the value and the fix."""
+    from realisid.modules.efficiency import check_precision
+
+    with pytest.raises(ValueError, match=f"trainer.precision={precision} puts the trainable branches and their optimizer state in .*{fix}"):
+        check_precision(backbone_dtype, precision, "cpu")
+    check_precision("fp32", "32-true")
+    check_precision("bf16", "bf16-mixed", "cpu")
+    check_precision("bf16", "bf16")  # Lightning's alias of bf16-mixed
+
+
+def test_true_half_precision_is_refused_before_building(tiny_cfg):
+    from realisid.modules import build_module
+
+    with pytest.raises(ValueError, match="trainer.precision=bf16-true .*Use trainer.precision=bf16-mixed"):
+        build_module(tiny_cfg("local_branch", "model.backbone_dtype=bf16", "trainer.precision=bf16-true"))
+
+
+def test_bf16_update_at_paper_lr_rounds_away():
+    """Why -true is refused: one Adam step at lr 1e-5 leaves most bf16 weights of ControlNet size unchanged."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(4096) * 0.02)
+    for dtype, mostly_unchanged in ((torch.bfloat16, True), (torch.float32, False)):
+        p = torch.nn.Parameter(w.detach().to(dtype).clone())
+        opt = torch.optim.AdamW([p], lr=1e-5, weight_decay=1e-2)
+        p.grad = torch.randn_like(p)
+        before = p.detach().clone()
+        opt.step()
+        unchanged = (p.detach() == before).float().mean().item()
+        assert (unchanged > 0.5) == mostly_unchanged, (dtype, unchanged)
 
 
 @pytest.mark.slow

@@ -3,6 +3,14 @@
 Loaded from a local diffusers folder (``model.pretrained``), in the SD1.5 layout or the SDXL layout (two text
 encoders and the added time ids), or built at random from the tiny config for tests. The code after loading
 is the same for all of them.
+
+Two diffusers conventions hold here as in diffusers' own pipelines and training scripts:
+
+- a VAE whose config sets ``force_upcast`` (SDXL's: it overflows to NaN in fp16) stays in float32 whatever
+  dtype the backbone is cast to, and runs outside autocast; the latents it gives are cast to the UNet's dtype;
+- SDXL layout: an empty prompt is all zeros (text and pooled embeddings; ``force_zeros_for_empty_prompt`` in
+  the folder's model_index.json, true by default), and the added ``time_ids`` carry each sample's original size
+  and crop corner (``original_size + crop_top_left + target_size``).
 """
 from __future__ import annotations
 
@@ -18,6 +26,46 @@ log = logging.getLogger(__name__)
 
 SD15_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SDXL_PARTS = SD15_PARTS + ("text_encoder_2", "tokenizer_2")
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def vae_force_upcast(vae_config: Mapping[str, Any]) -> bool:
+    """Whether the VAE must run in float32 (diffusers' ``force_upcast``; AutoencoderKL's default is true)."""
+    return bool(vae_config.get("force_upcast", True))
+
+
+def vae_dtype_for(vae_config: Mapping[str, Any], dtype: torch.dtype) -> torch.dtype:
+    """The dtype the VAE runs in when the backbone runs in ``dtype``: float32 for a force_upcast VAE, else ``dtype``."""
+    return torch.float32 if dtype in HALF_DTYPES and vae_force_upcast(vae_config) else dtype
+
+
+def _keep_float32(fn):
+    """``fn`` (what ``Module.to`` / ``.half()`` apply to each tensor) with any cast of a float32 tensor to half
+    dropped: device moves still apply, the values are never rounded through half precision."""
+    def apply(t: torch.Tensor) -> torch.Tensor:
+        out = fn(t)
+        return t.to(out.device) if t.dtype == torch.float32 and out.dtype in HALF_DTYPES else out
+    return apply
+
+
+def as_size_rows(value, name: str, n: int, default: Sequence[float], device) -> torch.Tensor:
+    """``value`` as a float32 (n, 2) tensor of per-sample pairs; None: ``default`` for every sample; one pair: for all."""
+    if value is None:
+        return torch.tensor([list(default)], dtype=torch.float32, device=device).expand(n, 2)
+    rows = torch.as_tensor(value).to(device=device, dtype=torch.float32)
+    if rows.shape == (2,):
+        rows = rows.expand(n, 2)
+    if rows.shape != (n, 2):
+        raise ValueError(f"{name} has shape {tuple(rows.shape)}; give one pair per sample: a ({n}, 2) tensor "
+                         f"({'height, width' if name == 'original_size' else 'top, left'} in pixels)")
+    return rows
+
+
+def sdxl_time_ids(original_size: torch.Tensor, crop_top_left: torch.Tensor, target_hw: tuple[int, int]) -> torch.Tensor:
+    """SDXL's added time ids per sample, as diffusers' train_text_to_image_sdxl.py and pipelines make them:
+    (original height, width) + (crop top, left) + (target height, width); (n, 6) float32."""
+    target = torch.tensor([list(target_hw)], dtype=torch.float32, device=original_size.device).expand(len(original_size), 2)
+    return torch.cat([original_size, crop_top_left, target], dim=1)
 
 
 @dataclass
@@ -29,13 +77,20 @@ class TextConditioning:
 
 
 class Backbone(nn.Module):
-    """Holds the frozen parts; ``encode_text``, ``encode_images``, ``decode_latents`` are its whole API."""
+    """Holds the frozen parts; ``encode_text``, ``encode_images``, ``decode_latents`` are its whole API.
+
+    ``force_zeros_for_empty_prompt`` (SDXL layout only; None: true, as diffusers' SDXL pipelines): empty prompts
+    give zero text and pooled embeddings. A VAE with ``force_upcast`` in its config stays in float32 when the
+    backbone is cast to fp16 / bf16 (``.to``, ``.half()``, ...).
+    """
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler_config: Mapping[str, Any], layout: str = "sd15",
-                 text_encoder_2=None, tokenizer_2=None, name: str = "tiny-random"):
+                 text_encoder_2=None, tokenizer_2=None, name: str = "tiny-random", force_zeros_for_empty_prompt: bool | None = None):
         super().__init__()
         if layout not in ("sd15", "sdxl"):
             raise ValueError(f"model.layout={layout!r}; valid layouts: sd15, sdxl")
+        if vae.dtype in HALF_DTYPES and vae_force_upcast(vae.config):
+            vae = vae.float()
         self.unet = unet
         self.vae = vae
         self.text_encoder = text_encoder
@@ -46,11 +101,30 @@ class Backbone(nn.Module):
         self.layout = layout
         self.name = name
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        zeros = force_zeros_for_empty_prompt
+        self.force_zeros_for_empty_prompt = layout == "sdxl" and (zeros is None or bool(zeros))
         self.requires_grad_(False)
         self.eval()
 
     def train(self, mode: bool = True):  # frozen: always in eval mode (no dropout, fixed norms)
         return super().train(False)
+
+    @property
+    def vae_stays_fp32(self) -> bool:
+        return vae_force_upcast(self.vae.config)
+
+    def _apply(self, fn, recurse: bool = True):
+        """Every cast and move reaches every part, except that a force_upcast VAE is never cast to half."""
+        if not (recurse and self.vae_stays_fp32):
+            return super()._apply(fn, recurse)
+        super()._apply(fn, recurse=False)  # the backbone's own tensors (none today)
+        for child in self.children():
+            child._apply(_keep_float32(fn) if child is self.vae else fn)
+        return self
+
+    def _vae_autocast_off(self):
+        """The VAE runs in its own dtype: under the trainer's autocast a float32 VAE would otherwise run in half."""
+        return torch.autocast(self.vae.device.type, enabled=False)
 
     @property
     def cross_attention_dim(self) -> int:
@@ -79,55 +153,73 @@ class Backbone(nn.Module):
         return ids.to(self.unet.device)
 
     @torch.no_grad()
-    def encode_text(self, prompts: Sequence[str], image_hw: tuple[int, int] | None = None) -> TextConditioning:
+    def encode_text(self, prompts: Sequence[str], image_hw: tuple[int, int] | None = None, original_size=None,
+                    crop_top_left=None) -> TextConditioning:
         embeds, pooled = self.text_embeddings(prompts)
-        return self.conditioning(embeds, pooled, image_hw)
+        return self.conditioning(embeds, pooled, image_hw, original_size, crop_top_left)
 
     @torch.no_grad()
     def text_embeddings(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The text encoders' outputs for ``prompts``: (B, L, D) embeddings and, for SDXL, (B, P) pooled ones.
 
-        This is what ``realisid precompute`` stores per sample.
+        This is what ``realisid precompute`` stores per sample. SDXL layout: an empty prompt gives zeros for both
+        (``force_zeros_for_empty_prompt``), the unconditional input SDXL was trained with.
         """
         if self.layout == "sd15":
             return self.text_encoder(self._tokenize(self.tokenizer, prompts))[0], None
         # SDXL: penultimate hidden states of both encoders concatenated; pooled output of the second
         h1 = self.text_encoder(self._tokenize(self.tokenizer, prompts), output_hidden_states=True).hidden_states[-2]
         out2 = self.text_encoder_2(self._tokenize(self.tokenizer_2, prompts), output_hidden_states=True)
-        return torch.cat([h1, out2.hidden_states[-2]], dim=-1), out2[0]
+        embeds, pooled = torch.cat([h1, out2.hidden_states[-2]], dim=-1), out2[0]
+        empty = [not str(p).strip() for p in prompts]
+        if self.force_zeros_for_empty_prompt and any(empty):
+            mask = torch.tensor(empty, device=embeds.device)
+            embeds, pooled = embeds.masked_fill(mask[:, None, None], 0.0), pooled.masked_fill(mask[:, None], 0.0)
+        return embeds, pooled
 
-    def conditioning(self, embeds: torch.Tensor, pooled: torch.Tensor | None = None,
-                     image_hw: tuple[int, int] | None = None) -> TextConditioning:
-        """Text embeddings (computed now or precomputed) to what the UNet takes."""
+    def conditioning(self, embeds: torch.Tensor, pooled: torch.Tensor | None = None, image_hw: tuple[int, int] | None = None,
+                     original_size=None, crop_top_left=None) -> TextConditioning:
+        """Text embeddings (computed now or precomputed) to what the UNet takes.
+
+        SDXL layout: ``image_hw`` is the target size; ``original_size`` (B, 2: height, width of the photo before it
+        was resized) and ``crop_top_left`` (B, 2: top, left of the crop in the resized photo) go into the time ids
+        per sample; absent, the original size is the target size and the crop (0, 0). The time ids are float32
+        (the UNet embeds them in float32; half would round sizes above 256 in bf16)."""
         embeds = embeds.to(self.unet.device, self.unet.dtype)
         if self.layout == "sd15":
             return TextConditioning(embeds)
         if pooled is None:
             raise ValueError("the SDXL layout needs the pooled text embedding as well; re-run `realisid precompute` for this backbone")
-        h, w = image_hw or (self.unet.config.sample_size * self.vae_scale_factor,) * 2
-        time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=embeds.dtype, device=embeds.device).repeat(len(embeds), 1)
-        return TextConditioning(embeds, {"text_embeds": pooled.to(embeds.device, embeds.dtype), "time_ids": time_ids})
+        hw = tuple(image_hw or (self.unet.config.sample_size * self.vae_scale_factor,) * 2)
+        n, dev = len(embeds), embeds.device
+        time_ids = sdxl_time_ids(as_size_rows(original_size, "original_size", n, hw, dev),
+                                 as_size_rows(crop_top_left, "crop_top_left", n, (0, 0), dev), hw)
+        return TextConditioning(embeds, {"text_embeds": pooled.to(dev, embeds.dtype), "time_ids": time_ids})
 
     @torch.no_grad()
     def latent_moments(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] to the VAE posterior's parameters (B, 2C, h, w): mean and log-variance.
 
-        This is what ``realisid precompute`` stores per sample; :meth:`latents_from_moments` samples from it.
+        This is what ``realisid precompute`` stores per sample; :meth:`latents_from_moments` samples from it. The
+        images are cast to the VAE's dtype; the moments come back in it (float32 for a force_upcast VAE).
         """
-        return self.vae.encode(images.to(self.vae.device, self.vae.dtype)).latent_dist.parameters
+        with self._vae_autocast_off():
+            return self.vae.encode(images.to(self.vae.device, self.vae.dtype)).latent_dist.parameters
 
     def latents_from_moments(self, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """A scaled latent sampled from the posterior ``moments`` (exactly what :meth:`encode_images` does)."""
+        """A scaled latent sampled from the posterior ``moments`` (exactly what :meth:`encode_images` does), in the
+        UNet's dtype; sampled and scaled in the VAE's dtype."""
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-        dist = DiagonalGaussianDistribution(moments.to(self.vae.device, self.vae.dtype))
-        z = dist.sample(generator) if generator is not None else dist.sample()
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        return ((z - shift) * self.vae.config.scaling_factor).to(self.unet.dtype)
+        with self._vae_autocast_off():
+            dist = DiagonalGaussianDistribution(moments.to(self.vae.device, self.vae.dtype))
+            z = dist.sample(generator) if generator is not None else dist.sample()
+            shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+            return ((z - shift) * self.vae.config.scaling_factor).to(self.unet.dtype)
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Images in [-1, 1] to scaled latents (sampled from the VAE posterior)."""
+        """Images in [-1, 1] to scaled latents (sampled from the VAE posterior) in the UNet's dtype."""
         return self.latents_from_moments(self.latent_moments(images), generator)
 
     def fingerprint(self) -> dict:
@@ -159,9 +251,11 @@ class Backbone(nn.Module):
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents of any dtype to images in [-1, 1], in the VAE's dtype."""
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        z = latents.to(self.vae.dtype) / self.vae.config.scaling_factor + shift
-        return self.vae.decode(z).sample.clamp(-1, 1)
+        with self._vae_autocast_off():
+            z = latents.to(self.vae.device, self.vae.dtype) / self.vae.config.scaling_factor + shift
+            return self.vae.decode(z).sample.clamp(-1, 1)
 
 
 def _missing_parts(path: str, layout: str | None) -> list[str]:
@@ -171,6 +265,17 @@ def _missing_parts(path: str, layout: str | None) -> list[str]:
 
 def detect_layout(path: str) -> str:
     return "sdxl" if os.path.isdir(os.path.join(path, "text_encoder_2")) else "sd15"
+
+
+def read_model_index(path: str) -> dict:
+    """The folder's model_index.json (diffusers' pipeline config), or {} when it has none."""
+    import json
+
+    index = os.path.join(path, "model_index.json")
+    if not os.path.exists(index):
+        return {}
+    with open(index) as f:
+        return json.load(f)
 
 
 def load_pretrained_backbone(path: str, layout: str | None = None, dtype: torch.dtype = torch.float32) -> Backbone:
@@ -187,10 +292,14 @@ def load_pretrained_backbone(path: str, layout: str | None = None, dtype: torch.
     if missing:
         raise FileNotFoundError(f"model.pretrained='{path}' lacks {', '.join(m + '/' for m in missing)} "
                                 f"needed for the {layout} layout; use a complete diffusers folder")
+    if layout == "sd15" and detect_layout(path) == "sdxl":
+        raise ValueError(f"model.layout=sd15 but model.pretrained='{path}' is an SDXL folder (it has text_encoder_2/); "
+                         "use an sdxl experiment (e.g. sdxl/local_branch) or model.layout=sdxl")
     from diffusers import DDPMScheduler
 
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype)
+    vae_dtype = vae_dtype_for(AutoencoderKL.load_config(path, subfolder="vae"), dtype)  # never rounded through half
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=vae_dtype)
     text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype)
     tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
     scheduler_config = DDPMScheduler.load_config(path, subfolder="scheduler")
@@ -198,8 +307,11 @@ def load_pretrained_backbone(path: str, layout: str | None = None, dtype: torch.
     if layout == "sdxl":
         te2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", torch_dtype=dtype)
         tok2 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2")
-    log.info("loaded %s backbone from %s", layout, path)
-    return Backbone(unet, vae, text_encoder, tokenizer, scheduler_config, layout, te2, tok2, name=path)
+    zeros = read_model_index(path).get("force_zeros_for_empty_prompt", True)
+    log.info("loaded %s backbone from %s (VAE in %s%s)", layout, path, str(vae_dtype).replace("torch.", ""),
+             ", empty prompt = zeros" if layout == "sdxl" and zeros else "")
+    return Backbone(unet, vae, text_encoder, tokenizer, scheduler_config, layout, te2, tok2, name=path,
+                    force_zeros_for_empty_prompt=zeros)
 
 
 def build_tiny_backbone(cfg: Mapping[str, Any], seed: int = 0) -> Backbone:
@@ -235,8 +347,13 @@ def save_backbone(backbone: Backbone, path: str, half_unet: bool = False) -> Non
     backbone.text_encoder.save_pretrained(os.path.join(path, "text_encoder"))
     backbone.tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
     DDPMScheduler.from_config(backbone.scheduler_config).save_pretrained(os.path.join(path, "scheduler"))
+    index = {"_class_name": "StableDiffusionPipeline", "_realisid": "tiny base trained on synthetic faces (stand-in)"}
+    if backbone.layout == "sdxl":
+        backbone.text_encoder_2.save_pretrained(os.path.join(path, "text_encoder_2"))
+        backbone.tokenizer_2.save_pretrained(os.path.join(path, "tokenizer_2"))
+        index = {"_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": backbone.force_zeros_for_empty_prompt}
     with open(os.path.join(path, "model_index.json"), "w") as f:
-        json.dump({"_class_name": "StableDiffusionPipeline", "_realisid": "tiny base trained on synthetic faces (stand-in)"}, f, indent=2)
+        json.dump(index, f, indent=2)
 
 
 def _plain(node) -> dict:

@@ -125,7 +125,7 @@ class RealisIDModule(L.LightningModule):
         if "text_embeds" not in batch:
             caps = [(f if use_free else c) if k else "" for c, f, k, use_free in
                     zip(batch["caption"], batch.get("caption_no_identity", batch["caption"]), keep_text.tolist(), free.tolist())]
-            return self.backbone.encode_text(caps, image_hw)
+            return self.backbone.encode_text(caps, image_hw, batch.get("original_size"), batch.get("crop_top_left"))
         embeds, pooled = batch["text_embeds"].to(self.device), batch.get("text_pooled")
         pooled = pooled.to(self.device) if pooled is not None else None
         # per-sample choices by torch.where on the device, never a host read of a mask
@@ -142,7 +142,8 @@ class RealisIDModule(L.LightningModule):
         embeds = torch.where(drop[:, None, None], null_e.to(embeds.dtype), embeds)
         if pooled is not None:
             pooled = torch.where(drop[:, None], null_p.to(pooled.dtype), pooled)
-        return self.backbone.conditioning(embeds, pooled, image_hw)
+        # SDXL's time ids carry each sample's original size and crop (batch keys from the data pipeline)
+        return self.backbone.conditioning(embeds, pooled, image_hw, batch.get("original_size"), batch.get("crop_top_left"))
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int = 0):
         """The crop boxes as a host list, read while the batch is still on the host (the local branch cuts and

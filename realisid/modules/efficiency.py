@@ -3,8 +3,10 @@
 Each option is a plain transformation of the module's parts, so the training step itself never changes:
 
 - half-precision frozen parts: the backbone (UNet, VAE, text encoders) and a CLIP identity encoder are cast to
-  fp16/bf16; the VAE and text encoders run under ``no_grad``; the trainable branches and the projector keep
-  fp32 master weights and run under the trainer's autocast (``trainer.precision``: 16-mixed / bf16-mixed);
+  fp16/bf16, except a VAE whose config sets ``force_upcast`` (SDXL's), which stays in fp32 and runs outside
+  autocast; the VAE and text encoders run under ``no_grad``; the trainable branches and the projector keep
+  fp32 master weights and run under the trainer's autocast (``trainer.precision``: 16-mixed / bf16-mixed).
+  ``16-true`` / ``bf16-true`` are refused: they would put the branches and their optimizer state in half;
 - ``attention``: PyTorch scaled-dot-product attention (flash / memory-efficient kernels on GPU) or eager;
 - ``channels_last``: NHWC memory layout for the UNet and the branches;
 - ``gradient_checkpointing``: recompute activations in backward, for the branches or for the UNet too;
@@ -20,21 +22,34 @@ import torch
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# the trainer precisions under which a half-precision backbone can run with fp32 branches
-HALF_PRECISIONS = {"fp16": ("16-mixed", "16-true"), "bf16": ("bf16-mixed", "bf16-true")}
+# the trainer precision under which a half-precision backbone runs with fp32 branches (autocast)
+HALF_PRECISIONS = {"fp16": ("16-mixed",), "bf16": ("bf16-mixed",)}
+# Lightning precisions that cast the whole module, trainable branches and their optimizer state included, to half:
+# value -> (the half type, the mixed precision that keeps fp32 master weights; model.backbone_dtype goes with the type)
+TRUE_HALF_PRECISIONS = {"16-true": ("fp16", "16-mixed"), "bf16-true": ("bf16", "bf16-mixed"),
+                        "transformer-engine": ("bf16", "bf16-mixed"), "transformer-engine-float16": ("fp16", "16-mixed")}
+MANTISSA_BITS = {"fp16": 10, "bf16": 7}  # an update below half a step (2^-(bits+1) of the weight) rounds away
+PRECISION_ALIASES = {"16": "16-mixed", "bf16": "bf16-mixed", "32": "32-true", "64": "64-true"}  # Lightning's own
 CHECKPOINTING = ("none", "branches", "all")
 ATTENTION = ("sdpa", "eager")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
 def check_precision(backbone_dtype: str, precision: str, accelerator: str = "auto") -> None:
-    """Refuse dtype / precision pairs that cannot run, naming both and the fix."""
+    """Refuse dtype / precision pairs that cannot run or cannot train, naming both and the fix."""
     if backbone_dtype not in DTYPES:
         raise ValueError(f"model.backbone_dtype={backbone_dtype!r}; valid: {', '.join(DTYPES)}")
+    precision = PRECISION_ALIASES.get(str(precision), str(precision))
+    if precision in TRUE_HALF_PRECISIONS:
+        half, mixed = TRUE_HALF_PRECISIONS[precision]
+        raise ValueError(f"trainer.precision={precision} puts the trainable branches and their optimizer state in {half}: an Adam "
+                         f"update (about optim.lr each, 1e-5 in the paper) smaller than 1/{2 ** (MANTISSA_BITS[half] + 1)} of the weight "
+                         f"rounds away, so many weights never change. Use trainer.precision={mixed} (fp32 master weights under "
+                         f"autocast), with model.backbone_dtype={half} to keep the frozen parts in half")
     if backbone_dtype == "fp32":
         return
     ok = HALF_PRECISIONS[backbone_dtype]
-    if str(precision) not in ok:
+    if precision not in ok:
         raise ValueError(f"model.backbone_dtype={backbone_dtype} needs the trainer to autocast to the same type: set trainer.precision="
                          f"{ok[0]} (got {precision!r}), or keep model.backbone_dtype=fp32")
     if backbone_dtype == "fp16" and (accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())):
@@ -71,10 +86,11 @@ def apply_efficiency(module, eff: Mapping[str, Any], backbone_dtype: str = "fp32
     check_efficiency(eff)
     applied = []
     dtype = DTYPES[backbone_dtype]
-    module.backbone.to(dtype)
+    module.backbone.to(dtype)  # a force_upcast VAE stays in fp32 (Backbone._apply)
     module.id_encoder.to_frozen_dtype(dtype)
     if dtype != torch.float32:
-        applied.append(f"frozen parts in {backbone_dtype}")
+        kept = " (VAE in fp32: force_upcast)" if module.backbone.vae.dtype == torch.float32 else ""
+        applied.append(f"frozen parts in {backbone_dtype}{kept}")
     branches = [b.controlnet for b in (module.local_branch, module.global_branch) if b is not None]
     for m in [module.backbone.unet, *branches]:
         set_attention(m, eff["attention"])
