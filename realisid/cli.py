@@ -266,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_build_parser(sub)
 
-    pc = sub.add_parser("precompute", help="store VAE latents and text embeddings beside the train shards (train with data.precomputed=OUT)")
+    pc = sub.add_parser("precompute", help="store VAE latents, text embeddings and identity features beside the train shards (train with data.precomputed=OUT)")
     pc.add_argument("exp", nargs="?", default="local_branch")
     pc.add_argument("overrides", nargs="*")
     pc.add_argument("--out", default=None, help="output folder (default: data/cache/precomputed/<exp>)")

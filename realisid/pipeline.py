@@ -35,6 +35,7 @@ class Person:
     id_mask: torch.Tensor | None = None       # (1, S, S)
     id_features: torch.Tensor | None = None   # precomputed encoder output (D,) or (N, D)
     kps: np.ndarray | None = None             # (5, 2) in output pixels; default: a frontal face in the box
+    id_kps: torch.Tensor | None = None        # (5, 2) the reference face's key points in id_image pixels (alignment)
     landmarks: Mapping[str, Sequence] | None = None
 
 
@@ -127,7 +128,8 @@ class RealisIDPipeline:
             feats = person.id_features[None].to(self.device)
         elif person.id_image is not None:
             mask = person.id_mask if person.id_mask is not None else torch.ones_like(person.id_image[:1])
-            feats = self.id_encoder(person.id_image[None].to(self.device), mask[None].to(self.device))
+            id_kps = person.id_kps[None].to(self.device) if person.id_kps is not None else None
+            feats = self.id_encoder(person.id_image[None].to(self.device), mask[None].to(self.device), kps=id_kps)
         else:
             raise ValueError(f"person at box {box} has neither a reference image nor identity features")
         tokens = self.projector(feats.to(self.backbone.unet.dtype))
@@ -307,7 +309,7 @@ def reference_person(path: str, box: Sequence[float], id_image_size: int, analyz
     """
     import json
 
-    from realisid.data.pipeline import centred_mask, identity_crop, to_tensor
+    from realisid.data.pipeline import centred_mask, identity_crop, identity_crop_kps, to_tensor
     from realisid.data.shards import SampleError, decode_image
 
     try:
@@ -337,9 +339,12 @@ def reference_person(path: str, box: Sequence[float], id_image_size: int, analyz
     if bbox is None:
         crop = img.resize((id_image_size, id_image_size), Image.BICUBIC)
         id_image, id_mask, target_kps = to_tensor(crop), torch.from_numpy(centred_mask(id_image_size))[None], None
+        id_kps = None
     else:
         crop, mask = identity_crop(img, bbox, id_image_size)
         id_image, id_mask = to_tensor(crop), torch.from_numpy(mask)[None]
+        # the detected key points align the reference for an ArcFace encoder (not a frontal template)
+        id_kps = torch.from_numpy(identity_crop_kps(kps, bbox, img.width, img.height, id_image_size))
         rel = (np.asarray(kps) - [bbox[0], bbox[1]]) / [bbox[2] - bbox[0], bbox[3] - bbox[1]]
         target_kps = (rel * [box[2] - box[0], box[3] - box[1]] + [box[0], box[1]]).astype(np.float32)
-    return Person(box=box, id_image=id_image, id_mask=id_mask, kps=target_kps), {"reference": path, "reference_face": source}
+    return Person(box=box, id_image=id_image, id_mask=id_mask, kps=target_kps, id_kps=id_kps), {"reference": path, "reference_face": source}

@@ -281,6 +281,52 @@ def test_reference_comes_from_the_largest_other_face(tmp_path, analyzer):
     assert load_json((out / "refs.manifest.json"))["references"] == 3
 
 
+def test_reference_embedding_is_stored_and_used_for_conditioning(tmp_path, analyzer):
+    """Every sample with a ref.jpg carries the donor face's embedding (ref_id.npy: the analyzer's, on the donor photo,
+    aligned with the donor's detected key points) and those key points in ref.jpg pixels (meta ref_kps); training
+    examples condition on them, never on the target's own id.npy."""
+    from realisid.data.pipeline import ExampleMaker, identity_crop
+    from realisid.geometry import expand_square_box
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    photos = {  # bob's photo 2 has the larger face: the donor of bob/1; bob/1 is the donor of bob/2
+        "bob/1.png": scene(256, 256, ((96, 64, 32, 255),), bg=(90, 0, 0)),
+        "bob/2.png": scene(512, 512, ((192, 256, 64, 255),), bg=(0, 90, 0)),
+        "solo/1.png": scene(256, 256, ((32, 160, 32, 255),)),
+    }
+    for k, arr in photos.items():
+        save(src / k, arr)
+    build_shards(str(src), str(out), "refemb", analyzer, workers=0, ref_size=96, progress=False)
+    samples = by_source(read_shards(out, "refemb"))
+    meta = {k: json.loads(s["json"]) for k, s in samples.items()}
+    emb = {k: np.load(io.BytesIO(s["id.npy"]), allow_pickle=False) for k, s in samples.items()}
+    for k, donor in (("bob/1.png", "bob/2.png"), ("bob/2.png", "bob/1.png")):
+        ref_emb = np.load(io.BytesIO(samples[k]["ref_id.npy"]), allow_pickle=False)
+        assert ref_emb.shape == (64,) and ref_emb.dtype == np.float32
+        d = meta[donor]  # the donor photo, its detected face and key points
+        np.testing.assert_allclose(ref_emb, analyzer.embed(photos[donor], np.asarray(d["kps"], np.float32)), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(ref_emb, emb[donor], atol=1e-6)
+        assert np.abs(ref_emb - emb[k]).max() > 1e-3  # not the target's own embedding
+        x0, y0, x1, y1 = expand_square_box(d["bbox"], 1.3, d["width"], d["height"])  # how ref.jpg was cut
+        want = (np.asarray(d["kps"]) - [x0, y0]) * 96 / (x1 - x0)
+        np.testing.assert_allclose(meta[k]["ref_kps"], want, atol=2e-3)
+        ref = np.asarray(decoded(samples[k], "ref.jpg"), np.float32)
+        cut = np.asarray(identity_crop(Image.fromarray(photos[donor]), d["bbox"], 96)[0], np.float32)
+        assert ref.shape == (96, 96, 3) and np.abs(ref - cut).mean() < 3
+    assert "ref.jpg" not in samples["solo/1.png"] and "ref_id.npy" not in samples["solo/1.png"]
+    assert "ref_kps" not in meta["solo/1.png"]
+    # training conditions on the reference's embedding and key points; without a reference, on the target's
+    maker = ExampleMaker(embed_dim=64, resolution=64, vae_scale_factor=2, local_latent_size=16, crop_expand=1.6, id_image_size=48)
+    raws = {json.loads(s["json"])["source"]: {"__key__": key, **{e: b for e, b in s.items() if not e.startswith("_")}}
+            for key, s in read_shards(out, "refemb").items()}
+    for k, donor in (("bob/1.png", "bob/2.png"), ("bob/2.png", "bob/1.png")):
+        ex = maker(raws[k])
+        assert ex["has_id_embed"] and np.allclose(ex["id_embed"].numpy(), emb[donor], atol=1e-6)
+        np.testing.assert_allclose(ex["id_kps"].numpy(), np.asarray(meta[k]["ref_kps"]) * 48 / 96, rtol=1e-6)
+    solo = maker(raws["solo/1.png"])
+    assert solo["has_id_embed"] and np.allclose(solo["id_embed"].numpy(), emb["solo/1.png"], atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------- test double
 
 class ScriptedAnalyzer:

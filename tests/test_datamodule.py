@@ -166,3 +166,38 @@ def test_missing_shards_are_one_clear_error(tiny_cfg, tmp_path):
     dm.cfg.train_shards = str(tmp_path / "gone-{000000..000001}.tar")
     with pytest.raises(FileNotFoundError, match=r"data.train_shards: 2 of 2 shards do not exist, first .*gone-000000.tar.*make shards"):
         dm.setup("fit")
+
+
+def test_examples_carry_original_size_and_crop():
+    """SDXL's time ids per sample: the photo's (height, width) and the training crop's (top, left) in the photo resized
+    so its short side is the resolution, as diffusers' train_text_to_image_sdxl.py computes them (resize, then crop)."""
+    import json
+
+    from PIL import Image
+
+    from realisid.data.pipeline import stream_collate
+    from realisid.data.shards import encode_jpeg, face_meta
+
+    rng = np.random.default_rng(0)
+    W, H, R = 160, 96, 48
+    photo = Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8)).resize((W // 4, H // 4)).resize((W, H), Image.BICUBIC)
+    raws = []
+    for i, x0 in enumerate((100, 4, 50)):  # the face right, left, centre: the square view moves along the long side
+        box = (x0, 30, x0 + 40, 70)
+        meta = face_meta((W, H), box, np.full((5, 2), 50.0) + [x0, 0], det_score=1, identity=None, caption="x", source="t")
+        raws.append({"__key__": f"k{i}", "jpg": encode_jpeg(photo, 98), "json": json.dumps(meta).encode()})
+    maker = ExampleMaker(resolution=R, vae_scale_factor=2, local_latent_size=8, crop_expand=1.6, id_image_size=16)
+    exs = [maker(r) for r in raws]
+    s = R / H
+    resized = np.asarray(photo.resize((round(W * s), R), Image.BICUBIC), np.float32)  # short side to the resolution
+    want_left = {0: 64 * s, 1: 0.0, 2: 22 * s}  # the view (a 96 px square) starts at x = 64, 0 and 22
+    for i, ex in enumerate(exs):
+        assert ex["original_size"].dtype == torch.float32 and ex["original_size"].tolist() == [H, W]
+        assert ex["crop_top_left"].dtype == torch.float32 and ex["crop_top_left"].tolist() == [0.0, want_left[i]]
+        top, left = (int(v) for v in ex["crop_top_left"])
+        crop = resized[top:top + R, left:left + R]  # what the example holds is that crop of the resized photo
+        assert np.abs(crop - ex["image"].numpy().astype(np.float32)).mean() < 4, i
+    batch = ready_batch(stream_collate(exs))  # packed for the transfer, unpacked on the device side
+    assert batch["original_size"].shape == (3, 2) and batch["crop_top_left"].shape == (3, 2)
+    torch.testing.assert_close(batch["crop_top_left"], torch.stack([e["crop_top_left"] for e in exs]), rtol=0, atol=0)
+    assert collate(exs)["original_size"].tolist() == [[H, W]] * 3

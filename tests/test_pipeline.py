@@ -303,3 +303,23 @@ def test_pipeline_samples_on_the_gpu_in_half_precision(joint, tmp_path):
     assert pipe.device.type == "cuda" and pipe.backbone.unet.dtype == torch.float16
     out = pipe("a photo of a person", [person((8, 8, 32, 32))], num_inference_steps=4, seed=0, output_type="pt")
     assert out.latents.dtype == torch.float32 and torch.isfinite(out.images.float()).all()
+
+
+def test_reference_keypoints_reach_the_identity_encoder(joint, tmp_path, monkeypatch):
+    """Issue 11, defect 5 (inference): the reference's detected key points, moved into the identity crop, are what
+    the encoder aligns with (inference used a frontal template and dropped the landmarks it had just found)."""
+    from realisid.data.pipeline import identity_crop_kps
+    from realisid.pipeline import reference_person
+
+    a, _ = _refs(tmp_path)
+    kps = [[16, 22], [30, 20], [24, 28], [18, 34], [29, 35]]
+    json.dump({"bbox": [8, 8, 40, 40], "kps": kps}, open(tmp_path / "ref0.json", "w"))
+    person_, _ = reference_person(a, (2, 10, 26, 34), 32)
+    want = identity_crop_kps(kps, [8, 8, 40, 40], 48, 48, 32)
+    torch.testing.assert_close(person_.id_kps, torch.from_numpy(want))
+    pipe = joint.pipeline()
+    seen = {}
+    original = pipe.id_encoder.forward
+    monkeypatch.setattr(pipe.id_encoder, "forward", lambda images, mask=None, kps=None: (seen.update(kps=kps), original(images, mask, kps=kps))[1])
+    pipe.person_inputs(person_)
+    torch.testing.assert_close(seen["kps"], torch.from_numpy(want)[None])

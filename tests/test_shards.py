@@ -76,3 +76,37 @@ def test_writer_refuses_inconsistent_sample(tmp_path):
     with pytest.raises(ValueError, match="image is"):
         w.write("a", Image.new("RGB", (32, 32)), meta)
     w.close()
+
+
+def test_reference_members_round_trip_and_bad_ones_are_named(tmp_path):
+    """Shard format 2: ref_id.npy (the reference's embedding) and meta ref_kps (its key points in ref.jpg pixels)."""
+    img = Image.new("RGB", (64, 64), (10, 20, 30))
+    meta = face_meta((64, 64), (10, 10, 30, 30), np.full((5, 2), 20.0), det_score=1, identity="a", caption="x", source="t")
+    ref_kps = np.array([[10.5, 12], [20, 12], [15, 16], [11, 21], [19, 21]])
+    with FaceShardWriter(str(tmp_path), "r", face_model="t") as w:
+        w.write("new", img, meta, id_embed=np.zeros(4), ref=Image.new("RGB", (30, 24)), ref_id_embed=np.arange(4), ref_kps=ref_kps)
+        w.write("old", img, meta, id_embed=np.zeros(4), ref=Image.new("RGB", (30, 24)))  # as shards were written before
+        with pytest.raises(ValueError, match="ref_id_embed / ref_kps describe a reference face but no ref image was given"):
+            w.write("orphan", img, meta, ref_kps=ref_kps)
+        with pytest.raises(SampleError, match=r"ref_kps must be 5 finite \[x, y\] pairs in ref.jpg pixels, got shape \(2, 2\)"):
+            w.write("short", img, meta, ref=Image.new("RGB", (30, 24)), ref_kps=ref_kps[:2])
+    new, old = _raw(tmp_path, "r")
+    s = decode_sample(new, embed_dim=4)
+    assert s["has_ref"] and s["ref_size"] == (30, 24) and s["meta"]["ref_kps"] == ref_kps.tolist()
+    np.testing.assert_array_equal(s["ref_id_embed"], np.arange(4, dtype=np.float32))
+    np.testing.assert_array_equal(s["id_embed"], np.zeros(4, np.float32))
+    s = decode_sample(old, embed_dim=4, with_ref=False)  # an old shard: read as it always was
+    assert s["has_ref"] and s["ref"] is None and s["ref_id_embed"] is None and "ref_kps" not in s["meta"]
+    with pytest.raises(SampleError, match="expected 8"):
+        decode_sample(new, embed_dim=8)
+    raw = _sample(**{"ref_id.npy": encode_npy(np.ones(4))})
+    with pytest.raises(SampleError, match="ref_id.npy without ref.jpg"):
+        decode_sample(raw)
+    bad = json.loads(_sample()["json"])
+    bad["ref_kps"] = [[1, 2]] * 4
+    with pytest.raises(SampleError, match="malformed_json: ref_kps must be 5 finite"):
+        decode_sample(_sample(json=json.dumps(bad).encode(), **{"ref.jpg": encode_jpeg(img)}))
+    good = json.loads(_sample()["json"])
+    good["ref_kps"] = ref_kps.tolist()  # the frame of ref_kps is read from ref.jpg's header, even when it is not decoded
+    with pytest.raises(SampleError, match="corrupt_image: unreadable image header"):
+        decode_sample(_sample(json=json.dumps(good).encode(), **{"ref.jpg": b"not a jpeg"}), with_ref=False)

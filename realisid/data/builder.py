@@ -2,8 +2,10 @@
 
 ``build_shards`` keeps single-person photos (one face that is large, confident and not cut by the border;
 other faces much smaller) and writes them in the shard format of realisid/data/shards.py through
-:class:`~realisid.data.shards.FaceShardWriter`, with the identity embedding when the analyzer has one and
-a reference face (``ref.jpg``) cut from ANOTHER photo of the same identity.
+:class:`~realisid.data.shards.FaceShardWriter`, with the identity embedding when the analyzer has one
+(``id.npy``) and a reference face (``ref.jpg``) cut from ANOTHER photo of the same identity, with that face's
+embedding (``ref_id.npy``: the analyzer's, on the donor photo, aligned with the donor face's detected key
+points) and its 5 key points in ``ref.jpg`` pixels (meta ``ref_kps``). Training conditions on the reference.
 
 It runs in two passes over the source:
 
@@ -12,11 +14,12 @@ It runs in two passes over the source:
    pickle); only a small record per image comes back, in source order. Records are appended to
    ``OUT/NAME.analysis.jsonl``, so an interrupted analysis resumes where it stopped.
 2. writing: the reference crops of the needed donors (the largest face of each identity, and the second
-   largest for the donor itself) are cut into a temporary folder, then every kept image is decoded again
-   and written. Finished shards and the source keys in them go to the journal ``OUT/NAME.progress.json``
-   (written atomically after each shard); a rerun keeps finished shards, deletes leftover ``.tar.tmp``
-   files, skips what the finished shards hold and numbers new shards after them. The manifest counts
-   everything across runs.
+   largest for the donor itself) are cut into a temporary folder (a donor that changed since it was
+   analysed gives no reference), then every kept image is decoded again and written. Finished shards and
+   the source keys in them go to the journal ``OUT/NAME.progress.json`` (written atomically after each
+   shard); a rerun keeps finished shards, deletes leftover ``.tar.tmp`` files, skips what the finished
+   shards hold and numbers new shards after them. The manifest counts everything across runs. The journal
+   records the shard format: an interrupted build of an older format is not resumed into mixed shards.
 
 Reasons a photo is not kept (the manifest's ``rejected``; one reason per photo):
 ``corrupt_image``, ``huge_image`` (more than ``max_pixels``; never decoded), ``unreadable_file``,
@@ -51,7 +54,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from realisid.data.shards import FaceShardWriter, SampleError, decode_image, expand_shards, face_meta
+from realisid.data.shards import SHARD_FORMAT, FaceShardWriter, SampleError, decode_image, expand_shards, face_meta
 from realisid.faces.analysis import Face, FaceAnalyzer
 from realisid.geometry import box_size
 
@@ -393,7 +396,7 @@ class Worker:
             except SampleError as err:  # SampleError does not pickle; send its parts
                 return item.key, (err.reason, err.detail)
         if op == "crop":
-            return item.key, self.crop(item, task[2])
+            return item.key, self.crop(item, *task[2:])
         raise ValueError(f"unknown task {op!r}")
 
     def load(self, item: SourceItem) -> Image.Image:
@@ -407,15 +410,23 @@ class Worker:
         img = decode_image(data, item.key, max_pixels=self.settings.max_pixels)
         return downscale(img, self.settings.max_side)
 
-    def crop(self, item: SourceItem, bbox: Sequence[float]) -> Image.Image | None:
-        from realisid.data.pipeline import identity_crop  # imports torch: only when references are cut
+    def crop(self, item: SourceItem, bbox: Sequence[float], kps: Sequence[Sequence[float]],
+             size: tuple[int, int]) -> tuple[Image.Image, list] | None:
+        """The reference crop of the donor face (``bbox``, ``kps`` as analysed in a ``size`` photo) and the face's
+        key points in the crop's pixels; None when the donor can no longer be read or changed since its analysis."""
+        from realisid.data.pipeline import identity_crop, identity_crop_kps  # imports torch: only when references are cut
 
         try:
             img = self.load(item)
         except SampleError as err:
             log.warning("reference donor %s can no longer be read (%s); its identity's samples get no ref.jpg", item.key, err)
             return None
-        return identity_crop(img, bbox, self.settings.ref_size)[0]
+        if img.size != tuple(size):
+            log.warning("reference donor %s changed since it was analysed (size %s, analysed %s); its identity's samples get "
+                        "no ref.jpg", item.key, img.size, tuple(size))
+            return None
+        ref_kps = identity_crop_kps(kps, bbox, img.width, img.height, self.settings.ref_size)
+        return identity_crop(img, bbox, self.settings.ref_size)[0], ref_kps.tolist()
 
     def analyse(self, item: SourceItem) -> Record:
         rec = Record(key=item.key, identity=item.identity, caption=item.caption, warnings=tuple(item.warnings))
@@ -729,7 +740,7 @@ def build_shards(src: str, out_dir: str, name: str, analyzer: FaceAnalyzer, *, w
                  "max_pixels": int(max_pixels), "max_side": int(max_side), "border_tolerance": BORDER_TOLERANCE}
     analysis_settings = {"source": source, "analyzer": analyzer.name, **det, **selection}
     journal = _Journal(out_dir, name, {**analysis_settings, "ref_size": int(ref_size), "jpeg_quality": int(jpeg_quality),
-                                       "shard_size": int(shard_size)})
+                                       "shard_size": int(shard_size), "shard_format": SHARD_FORMAT})
     journal.load_or_start()
     cache = _AnalysisCache(out_dir, name, analysis_settings)
     refs_dir = os.path.join(out_dir, f"{name}.refs.tmp")
@@ -822,18 +833,21 @@ def _write(items, records: dict[str, Record], order: list[str], runner: _Runner,
             best = top2[r.identity]
             donor_of[r.key] = best[1] if best[0] is r else best[0]
 
-    # references: cut the needed donors' face crops into a temporary folder (bounded memory)
-    crops: dict[str, str] = {}
+    # references: cut the needed donors' face crops into a temporary folder (bounded memory); their key points in
+    # the crop are kept beside them
+    crops: dict[str, tuple[str, list]] = {}
     needed = {d.key: d for d in donor_of.values()}
     t0 = time.time()
     if needed:
         os.makedirs(refs_dir, exist_ok=True)
-        tasks = (("crop", it, needed[it.key].bbox) for it in items() if it.key in needed)
-        for key, crop in _progress(runner.map(tasks), "references", len(needed), progress):
-            if crop is not None:
+        tasks = (("crop", it, needed[it.key].bbox, needed[it.key].kps, (needed[it.key].width, needed[it.key].height))
+                 for it in items() if it.key in needed)
+        for key, cut in _progress(runner.map(tasks), "references", len(needed), progress):
+            if cut is not None:
+                crop, ref_kps = cut
                 path = os.path.join(refs_dir, f"{len(crops)}.png")
                 crop.save(path, compress_level=1)
-                crops[key] = path
+                crops[key] = (path, ref_kps)
         log.info("cut %d reference faces in %.1f s", len(crops), time.time() - t0)
 
     writer = FaceShardWriter(out_dir, name, face_model=analyzer.name, maxcount=shard_size, start_index=len(journal.data["shards"]))
@@ -862,7 +876,7 @@ def _write(items, records: dict[str, Record], order: list[str], runner: _Runner,
 
 
 def _write_samples(items, records: dict[str, Record], runner: _Runner, journal: _Journal, writer: FaceShardWriter,
-                   want: set[str], donor_of: Mapping[str, Record], crops: Mapping[str, str], write_rejected: dict[str, str],
+                   want: set[str], donor_of: Mapping[str, Record], crops: Mapping[str, tuple[str, list]], write_rejected: dict[str, str],
                    references: int, jpeg_quality: int, progress: bool) -> tuple[int, list[str]]:
     """Writes the kept samples still to write; returns the references so far and the open shard's sources."""
     shard_sources: list[str] = []
@@ -877,13 +891,16 @@ def _write_samples(items, records: dict[str, Record], runner: _Runner, journal: 
             continue
         meta = face_meta(img.size, rec.bbox, np.asarray(rec.kps), det_score=rec.score, identity=rec.identity, caption=rec.caption,
                          source=rec.key, landmarks=rec.landmarks)
-        ref = None
+        ref = ref_embed = ref_kps = None
         donor = donor_of.get(key)
         if donor is not None and donor.key in crops:
-            with Image.open(crops[donor.key]) as f:
+            path, ref_kps = crops[donor.key]
+            with Image.open(path) as f:
                 ref = f.convert("RGB")
+            ref_embed = donor.embedding  # the analyzer's, on the donor photo, aligned with the donor face's key points
         n_shards = len(writer.manifest.shards)
-        writer.write(sample_key(key), img, meta, id_embed=rec.embedding, ref=ref, jpeg_quality=jpeg_quality)
+        writer.write(sample_key(key), img, meta, id_embed=rec.embedding, ref=ref, ref_id_embed=ref_embed, ref_kps=ref_kps,
+                     jpeg_quality=jpeg_quality)
         references += ref is not None
         shard_sources.append(key)
         if len(writer.manifest.shards) > n_shards:
@@ -900,8 +917,8 @@ def add_build_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "build-shards", help="turn a folder of photos or webdataset/img2dataset tars into RealisID face shards",
         description="Keeps single-person photos, writes NAME-000000.tar... with face box, keypoints, identity embedding and a "
-                    "reference face from another photo of the same person, plus NAME.manifest.json. Rerun the same command "
-                    "to resume an interrupted build.")
+                    "reference face from another photo of the same person (with its embedding and keypoints), plus "
+                    "NAME.manifest.json. Rerun the same command to resume an interrupted build.")
     p.add_argument("--src", required=True, help="folder of photos (one sub-folder per identity) or tars: a .tar, a glob, "
                                                 "a brace pattern or a folder of .tar")
     p.add_argument("--out", required=True, help="output folder")

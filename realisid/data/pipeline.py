@@ -1,12 +1,18 @@
 """From a decoded shard sample to a training example; the webdataset pipeline around it.
 
-An example holds everything the branches need, at the experiment's resolutions:
+An example holds everything the branches need, at the experiment's resolutions (docs/data.md lists them):
 ``image`` (3,R,R) in [-1,1]; ``face_box`` and ``crop_box`` (4,) in R-pixels (the crop box is square, on the
 VAE grid, so it maps onto whole latent pixels); ``pe_map`` (3,P,P) in [0,1], the pose/expression contours in
 crop coordinates (P = local latent size x VAE factor); ``loc_map`` (1,R,R);
 ``id_image`` (3,S,S) and ``id_mask`` (1,S,S), the reference face (another photo of the person when the shard
-has one); ``id_embed`` (D,) with ``has_id_embed``; ``caption`` and ``caption_no_identity`` (the same without the
-person's identity attributes, when the shard has it); ``face_size`` (the bins' measure).
+has one), and ``id_kps`` (5,2) float32, its 5 key points in ``id_image`` pixels; ``id_embed`` (D,) with
+``has_id_embed``: the stored embedding of the face in ``id_image`` (the reference's ``ref_id.npy`` when the
+sample has a reference, never the target's ``id.npy`` then); ``original_size`` (2,) float32, the photo's
+(height, width), and ``crop_top_left`` (2,) float32, the (top, left) of the training crop in the photo resized
+so its short side is R (SDXL's micro-conditioning, as diffusers' train_text_to_image_sdxl.py computes it);
+``caption`` and ``caption_no_identity`` (the same without the person's identity attributes, when the shard has
+it); ``face_size`` (the bins' measure). From a precomputed cache, ``id_features`` as well: the identity
+encoder's output for ``id_image`` ((D,) or (N, D)).
 """
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ from PIL import Image
 from realisid.data.guidance import PART_COLOURS, coarse_parts_from_kps, draw_contours, location_map
 from realisid.data.precompute import stored_arrays
 from realisid.data.shards import SampleError, check_shards_exist, decode_sample, expand_shards
-from realisid.geometry import expand_square_box, face_size, square_window
+from realisid.geometry import FRONTAL_KPS, expand_square_box, face_size, points_to_crop, square_window
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +47,33 @@ def crop_resized(img: Image.Image, box: Sequence[float], size: int) -> Image.Ima
     return img.resize((size, size), Image.BICUBIC, box=tuple(float(v) for v in box), reducing_gap=2.0)
 
 
+def identity_crop_box(bbox: Sequence[float], width: int, height: int) -> tuple[int, int, int, int]:
+    """The square box :func:`identity_crop` cuts from a ``width`` x ``height`` photo around the face ``bbox``."""
+    return expand_square_box(bbox, ID_CROP_EXPAND, width, height)
+
+
+def identity_crop_kps(kps: Any, bbox: Sequence[float], width: int, height: int, size: int) -> np.ndarray:
+    """A face's 5 key points (photo pixels) in the pixels of its :func:`identity_crop` (``size`` x ``size``).
+
+    ``width``/``height`` are the photo's, ``bbox`` the face box the crop is cut around: the same arguments as
+    :func:`identity_crop`. Pure; for the identity encoder's alignment (``IdentityEncoder(images, mask, kps)``).
+    """
+    pts = np.asarray(kps, dtype=np.float32)
+    if pts.shape != (5, 2) or not np.all(np.isfinite(pts)):
+        raise ValueError(f"kps must be 5 finite [x, y] points in the photo's pixels (insightface order), got shape {pts.shape}")
+    return points_to_crop(pts, identity_crop_box(bbox, width, height), size).astype(np.float32)
+
+
+def frontal_id_kps(size: int, expand: float = ID_CROP_EXPAND) -> np.ndarray:
+    """A frontal face's 5 key points in a ``size`` reference crop cut with ``expand`` (the face in its central
+    square): what stands in when a reference's key points are unknown."""
+    x0, y0, x1, y1 = id_crop_face_box(size, expand)
+    return (FRONTAL_KPS * np.array([x1 - x0, y1 - y0], np.float32) + np.array([x0, y0], np.float32)).astype(np.float32)
+
+
 def identity_crop(img: Image.Image, bbox: Sequence[float], size: int) -> tuple[Image.Image, np.ndarray]:
     """Square face crop for the identity encoder and the face's mask in it, (size, size) float32."""
-    crop_box = expand_square_box(bbox, ID_CROP_EXPAND, img.width, img.height)
+    crop_box = identity_crop_box(bbox, img.width, img.height)
     side = crop_box[2] - crop_box[0]
     face = [(bbox[0] - crop_box[0]) * size / side, (bbox[1] - crop_box[1]) * size / side,
             (bbox[2] - crop_box[0]) * size / side, (bbox[3] - crop_box[1]) * size / side]
@@ -79,14 +109,47 @@ def pixels_to_float(x: torch.Tensor, kind: str) -> torch.Tensor:
     return x.div_(127.5).sub_(1.0) if kind == "signed" else x.div_(255.0)
 
 
+def sdxl_size_and_crop(width: int, height: int, bbox: Sequence[float], resolution: int) -> tuple[np.ndarray, np.ndarray]:
+    """SDXL's micro-conditioning of a training example: ``original_size`` (height, width) of the photo and
+    ``crop_top_left`` (top, left) of the example's square view (:func:`square_window`) in the photo resized so its
+    short side is ``resolution``, rounded to whole pixels: the convention of diffusers' train_text_to_image_sdxl.py
+    (resize the short side to the resolution, then crop). In the stored photo's pixels, so the values do not
+    depend on the scale a JPEG was decoded at. Both (2,) float32."""
+    win = square_window(width, height, bbox)
+    s = resolution / float(win[2] - win[0])
+    return (np.array([height, width], dtype=np.float32),
+            np.round(np.array([win[1] * s, win[0] * s], dtype=np.float64)).astype(np.float32))
+
+
+def example_id_kps(decoded: Mapping[str, Any], bbox: Sequence[float], width: int, height: int, id_image_size: int) -> np.ndarray:
+    """The 5 key points of the face in an example's ``id_image`` (``id_image_size`` pixels), (5, 2) float32.
+
+    With a reference: the shard's ``ref_kps`` scaled from ``ref.jpg``'s pixels; without: the target's key points
+    mapped into its identity crop (``bbox``, ``width``, ``height`` in the decoded photo's pixels); a frontal face in
+    the crop's face box as the last resort (a reference from a shard written before ``ref_kps``, or no photo).
+    """
+    meta = decoded["meta"]
+    S = float(id_image_size)
+    if decoded.get("has_ref", decoded.get("ref") is not None):
+        ref_kps, ref_size = meta.get("ref_kps"), decoded.get("ref_size")
+        if ref_kps is not None and ref_size:
+            scale = np.array([S / ref_size[0], S / ref_size[1]], np.float32)  # ref.jpg is resized whole to S x S
+            return (np.asarray(ref_kps, dtype=np.float32).reshape(5, 2) * scale).astype(np.float32)
+        return frontal_id_kps(id_image_size)
+    r = float(decoded.get("decode_scale", 1.0))  # meta is in stored-photo pixels; the photo may be decoded smaller
+    return identity_crop_kps(np.asarray(meta["kps"], dtype=np.float32) * r, bbox, width, height, id_image_size)
+
+
 def make_example(decoded: Mapping[str, Any], *, resolution: int, vae_scale_factor: int, local_latent_size: int,
                  crop_expand: float, id_image_size: int, soft_location: bool = False, uint8_pixels: bool = False,
                  stored: Mapping[str, np.ndarray] | None = None) -> dict:
     """One training example from :func:`realisid.data.shards.decode_sample` output.
 
     ``uint8_pixels``: leave the :data:`PIXEL_KEYS` fields as uint8 (H, W, 3) for :func:`collate` to convert.
-    ``stored``: ``pe_map``, ``id_image`` and ``id_mask`` from a precomputed cache (``realisid precompute``), which
-    this function made when the cache was written; they are used as they are instead of being drawn again.
+    ``stored``: ``pe_map``, ``id_image``, ``id_mask`` and ``id_kps`` from a precomputed cache (``realisid precompute``),
+    which this function made when the cache was written; they are used as they are instead of being made again.
+    When the sample has a reference, ``id_embed`` is the reference's stored embedding (``ref_id.npy``), never the
+    target's ``id.npy``: the conditioning must describe the face in ``id_image``.
     """
     stored = stored or {}
     img: Image.Image | None = decoded["image"]  # None: latents precomputed, the photo's pixels are not needed
@@ -121,7 +184,13 @@ def make_example(decoded: Mapping[str, Any], *, resolution: int, vae_scale_facto
     else:
         id_img, mask = identity_crop(img, bbox, id_image_size)
         id_mask = torch.from_numpy(mask)[None]
-    emb = decoded.get("id_embed")
+    has_ref = bool(decoded.get("has_ref", decoded.get("ref") is not None))
+    emb = decoded.get("ref_id_embed") if has_ref else decoded.get("id_embed")
+    if "id_kps" in stored:
+        id_kps = np.array(stored["id_kps"], dtype=np.float32)
+    else:
+        id_kps = example_id_kps(decoded, bbox, W, H, id_image_size)
+    original_size, crop_top_left = sdxl_size_and_crop(meta["width"], meta["height"], meta["bbox"], resolution)
     pixels = {"pe_map": pe_map, "id_image": np.asarray(id_img)}
     if img is not None:
         pixels["image"] = np.asarray(crop_resized(img, win, resolution))
@@ -135,8 +204,11 @@ def make_example(decoded: Mapping[str, Any], *, resolution: int, vae_scale_facto
         "loc_map": torch.from_numpy(loc)[None],
         "id_image": pixels["id_image"],
         "id_mask": id_mask,
+        "id_kps": torch.from_numpy(id_kps),
         "id_embed": torch.from_numpy(emb) if emb is not None else _NO_EMBED,
         "has_id_embed": emb is not None,
+        "original_size": torch.from_numpy(original_size),
+        "crop_top_left": torch.from_numpy(crop_top_left),
         "identity": identity_of(meta, decoded["key"]),
         "caption": str(meta.get("caption") or ""),
         # the caption without the person's identity (hair, glasses, ...) where the shard has one; else the caption
@@ -251,6 +323,10 @@ def stream_collate(examples: Sequence[dict]) -> dict:
     return pack_batch(collate(examples, float_pixels=False))
 
 
+# what a precomputed sample adds to its example as it is stored (the encoders' outputs)
+STORED_BATCH_KEYS = ("latent_moments", "text_embeds", "text_pooled", "text_embeds_no_identity", "text_pooled_no_identity", "id_features")
+
+
 class ExampleMaker:
     """Picklable map function for webdataset workers: decode, build, and count what had to be skipped.
 
@@ -286,7 +362,7 @@ class ExampleMaker:
             ex = make_example(decoded, uint8_pixels=True, stored=stored, **self.kwargs)
             if stored:
                 ex.pop("image", None)
-                ex.update({k: torch.from_numpy(stored[k]) for k in ("latent_moments", "text_embeds", "text_pooled", "text_embeds_no_identity", "text_pooled_no_identity") if k in stored})
+                ex.update({k: torch.from_numpy(stored[k]) for k in STORED_BATCH_KEYS if k in stored})
         except SampleError as err:
             self.skipped[err.reason] += 1
             n = sum(self.skipped.values())

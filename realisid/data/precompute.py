@@ -1,8 +1,8 @@
-"""``realisid precompute``: VAE latents and text embeddings stored beside each training sample.
+"""``realisid precompute``: VAE latents, text embeddings and identity features stored beside each training sample.
 
-The frozen VAE and text encoder(s) give the same output for a sample every time they see it, so running them
-every step is wasted work. This writes, for each train shard, a shard of the same name in ``OUT`` holding every
-member of the original samples plus
+The frozen VAE, text encoder(s) and identity encoder give the same output for a sample every time they see it,
+so running them every step is wasted work. This writes, for each train shard, a shard of the same name in
+``OUT`` holding every member of the original samples plus
 
 ``precomputed.npy``, one structured record (one tar member and one header to parse per sample) with fields
 
@@ -13,9 +13,14 @@ member of the original samples plus
   empty prompt's embedding, computed once; ``text_no_identity`` (and ``text_pooled_no_identity``): the same for
   the identity-free caption (``data.identity_free_captions``);
 - ``pe_map`` (P, P, 3), ``id_image`` (S, S, 3) and ``id_mask`` (S, S), uint8: the example's drawn guidance and
-  reference crop, exactly as the pipeline makes them, so training from the cache decodes no JPEG at all.
+  reference crop, exactly as the pipeline makes them, so training from the cache decodes no JPEG at all;
+  ``id_kps`` (5, 2) float32: the reference face's key points in ``id_image`` pixels;
+- ``id_features`` (D,) or (N, D): the configured identity encoder's (``model.id_encoder``) output for that
+  ``id_image`` with its mask and key points, so training runs no identity encoder either. Stored in the cache's
+  dtype like the latents (``--dtype fp16`` halves a CLIP token sequence, the largest field of a CLIP cache).
 
-``OUT/precomputed.json`` records what the arrays depend on: the backbone's fingerprint and the example settings
+``OUT/precomputed.json`` records what the arrays depend on: the backbone's fingerprint, the identity encoder's
+(``id_encoder``, see :func:`realisid.models.id_encoder.encoder_fingerprint`) and the example settings
 (resolution, local latent size, crop expansion, identity crop size); a training run whose config does not
 match is refused with the difference named. Shards are written to
 ``.tar.tmp`` and renamed when complete, and a rerun skips shards already complete, so an interrupted run
@@ -38,9 +43,11 @@ log = logging.getLogger(__name__)
 
 INFO_FILE = "precomputed.json"
 MEMBER = "precomputed.npy"
-FIELDS = {"latent": ("latent_moments", 3), "text": ("text_embeds", 2), "text_pooled": ("text_pooled", 1),  # field: (batch key, rank)
-          "text_no_identity": ("text_embeds_no_identity", 2), "text_pooled_no_identity": ("text_pooled_no_identity", 1),
-          "pe_map": ("pe_map", 3), "id_image": ("id_image", 3), "id_mask": ("id_mask", 2)}
+CACHE_FORMAT = 5  # 5: id_features and id_kps in every record, the identity encoder in the fingerprint
+FIELDS = {"latent": ("latent_moments", (3,)), "text": ("text_embeds", (2,)), "text_pooled": ("text_pooled", (1,)),  # field: (batch key, ranks)
+          "text_no_identity": ("text_embeds_no_identity", (2,)), "text_pooled_no_identity": ("text_pooled_no_identity", (1,)),
+          "pe_map": ("pe_map", (3,)), "id_image": ("id_image", (3,)), "id_mask": ("id_mask", (2,)), "id_kps": ("id_kps", (2,)),
+          "id_features": ("id_features", (1, 2))}
 
 
 def encode_array(arr: np.ndarray) -> bytes:
@@ -71,9 +78,9 @@ def stored_arrays(raw: Mapping[str, Any], key: str) -> dict[str, np.ndarray]:
         raise SampleError("bad_precomputed", key, f"{MEMBER} has fields {names}, expected latent and text")
     out = {}
     for name in names:
-        batch_key, rank = FIELDS.get(name, (None, None))
+        batch_key, ranks = FIELDS.get(name, (None, ()))
         arr = np.asarray(rec[name])
-        if batch_key is None or arr.ndim != rank:
+        if batch_key is None or arr.ndim not in ranks:
             raise SampleError("bad_precomputed", key, f"{MEMBER} field {name!r} has shape {arr.shape}")
         if not np.all(np.isfinite(arr)):
             raise SampleError("bad_precomputed", key, f"{MEMBER} field {name!r} contains NaN or Inf")
@@ -82,10 +89,13 @@ def stored_arrays(raw: Mapping[str, Any], key: str) -> dict[str, np.ndarray]:
 
 
 def cache_info(backbone, cfg) -> dict:
-    """What a cache must match: the backbone's fingerprint and the settings that shape an example."""
-    return {"format": 4, "resolution": int(cfg.data.resolution), "local_latent_size": int(cfg.model.local.latent_size),
+    """What a cache must match: the backbone's and the identity encoder's fingerprints and the settings that shape
+    an example."""
+    from realisid.models.id_encoder import encoder_fingerprint
+
+    return {"format": CACHE_FORMAT, "resolution": int(cfg.data.resolution), "local_latent_size": int(cfg.model.local.latent_size),
             "crop_expand": float(cfg.model.local.crop_expand), "id_image_size": int(cfg.model.id_encoder.image_size),
-            **backbone.fingerprint()}
+            "id_encoder": encoder_fingerprint(cfg.model.id_encoder), **backbone.fingerprint()}
 
 
 def check_cache(path: str, expected: Mapping[str, Any]) -> list[str]:
@@ -102,9 +112,17 @@ def check_cache(path: str, expected: Mapping[str, Any]) -> list[str]:
     diff = {k: (info.get(k), v) for k, v in expected.items() if info.get(k) != v}
     if diff:
         what = "; ".join(f"{k}: cache {a!r} vs now {b!r}" for k, (a, b) in diff.items())
-        raise ValueError(f"data.precomputed='{path}' was made for another setup ({what}); re-run `make precompute` for this "
-                         "experiment, or unset data.precomputed")
+        raise ValueError(f"data.precomputed='{path}' was made for another setup ({what}){_encoder_note(info, diff)}; re-run "
+                         "`make precompute` for this experiment, or unset data.precomputed")
     return check_shards_exist([os.path.join(path, s) for s in info["shards"]], "data.precomputed")
+
+
+def _encoder_note(info: Mapping[str, Any], diff: Mapping[str, Any]) -> str:
+    if "id_encoder" not in diff:
+        return ""
+    if not info.get("id_encoder"):
+        return ": it holds no identity features (made before precompute cached them)"
+    return ": its identity features come from another model.id_encoder"
 
 
 def precompute(cfg, out_dir: str, batch_size: int = 32, dtype: str = "fp32") -> dict:
@@ -116,6 +134,7 @@ def precompute(cfg, out_dir: str, batch_size: int = 32, dtype: str = "fp32") -> 
 
     from realisid.data.pipeline import ExampleMaker, collate, skip_bad_tar
     from realisid.models.backbone import load_backbone
+    from realisid.models.id_encoder import build_id_encoder
 
     t0 = time.time()
     if dtype not in ("fp32", "fp16"):
@@ -127,7 +146,8 @@ def precompute(cfg, out_dir: str, batch_size: int = 32, dtype: str = "fp32") -> 
         raise ValueError("data.train_shards has two shards with the same file name; precompute writes one shard per name")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backbone = load_backbone(cfg.model, seed=int(cfg.experiment.seed)).to(device)
-    backbone.to({"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.model.backbone_dtype])
+    frozen_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.model.backbone_dtype]
+    backbone.to(frozen_dtype)
     info = {**cache_info(backbone, cfg), "dtype": dtype}
     os.makedirs(out_dir, exist_ok=True)
     info_path = os.path.join(out_dir, INFO_FILE)
@@ -139,6 +159,9 @@ def precompute(cfg, out_dir: str, batch_size: int = 32, dtype: str = "fp32") -> 
             raise ValueError(f"'{out_dir}' holds a cache made for another setup ({'; '.join(diff)}); give another --out or delete it")
     elif any(n.endswith(".tar") for n in os.listdir(out_dir)):
         raise ValueError(f"'{out_dir}' holds shards but no {INFO_FILE}: not a precompute output; give another --out")
+    encoder = build_id_encoder(cfg.model.id_encoder).to(device)
+    if frozen_dtype != torch.float32:
+        encoder.to_frozen_dtype(frozen_dtype)  # as training runs it (realisid.modules.efficiency)
     _write_json(info_path, {**info, "complete": False, "shards": []})  # written first, so a rerun can check what it continues
     maker = ExampleMaker(embed_dim=cfg.data.get("embed_dim"), resolution=int(cfg.data.resolution), vae_scale_factor=backbone.vae_scale_factor,
                          local_latent_size=int(cfg.model.local.latent_size), crop_expand=float(cfg.model.local.crop_expand),
@@ -156,10 +179,18 @@ def precompute(cfg, out_dir: str, batch_size: int = 32, dtype: str = "fp32") -> 
         free, free_pooled = backbone.text_embeddings(batch["caption_no_identity"])
         free = free.float().cpu().numpy()
         free_pooled = free_pooled.float().cpu().numpy() if free_pooled is not None else None
+        id_feats = encoder(batch["id_image"].to(device), batch["id_mask"].to(device), kps=batch["id_kps"].to(device)).float().cpu().numpy()
+        finite = np.isfinite(id_feats.astype(np_dtype)).reshape(len(pending), -1).all(axis=1)
+        if not finite.all():  # the reader would refuse these records one by one: stop here instead
+            bad = [pending[i][1]["key"] for i in np.flatnonzero(~finite)]
+            raise FloatingPointError(f"the identity encoder {encoder.name} gave features that are NaN/Inf in {dtype} for samples "
+                                     f"{bad[:5]}; use --dtype fp32, or check model.id_encoder and model.backbone_dtype="
+                                     f"{cfg.model.backbone_dtype}; finished shards are kept")
         ex0 = pending[0][1]
         fields = [("latent", np_dtype, moments.shape[1:]), ("text", np_dtype, embeds.shape[1:]),
                   ("pe_map", np.uint8, tuple(ex0["pe_map"].shape)), ("id_image", np.uint8, tuple(ex0["id_image"].shape)),
-                  ("id_mask", np.uint8, tuple(ex0["id_mask"].shape[-2:]))]
+                  ("id_mask", np.uint8, tuple(ex0["id_mask"].shape[-2:])), ("id_kps", np.float32, (5, 2)),
+                  ("id_features", np_dtype, id_feats.shape[1:])]
         fields.append(("text_no_identity", np_dtype, free.shape[1:]))
         if pooled is not None:
             fields += [("text_pooled", np_dtype, pooled.shape[1:]), ("text_pooled_no_identity", np_dtype, free_pooled.shape[1:])]
@@ -169,6 +200,7 @@ def precompute(cfg, out_dir: str, batch_size: int = 32, dtype: str = "fp32") -> 
             record["latent"], record["text"], record["text_no_identity"] = moments[i], embeds[i], free[i]
             record["pe_map"], record["id_image"] = ex["pe_map"].numpy(), ex["id_image"].numpy()
             record["id_mask"] = ex["id_mask"][0].numpy().round()  # a 0/1 mask
+            record["id_kps"], record["id_features"] = ex["id_kps"].numpy(), id_feats[i]
             if pooled is not None:
                 record["text_pooled"], record["text_pooled_no_identity"] = pooled[i], free_pooled[i]
             sample[MEMBER] = encode_array(record)

@@ -1,8 +1,23 @@
 """The shard format: the contract between the shard builder (and the synthetic generator) and the pipeline.
 
-One sample is a group of tar members sharing a key (the format users write and read):
-``KEY.jpg`` full RGB image, ``KEY.json`` face metadata, optional ``KEY.id.npy`` identity embedding and
-optional ``KEY.ref.jpg`` reference face from another photo of the same identity. Beside the shards,
+One sample is a group of tar members sharing a key (the format users write and read; docs/data.md has the
+whole format):
+
+- ``KEY.jpg``: the full RGB photo;
+- ``KEY.json``: face metadata: ``width``, ``height``, ``bbox`` (x0, y0, x1, y1), ``kps`` (5 [x, y] in insightface
+  order), all in the photo's pixels, plus ``det_score``, ``face_scale``, ``identity``, ``caption``, ``source``,
+  optional ``landmarks``; with a reference, ``ref_kps``: the reference face's 5 key points in ``ref.jpg`` pixels
+  (as detected on the photo the reference was cut from);
+- optional ``KEY.id.npy``: the identity embedding of THIS photo's face (float32, (D,));
+- optional ``KEY.ref.jpg``: a reference face crop cut from ANOTHER photo of the same identity (the face box
+  expanded 1.3x, square), so the model does not learn to copy the target;
+- optional ``KEY.ref_id.npy``: the identity embedding of the reference face (float32, (D,)), computed by the
+  face analyzer on the photo the reference was cut from, aligned with that face's detected key points.
+
+Training conditions on the reference whenever a sample has one: its embedding is ``ref_id.npy`` and never
+``id.npy`` (which describes the target). Format history: shards written before ``ref_id.npy`` / ``ref_kps``
+existed are still read: their references have no stored embedding (the identity encoder runs on the
+reference crop) and no key points (a frontal face in the crop stands in). Beside the shards,
 ``NAME.manifest.json`` counts what was kept and rejected. Nothing here ever unpickles.
 """
 from __future__ import annotations
@@ -25,6 +40,7 @@ from realisid.geometry import DEFAULT_BINS, face_scale, face_size, scale_bin
 log = logging.getLogger(__name__)
 
 REQUIRED_KEYS = ("width", "height", "bbox", "kps")
+SHARD_FORMAT = 2  # 2: ref_id.npy and meta ref_kps beside ref.jpg (1: ref.jpg alone); both are read
 # Decompression-bomb guard: larger images are refused, not decoded (bounded memory).
 MAX_PIXELS = 64_000_000
 
@@ -90,6 +106,18 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def image_header_size(data: bytes, key: str = "?") -> tuple[int, int]:
+    """``(width, height)`` of an encoded image as :func:`decode_image` would show it (EXIF rotation applied),
+    from its header alone: nothing is decoded."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        w, h = img.size
+        turned = img.getexif().get(0x0112) in (5, 6, 7, 8)  # orientations that swap width and height
+    except Exception as exc:  # PIL raises many types for bad files
+        raise SampleError("corrupt_image", key, f"unreadable image header ({type(exc).__name__}: {exc})") from None
+    return (h, w) if turned else (w, h)
+
+
 def encode_jpeg(img: Image.Image, quality: int = 95) -> bytes:
     buf = io.BytesIO()
     img.convert("RGB").save(buf, format="JPEG", quality=quality)
@@ -134,14 +162,26 @@ def validate_meta(meta: Any, key: str) -> dict:
         raise SampleError("malformed_json", key, f"kps must be 5 finite [x, y] pairs, got shape {kps.shape}")
     out = dict(meta)
     out.update(bbox=bbox, kps=kps.tolist(), width=width, height=height)
+    if meta.get("ref_kps") is not None:
+        try:
+            ref_kps = np.asarray(meta["ref_kps"], dtype=np.float32)
+        except (TypeError, ValueError) as exc:
+            raise SampleError("malformed_json", key, f"bad ref_kps: {exc}") from None
+        if ref_kps.shape != (5, 2) or not np.all(np.isfinite(ref_kps)):
+            raise SampleError("malformed_json", key, f"ref_kps must be 5 finite [x, y] pairs in ref.jpg pixels, got shape {ref_kps.shape}")
+        out["ref_kps"] = ref_kps.tolist()
     return out
 
 
 def decode_sample(raw: Mapping[str, Any], embed_dim: int | None = None,
                   min_side: int | Callable[[dict], int] | None = None, ref_min_side: int | None = None, with_image: bool = True,
                   with_ref: bool = True) -> dict:
-    """A raw webdataset sample (member suffix -> bytes) to ``{key, image, meta, id_embed, ref}``.
+    """A raw webdataset sample (member suffix -> bytes) to ``{key, image, meta, id_embed, ref, has_ref,
+    ref_id_embed, ref_size, decode_scale}``.
 
+    ``id_embed`` / ``ref_id_embed``: the target's / the reference's stored embedding (None without one);
+    ``has_ref``: the sample has a reference (whether or not it was decoded); ``ref_size``: ``ref.jpg``'s
+    (width, height) as stored, from its header: the frame of ``meta["ref_kps"]`` (None without them).
     ``min_side`` (pixels, or a function of the validated meta) and ``ref_min_side`` let the JPEGs be decoded
     at a reduced scale (see :func:`decode_image`); the meta stays in the stored photo's pixels and
     ``decode_scale`` (1, 1/2, 1/4 or 1/8) maps them onto the decoded image.
@@ -160,9 +200,16 @@ def decode_sample(raw: Mapping[str, Any], embed_dim: int | None = None,
         raise SampleError("malformed_json", key, f"{type(exc).__name__}: {exc}") from None
     meta = validate_meta(meta, key)
     id_embed = decode_npy(raw["id.npy"], key, embed_dim) if "id.npy" in raw else None
-    ref = decode_image(raw["ref.jpg"], key, min_side=ref_min_side) if with_ref and "ref.jpg" in raw else None
+    has_ref = "ref.jpg" in raw
+    if "ref_id.npy" in raw and not has_ref:
+        raise SampleError("bad_embedding", key, "ref_id.npy without ref.jpg: the reference embedding has no reference face")
+    ref_id_embed = decode_npy(raw["ref_id.npy"], key, embed_dim) if "ref_id.npy" in raw else None
+    ref_size = image_header_size(raw["ref.jpg"], key) if has_ref and "ref_kps" in meta else None  # ref_kps' frame
+    ref = decode_image(raw["ref.jpg"], key, min_side=ref_min_side) if with_ref and has_ref else None
+    out = {"key": key, "image": None, "meta": meta, "id_embed": id_embed, "ref": ref, "has_ref": has_ref,
+           "ref_id_embed": ref_id_embed, "ref_size": ref_size, "decode_scale": 1.0}
     if not with_image:
-        return {"key": key, "image": None, "meta": meta, "id_embed": id_embed, "ref": ref, "decode_scale": 1.0}
+        return out
     need = min_side(meta) if callable(min_side) else min_side
     image = decode_image(raw["jpg"], key, min_side=need)
     width, height = meta["width"], meta["height"]
@@ -172,7 +219,7 @@ def decode_sample(raw: Mapping[str, Any], embed_dim: int | None = None,
         if not need or r not in (2, 4, 8) or image.size != (-(-width // r), -(-height // r)):
             raise SampleError("malformed_json", key, f"json size {width}x{height} != image size {image.size[0]}x{image.size[1]}")
     # DCT scaling: decoded pixel i covers stored pixels [i*r, (i+1)*r)
-    return {"key": key, "image": image, "meta": meta, "id_embed": id_embed, "ref": ref, "decode_scale": 1.0 / r}
+    return {**out, "image": image, "decode_scale": 1.0 / r}
 
 
 def face_meta(image_size: tuple[int, int], bbox: Sequence[float], kps: np.ndarray, *, det_score: float,
@@ -274,8 +321,18 @@ class FaceShardWriter:
         self._index += 1
 
     def write(self, key: str, image: Image.Image, meta: Mapping[str, Any], *, id_embed: np.ndarray | None = None,
-              ref: Image.Image | None = None, jpeg_quality: int = 95) -> None:
-        meta = validate_meta(dict(meta), key)
+              ref: Image.Image | None = None, ref_id_embed: np.ndarray | None = None, ref_kps: np.ndarray | None = None,
+              jpeg_quality: int = 95) -> None:
+        """One sample. ``id_embed``: this photo's face embedding; ``ref``: a reference face crop from another photo,
+        ``ref_id_embed`` its embedding and ``ref_kps`` its 5 key points in ``ref``'s pixels (stored as meta
+        ``ref_kps``)."""
+        meta = dict(meta)
+        if ref is None and (ref_id_embed is not None or ref_kps is not None):
+            raise ValueError(f"sample {key!r}: ref_id_embed / ref_kps describe a reference face but no ref image was given; "
+                             "pass ref= as well or leave them out")
+        if ref_kps is not None:
+            meta["ref_kps"] = [[round(float(x), 3), round(float(y), 3)] for x, y in np.asarray(ref_kps, dtype=np.float64).reshape(-1, 2)]
+        meta = validate_meta(meta, key)
         if (image.width, image.height) != (meta["width"], meta["height"]):
             raise ValueError(f"sample {key!r}: image is {image.size}, meta says {meta['width']}x{meta['height']}")
         if self._writer is None:
@@ -285,6 +342,8 @@ class FaceShardWriter:
             sample["id.npy"] = encode_npy(id_embed)
         if ref is not None:
             sample["ref.jpg"] = encode_jpeg(ref, jpeg_quality)
+        if ref_id_embed is not None:
+            sample["ref_id.npy"] = encode_npy(ref_id_embed)
         self._writer.write(sample)
         self._count += 1
         self.manifest.add(meta)

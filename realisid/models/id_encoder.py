@@ -5,11 +5,17 @@ Encoders (``model.id_encoder.kind``):
   (the paper's choice); weights from a local folder, or a tiny random CLIP vision model for tests.
 - ``arcface``: an insightface recognition model (.onnx in a model folder), as InstantID / IP-Adapter-FaceID.
 - ``standin``: the small ArcFace-style network trained on the synthetic identities (embedded default).
-All take ``(B, 3, S, S)`` face crops in [-1, 1] plus a ``(B, 1, S, S)`` face mask, and return either
-``(B, D)`` embeddings or ``(B, N, D)`` token features.
+All take ``(B, 3, S, S)`` face crops in [-1, 1] plus a ``(B, 1, S, S)`` face mask and ``(B, 5, 2)`` key points of
+the face in the crops' pixels (insightface order; the examples' ``id_kps``), and return either ``(B, D)``
+embeddings or ``(B, N, D)`` token features. ArcFace aligns each crop with its key points (a frontal face in the
+crop's face box only when none are given); the other encoders take the crop as it is and ignore them.
+:func:`encoder_fingerprint` says which encoder a config builds (``realisid precompute`` records it with the
+features it caches).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from typing import Any, Mapping
@@ -38,12 +44,18 @@ class IdentityEncoder(nn.Module):
         return super().train(False)
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None, kps: torch.Tensor | None = None) -> torch.Tensor:
+        """``images`` (B, 3, S, S) in [-1, 1]; ``mask`` (B, 1, S, S); ``kps`` (B, 5, 2) in the pixels of ``images``."""
+        if kps is not None:
+            kps = torch.as_tensor(kps)
+            if tuple(kps.shape) != (images.shape[0], 5, 2):
+                raise ValueError(f"kps has shape {tuple(kps.shape)}; give ({images.shape[0]}, 5, 2): each image's 5 face key points "
+                                 "in its pixels (the batch's id_kps), or None")
         if self.mask_background and mask is not None:
             images = images * mask + (1 - mask) * -1.0   # background to black, as the paper zeroes it
-        return self._encode(images)
+        return self._encode(images, kps)
 
-    def _encode(self, images: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+    def _encode(self, images: torch.Tensor, kps: torch.Tensor | None = None) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def to_frozen_dtype(self, dtype: torch.dtype) -> None:
@@ -61,7 +73,7 @@ class StandInEncoder(IdentityEncoder):
         self.embed_dim = int(self.net.config["embed_dim"])
         self.name = STANDIN_NAME
 
-    def _encode(self, images):
+    def _encode(self, images, kps=None):  # the stand-in reads the crop as it is: no alignment
         if images.shape[-1] != self.image_size:
             images = F.interpolate(images, size=(self.image_size,) * 2, mode="bilinear", antialias=True, align_corners=False)
         return self.net(images)
@@ -99,7 +111,7 @@ class ClipEncoder(IdentityEncoder):
         self.register_buffer("mean", torch.tensor(self.MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(self.STD).view(1, 3, 1, 1), persistent=False)
 
-    def _encode(self, images):
+    def _encode(self, images, kps=None):  # CLIP reads the (masked) crop as it is: no alignment
         x = F.interpolate(images, size=(self.image_size,) * 2, mode="bicubic", align_corners=False).clamp(-1, 1)
         x = ((x + 1) / 2 - self.mean) / self.std
         out = self.model(pixel_values=x.to(self.model.dtype), output_hidden_states=True)
@@ -120,18 +132,17 @@ class ArcFaceEncoder(IdentityEncoder):
         self.embed_dim = int(self.analyzer.embedding_dim or 512)
         self.name = self.analyzer.name
 
-    def _encode(self, images):
+    def _encode(self, images, kps=None):
         import numpy as np
 
-        out = []
-        for img in ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy():
-            # the crop is the face box expanded 1.3x: a frontal face's landmarks in that box stand in for detection
-            from realisid.data.pipeline import id_crop_face_box
-            from realisid.geometry import FRONTAL_KPS
+        from realisid.data.pipeline import frontal_id_kps
 
-            x0, _, x1, _ = id_crop_face_box(img.shape[0])
-            kps = (FRONTAL_KPS * (x1 - x0) + x0).astype(np.float32)
-            out.append(torch.from_numpy(self.analyzer.embed(np.ascontiguousarray(img), kps)))
+        pixels = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        # insightface's norm_crop aligns the 5 points to its template; without points, a frontal face in the crop's
+        # face box (the face box expanded 1.3x) stands in for detection
+        points = kps.detach().float().cpu().numpy() if kps is not None else [frontal_id_kps(pixels.shape[1])] * len(pixels)
+        out = [torch.from_numpy(self.analyzer.embed(np.ascontiguousarray(img), np.asarray(p, np.float32)))
+               for img, p in zip(pixels, points)]
         return torch.stack(out).to(images.device)
 
 
@@ -146,6 +157,39 @@ def build_id_encoder(cfg: Mapping[str, Any]) -> IdentityEncoder:
             raise ValueError("model.id_encoder.kind=arcface needs model.id_encoder.path=/path/to/insightface/model_dir")
         return ArcFaceEncoder(cfg["path"])
     raise ValueError(f"model.id_encoder.kind={kind!r}; valid kinds: {', '.join(ENCODER_KINDS)}")
+
+
+def encoder_fingerprint(cfg: Mapping[str, Any]) -> str:
+    """Which encoder ``build_id_encoder(cfg)`` builds, as one readable string: kind, weights folder (absolute)
+    and a digest of its weight and config files (name, size, mtime), or of the tiny random CLIP config.
+
+    Features cached by ``realisid precompute`` are valid only for this string; the dtype the encoder runs in
+    does not enter it. Reads file sizes only: nothing is loaded.
+    """
+    kind = cfg.get("kind")
+    if kind not in ENCODER_KINDS:
+        raise ValueError(f"model.id_encoder.kind={kind!r}; valid kinds: {', '.join(ENCODER_KINDS)}")
+    path = cfg.get("path")
+    if path:
+        root = os.path.abspath(os.path.expanduser(str(path)))
+        files = []
+        for folder, dirs, names in os.walk(root):
+            dirs.sort()
+            for n in sorted(names):
+                if n.endswith((".onnx", ".safetensors", ".bin", ".pt", ".pth", ".json")):
+                    st = os.stat(os.path.join(folder, n))
+                    files.append((os.path.relpath(os.path.join(folder, n), root), st.st_size, int(st.st_mtime)))
+        if not files and os.path.isfile(root):
+            st = os.stat(root)
+            files.append((os.path.basename(root), st.st_size, int(st.st_mtime)))
+        return f"{kind}:{root}@{_digest(files)}"
+    tiny = cfg.get("tiny_clip") if kind == "clip" else None
+    tiny = {str(k): v for k, v in dict(tiny or {}).items()}
+    return f"{kind}:tiny-random@{_digest(tiny)}"
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class IdProjector(nn.Module):
