@@ -230,3 +230,22 @@ def test_branch_init_from_checkpoint_and_export(tmp_path, tiny_cfg):
         build_module(tiny_cfg("joint", f"model.global.init_from={tmp_path / 'last.ckpt'}"))
     with pytest.raises(FileNotFoundError, match="neither an export folder nor a .ckpt"):
         build_module(tiny_cfg("joint", f"model.local.init_from={tmp_path / 'nothing'}"))
+
+
+def test_fingerprint_changes_when_a_weight_file_changes(tmp_path, tiny_cfg):
+    """A precompute cache is refused after its backbone's VAE or text encoder weights change (size or mtime), and
+    accepted while only the UNet or nothing changes."""
+    from realisid.models.backbone import load_pretrained_backbone, save_backbone
+
+    folder = tmp_path / "sd"
+    save_backbone(_tiny_backbone(tiny_cfg), str(folder))
+    before = load_pretrained_backbone(str(folder)).fingerprint()
+    assert load_pretrained_backbone(str(folder)).fingerprint() == before
+    unet_file = next((folder / "unet").glob("*.safetensors"))
+    os.utime(unet_file, (1, 1))
+    assert load_pretrained_backbone(str(folder)).fingerprint() == before  # the UNet is not in the cache
+    vae_file = next((folder / "vae").glob("*.safetensors"))
+    st = vae_file.stat()
+    os.utime(vae_file, (st.st_atime, st.st_mtime + 10))
+    after = load_pretrained_backbone(str(folder)).fingerprint()
+    assert after != before and after["weight_files"] != before["weight_files"]

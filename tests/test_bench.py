@@ -25,10 +25,24 @@ def test_metric_callback_logs_per_bin(face_shards, eval_standin, tmp_path):
     res = train(cfg)
     acc = EventAccumulator(res["tensorboard"])
     acc.Reload()
-    tags = acc.Tags()["scalars"]
-    assert "val_metrics/id_sim/all" in tags and "val_metrics/face_fid/all" in tags or "val_metrics/id_sim/all" in tags
-    assert any(t.startswith("val_metrics/id_sim/") and not t.endswith("/all") for t in tags)
-    assert any(t.startswith("val_bins/") for t in acc.Tags()["images"])
+    tags = set(acc.Tags()["scalars"])
+    bins = [b for b in cfg.bins if not b.startswith("_")]
+
+    def value(tag):
+        values = [e.value for e in acc.Scalars(tag)]
+        assert len(values) == 1, (tag, values)  # one validation
+        return values[0]
+
+    n = {b: value(f"val_metrics/n/{b}") for b in bins + ["all"]}  # every bin reports its count, empty or not
+    assert sum(n[b] for b in bins) == n["all"] > 0 and sum(n[b] > 0 for b in bins) >= 2, n
+    for b in bins + ["all"]:  # a cosine similarity exactly for the bins that had cases
+        tag = f"val_metrics/id_sim/{b}"
+        assert (tag in tags) == (n[b] > 0), (tag, n)
+        if n[b] > 0:
+            assert -1.0 <= value(tag) <= 1.0
+    fid = [t for t in tags if t.startswith("val_metrics/face_fid/") or t.startswith("val_metrics/image_fid/")]
+    assert fid and all(e.value >= 0 for t in fid for e in acc.Scalars(t)), fid
+    assert {t.split("/")[0] for t in acc.Tags()["images"]} >= {"val_bins"}
 
 
 @pytest.mark.slow

@@ -39,7 +39,8 @@ def test_batch_shapes_and_ranges(tiny_cfg, face_shards):
     assert cb.dtype == torch.long and torch.all(cb % 2 == 0) and torch.all(cb[:, 2] - cb[:, 0] == cb[:, 3] - cb[:, 1])
     assert torch.all(cb >= 0) and torch.all(cb <= 64)
     fb = b["face_box"]
-    assert torch.all(cb[:, 0] <= fb[:, 0].floor()) or torch.all(cb[:, 2] - cb[:, 0] == 64)
+    for c, f in zip(cb.tolist(), fb.tolist()):  # every sample's crop holds its whole face box, all four sides
+        assert c[0] <= f[0] and c[1] <= f[1] and c[2] >= f[2] and c[3] >= f[3], (c, f)
     assert len(b["caption"]) == 4 and isinstance(b["caption"][0], str)
     assert len(dm.val_examples) == 4
 
@@ -201,3 +202,27 @@ def test_examples_carry_original_size_and_crop():
     assert batch["original_size"].shape == (3, 2) and batch["crop_top_left"].shape == (3, 2)
     torch.testing.assert_close(batch["crop_top_left"], torch.stack([e["crop_top_left"] for e in exs]), rtol=0, atol=0)
     assert collate(exs)["original_size"].tolist() == [[H, W]] * 3
+
+
+def test_example_geometry_is_exact_on_a_non_square_box(tmp_path):
+    """A 40 x 10 face box in a 96 px photo at resolution 96: the face box and key points are exactly the photo's (no
+    scaling), the location map is exactly the square box of the long side around the box's centre (rows 5-44,
+    columns 10-49), and the crop box holds the face on all four sides."""
+    import webdataset as wds
+    from PIL import Image
+
+    from realisid.data.shards import FaceShardWriter, face_meta
+
+    box = (10, 20, 50, 30)
+    kps = np.array([[18, 23], [42, 23], [30, 25], [20, 28], [40, 28]], dtype=np.float32)
+    with FaceShardWriter(str(tmp_path), "t", face_model="test", maxcount=5) as w:
+        w.write("s0000", Image.new("RGB", (96, 96), (90, 120, 150)), face_meta((96, 96), box, kps, det_score=0.9, identity="a",
+                                                                                caption="a photo of a person", source="test"))
+    raw = next(iter(wds.WebDataset(str(tmp_path / "t-000000.tar"), shardshuffle=False)))
+    ex = make_example(decode_sample(raw), resolution=96, vae_scale_factor=2, local_latent_size=8, crop_expand=1.6, id_image_size=32)
+    assert ex["face_box"].tolist() == list(box) and ex["kps"].tolist() == kps.tolist()
+    want = torch.zeros(1, 96, 96)
+    want[:, 5:45, 10:50] = 1.0
+    assert torch.equal(ex["loc_map"], want)
+    x0, y0, x1, y1 = ex["crop_box"].tolist()
+    assert x0 <= 10 and y0 <= 20 and x1 >= 50 and y1 >= 30 and x1 - x0 == y1 - y0 == 64  # square: 40 x 1.6, even

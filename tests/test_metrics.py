@@ -461,3 +461,20 @@ def test_score_faces_end_to_end_with_tiny_onnx_models(onnx_analyzer):
     assert val(out, "found_rate/tiny") == 0.5 and val(out, "id_sim/tiny") == pytest.approx(0.5, abs=1e-5)
     assert val(out, "loc_iou/tiny") == pytest.approx(0.5, abs=1e-4)
     assert "insightface:" in ids.describe()
+
+
+def test_binned_fid_per_bin_equals_torchmetrics_fid_on_that_subset():
+    """Each bin's FID is exactly torchmetrics' FrechetInceptionDistance (same features) on that bin's images only."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    real, fake = image_set(40, 1), shifted(image_set(40, 2), 30)
+    sizes = torch.tensor([0.3, 0.1] * 20)  # large and tiny alternate
+    m = BinnedFID(DEFAULT_BINS, feature=StandInFeatures())
+    m.update(real, True, sizes)
+    m.update(fake, False, sizes)
+    out = m.compute()
+    for name, keep in (("large", sizes >= 0.25), ("tiny", sizes < 0.125), ("all", torch.ones(40, dtype=torch.bool))):
+        ref = FrechetInceptionDistance(feature=StandInFeatures(), normalize=False, antialias=False)
+        ref.update(m._as_uint8(real[keep]), real=True)
+        ref.update(m._as_uint8(fake[keep]), real=False)
+        assert val(out, f"fid/{name}") == pytest.approx(float(ref.compute()), rel=1e-4, abs=1e-4), name

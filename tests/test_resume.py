@@ -74,11 +74,16 @@ def test_nonfinite_loss_stops_or_skips(tmp_path, face_shards, monkeypatch, caplo
         train(cfg)
     ckpts = sorted((tmp_path / "nan").glob("*/*/checkpoints/*.ckpt"))
     assert [c.name for c in ckpts if c.name.startswith("step")] == ["step-000002.ckpt"]  # the good one, nothing after
-    cfg, _ = _cfg(tmp_path, face_shards, "skip", "trainer.max_steps=6", "trainer.nonfinite_loss=skip")
+    cfg, _ = _cfg(tmp_path, face_shards, "skip", "trainer.max_steps=6", "trainer.nonfinite_loss=skip", "trainer.checkpoint_every_n_steps=1")
     res = train(cfg)
     # the poisoned batch is skipped (no gradients, so no weight update) and training goes on to the end
     assert res["global_step"] == 6 and "skipped batch: non-finite training loss nan at step 3" in caplog.text
     assert all(torch.isfinite(v).all() for v in _trainable(res["checkpoint"]).values())
+    ckpt = {int(c.stem.split("-")[1]): _trainable(c) for c in (tmp_path / "skip").glob("*/*/checkpoints/step-*.ckpt")}
+    assert ckpt.keys() >= {2, 3, 4, 5}
+    for k in ckpt[3]:  # the skipped step changed no weight; the steps around it did
+        torch.testing.assert_close(ckpt[3][k], ckpt[4][k], rtol=0, atol=0, msg=k)
+    assert any(not torch.equal(ckpt[2][k], ckpt[3][k]) for k in ckpt[2]) and any(not torch.equal(ckpt[4][k], ckpt[5][k]) for k in ckpt[4])
 
 
 def test_resume_errors(tmp_path):

@@ -35,7 +35,9 @@ def test_few_step_training_run_and_export(tiny_cfg, face_shards, tmp_path):
 
     module = build_module(cfg)
     state = {k: v for k, v in ckpt["state_dict"].items()}
-    module.load_state_dict(state, strict=False)
+    result = module.load_state_dict(state, strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys
+    assert result.missing_keys and all(k.startswith(("backbone.", "id_encoder.")) for k in result.missing_keys)  # only frozen parts
     module.eval()
     reloaded = LocalBranch.from_pretrained(os.path.join(run, "export/local")).eval()
     z, t = torch.randn(1, 4, 32, 32), torch.tensor([500])
@@ -137,3 +139,70 @@ def test_precomputed_training_step_reads_nothing_back_from_the_device(tiny_cfg, 
     monkeypatch.undo()
     assert calls == [], calls
     assert torch.isfinite(out["loss"])
+
+
+def test_overfitting_one_batch_drives_the_loss_down(tiny_cfg, face_shards):
+    """The whole trainable path learns: 60 optimizer steps on one repeated batch (same noise and timesteps each
+    step) bring the loss far below where it started."""
+    from realisid.modules import build_module
+
+    module = build_module(tiny_cfg("joint", "optim.lr=1e-3", "optim.warmup_steps=1"))
+    batch = _step_batch(module, face_shards, n=2, precomputed=False)
+    opt = module.configure_optimizers()["optimizer"]
+    losses = []
+    for _ in range(60):
+        loss = module.shared_step(batch, generator=torch.Generator().manual_seed(0), dropout=False)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses[::10]
+
+
+def test_face_weighted_loss_exact_numbers():
+    """loss = mean(err) + lambda * mean(err * mask^2), with fractional mask coverage at the box border."""
+    from realisid.modules.losses import face_weighted_mse, latent_mask
+
+    pred, target = torch.zeros(1, 1, 2, 2), torch.tensor([[[[1.0, 2.0], [3.0, 0.0]]]])
+    mask = torch.tensor([[[[1.0, 0.5], [0.0, 0.0]]]])
+    loss, full, face = face_weighted_mse(pred, target, mask, 2.0)
+    assert full.item() == (1 + 4 + 9 + 0) / 4  # 3.5
+    assert face.item() == (1 * 1 + 4 * 0.25) / 4  # 0.5
+    assert loss.item() == 3.5 + 2.0 * 0.5
+    # the location map (1 inside the face box) to latent resolution: area coverage of each latent pixel
+    loc = torch.zeros(1, 1, 8, 8)
+    loc[..., 0:4, 0:6] = 1.0
+    m = latent_mask(loc, (2, 2))
+    torch.testing.assert_close(m, torch.tensor([[[[1.0, 0.5], [0.0, 0.0]]]]))
+
+
+def test_dropout_masks_are_disjoint_with_the_configured_rates(tiny_cfg):
+    """CFG dropout per sample: identity only, text only, or both, never overlapping, at the configured rates."""
+    from realisid.modules import build_module
+
+    module = build_module(tiny_cfg("local_branch", "model.dropout.image=0.1", "model.dropout.text=0.2", "model.dropout.both=0.3"))
+    keep_text, keep_id = module.dropout_masks(20000, torch.Generator().manual_seed(0))
+    only_id, only_text, both = keep_text & ~keep_id, ~keep_text & keep_id, ~keep_text & ~keep_id
+    for part, rate in ((only_id, 0.1), (only_text, 0.2), (both, 0.3), (keep_text & keep_id, 0.4)):
+        assert abs(part.float().mean().item() - rate) < 0.015, (rate, part.float().mean().item())
+    # what a dropped sample receives: null identity tokens (zeros) and the empty prompt's embeddings
+    tokens = module.identity_tokens({"id_image": torch.zeros(2, 3, 32, 32), "id_mask": torch.ones(2, 1, 32, 32)},
+                                    keep=torch.tensor([True, False]))
+    assert tokens[1].abs().max() == 0 and tokens[0].abs().max() > 0
+
+
+def test_a_checkpoint_with_nonfinite_weights_is_refused(tiny_cfg):
+    """on_save_checkpoint refuses NaN weights, naming the parameter, so a bad checkpoint never replaces a good one."""
+    import pytest
+
+    from realisid.modules import build_module
+
+    module = build_module(tiny_cfg("local_branch"))
+    sd = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(sd)  # finite: accepted, frozen weights dropped
+    assert sd["state_dict"] and not any(k.startswith(("backbone.", "id_encoder.")) for k in sd["state_dict"])
+    name, p = next(iter(module.local_branch.named_parameters()))
+    with torch.no_grad():
+        p.view(-1)[0] = float("nan")
+    with pytest.raises(FloatingPointError, match=f"local.{name} has NaN/Inf weights; the previous checkpoint is kept"):
+        module.on_save_checkpoint({"state_dict": module.state_dict()})
