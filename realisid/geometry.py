@@ -44,7 +44,7 @@ def scale_bin(size: float, bins: Mapping[str, Sequence[float]] = DEFAULT_BINS) -
     for name, (low, high) in bins.items():
         if low <= size < high:
             return name
-    raise ValueError(f"face size {size:.4f} falls in no bin of {dict(bins)}; make the bins cover [0, inf)")
+    raise ValueError(f"face size {size:.6g} falls in no bin of {dict(bins)}; make the bins cover [0, inf)")
 
 
 def bins_from_config(bins: Mapping[str, Sequence[float]] | None) -> dict[str, tuple[float, float]]:

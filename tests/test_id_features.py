@@ -2,7 +2,6 @@
 the examples' id_kps, the identity encoder's key-point alignment, and identity features cached by precompute."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import sys
@@ -17,7 +16,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 import onnx_models  # noqa: E402
 
 from realisid.data.pipeline import ExampleMaker, collate, identity_crop, make_example, ready_batch, stream_collate  # noqa: E402
-from realisid.data.shards import FaceShardWriter, decode_sample, encode_jpeg, encode_npy, face_meta  # noqa: E402
+from realisid.data.shards import FaceShardWriter, decode_sample, encode_jpeg, face_meta  # noqa: E402
+from realisid.io import encode_array  # noqa: E402
 from realisid.geometry import FRONTAL_KPS, expand_square_box  # noqa: E402
 
 KW = dict(resolution=32, vae_scale_factor=2, local_latent_size=8, crop_expand=1.6, id_image_size=32)
@@ -46,11 +46,11 @@ def raw_sample(key="k", *, size=(96, 80), box=(30, 20, 62, 52), target_embed=Non
         meta["ref_kps"] = np.asarray(ref_kps).tolist()
     raw = {"__key__": key, "jpg": encode_jpeg(noise(*size, seed)), "json": json.dumps(meta).encode()}
     if target_embed is not None:
-        raw["id.npy"] = encode_npy(target_embed)
+        raw["id.npy"] = encode_array(target_embed, np.float32)
     if ref:
         raw["ref.jpg"] = encode_jpeg(noise(40, 40, seed + 100))
     if ref_embed is not None:
-        raw["ref_id.npy"] = encode_npy(ref_embed)
+        raw["ref_id.npy"] = encode_array(ref_embed, np.float32)
     return raw
 
 

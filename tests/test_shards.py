@@ -6,7 +6,8 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from realisid.data.shards import FaceShardWriter, SampleError, decode_sample, encode_jpeg, encode_npy, face_meta
+from realisid.data.shards import FaceShardWriter, SampleError, decode_sample, encode_jpeg, face_meta
+from realisid.io import encode_array
 
 from conftest import write_face_shards
 
@@ -45,7 +46,7 @@ def _sample(**kw):
     ({"jpg": b"not an image at all"}, "corrupt_image"),
     ({"json": b"{not json"}, "malformed_json"),
     ({"json": json.dumps({"width": 64}).encode()}, "malformed_json"),
-    ({"id.npy": encode_npy(np.array([1.0, np.nan]))}, "nan_embedding"),
+    ({"id.npy": encode_array(np.array([1.0, np.nan]), np.float32)}, "nan_embedding"),
     ({"id.npy": b"garbage"}, "bad_embedding"),
 ])
 def test_bad_samples_have_reasons(change, reason):
@@ -60,7 +61,7 @@ def test_missing_members_and_wrong_dim():
     with pytest.raises(SampleError, match="missing_json"):
         decode_sample(raw)
     with pytest.raises(SampleError, match="expected 512"):
-        decode_sample(_sample(**{"id.npy": encode_npy(np.ones(8))}), embed_dim=512)
+        decode_sample(_sample(**{"id.npy": encode_array(np.ones(8), np.float32)}), embed_dim=512)
 
 
 def test_no_pickle_in_embeddings():
@@ -99,7 +100,7 @@ def test_reference_members_round_trip_and_bad_ones_are_named(tmp_path):
     assert s["has_ref"] and s["ref"] is None and s["ref_id_embed"] is None and "ref_kps" not in s["meta"]
     with pytest.raises(SampleError, match="expected 8"):
         decode_sample(new, embed_dim=8)
-    raw = _sample(**{"ref_id.npy": encode_npy(np.ones(4))})
+    raw = _sample(**{"ref_id.npy": encode_array(np.ones(4), np.float32)})
     with pytest.raises(SampleError, match="ref_id.npy without ref.jpg"):
         decode_sample(raw)
     bad = json.loads(_sample()["json"])

@@ -57,6 +57,7 @@ from PIL import Image
 from realisid.data.shards import SHARD_FORMAT, FaceShardWriter, SampleError, decode_image, expand_shards, face_meta
 from realisid.faces.analysis import Face, FaceAnalyzer
 from realisid.geometry import box_size
+from realisid.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -544,12 +545,6 @@ class _Runner:
 
 # ---------------------------------------------------------------------------------------------- journal
 
-def _atomic_json(path: str, obj: Any) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
-
-
 class _Journal:
     """``OUT/NAME.progress.json``: finished shards with the source keys they hold and the counts so far."""
 
@@ -572,12 +567,12 @@ class _Journal:
                 raise FileExistsError(
                     f"out_dir {self.out_dir!r} already holds shards {existing[0]}... of another build (no {os.path.basename(self.path)} "
                     f"journal); delete them or choose another name")
-            _atomic_json(self.path, self.data)
+            atomic_write_json(self.path, self.data, indent=1)
             return
         with open(self.path) as f:
             data = json.load(f)
         if not data.get("shards") and not existing:  # nothing written yet: start over with this run's settings
-            _atomic_json(self.path, self.data)
+            atomic_write_json(self.path, self.data, indent=1)
             return
         old = data.get("settings", {})
         diff = {k: (old.get(k), v) for k, v in self.settings.items() if old.get(k) != v}
@@ -624,7 +619,7 @@ class _Journal:
                                "identities": dict(m.identities), "references": references}
         self.data["write_rejected"] = dict(write_rejected)
         self.data["complete"] = complete
-        _atomic_json(self.path, self.data)
+        atomic_write_json(self.path, self.data, indent=1)
 
 
 class _AnalysisCache:

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from realisid.data.shards import SampleError, check_shards_exist, expand_shards
+from realisid.io import atomic_write_json, encode_array
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +51,6 @@ FIELDS = {"latent": ("latent_moments", (3,)), "text": ("text_embeds", (2,)), "te
           "id_features": ("id_features", (1, 2))}
 
 
-def encode_array(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=False)
-    return buf.getvalue()
-
-
-def _write_json(path: str, obj: Mapping[str, Any]) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(path + ".tmp", path)
 
 
 def stored_arrays(raw: Mapping[str, Any], key: str) -> dict[str, np.ndarray]:
@@ -162,7 +153,7 @@ def precompute(cfg, out_dir: str, batch_size: int = 32, dtype: str = "fp32") -> 
     encoder = build_id_encoder(cfg.model.id_encoder).to(device)
     if frozen_dtype != torch.float32:
         encoder.to_frozen_dtype(frozen_dtype)  # as training runs it (realisid.modules.efficiency)
-    _write_json(info_path, {**info, "complete": False, "shards": []})  # written first, so a rerun can check what it continues
+    atomic_write_json(info_path, {**info, "complete": False, "shards": []})  # written first, so a rerun can check what it continues
     maker = ExampleMaker(embed_dim=cfg.data.get("embed_dim"), resolution=int(cfg.data.resolution), vae_scale_factor=backbone.vae_scale_factor,
                          local_latent_size=int(cfg.model.local.latent_size), crop_expand=float(cfg.model.local.crop_expand),
                          id_image_size=int(cfg.model.id_encoder.image_size), soft_location=bool(cfg.model["global"].soft_location))
@@ -235,7 +226,7 @@ def precompute(cfg, out_dir: str, batch_size: int = 32, dtype: str = "fp32") -> 
         os.replace(tmp, final)
         done.append(name)
         log.info("precomputed %s", final)
-    _write_json(info_path, {**info, "complete": True, "shards": done, "source": [str(u) for u in urls],
+    atomic_write_json(info_path, {**info, "complete": True, "shards": done, "source": [str(u) for u in urls],
                             "backbone_dtype": str(cfg.model.backbone_dtype)})
     counts.update(out=out_dir, shards=len(done), seconds=round(time.time() - t0, 1))
     return counts

@@ -36,6 +36,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from realisid.geometry import DEFAULT_BINS, face_scale, face_size, scale_bin
+from realisid.io import atomic_write_json, encode_array
 
 log = logging.getLogger(__name__)
 
@@ -121,12 +122,6 @@ def image_header_size(data: bytes, key: str = "?") -> tuple[int, int]:
 def encode_jpeg(img: Image.Image, quality: int = 95) -> bytes:
     buf = io.BytesIO()
     img.convert("RGB").save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
-
-
-def encode_npy(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.asarray(arr, dtype=np.float32), allow_pickle=False)
     return buf.getvalue()
 
 
@@ -339,11 +334,11 @@ class FaceShardWriter:
             self._open()
         sample = {"__key__": key, "jpg": encode_jpeg(image, jpeg_quality), "json": json.dumps(meta).encode()}
         if id_embed is not None:
-            sample["id.npy"] = encode_npy(id_embed)
+            sample["id.npy"] = encode_array(id_embed, np.float32)
         if ref is not None:
             sample["ref.jpg"] = encode_jpeg(ref, jpeg_quality)
         if ref_id_embed is not None:
-            sample["ref_id.npy"] = encode_npy(ref_id_embed)
+            sample["ref_id.npy"] = encode_array(ref_id_embed, np.float32)
         self._writer.write(sample)
         self._count += 1
         self.manifest.add(meta)
@@ -370,9 +365,7 @@ class FaceShardWriter:
         self._finish()
         manifest = self.manifest.to_json()
         path = os.path.join(self.out_dir, f"{self.name}.manifest.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(manifest, f, indent=2)
-        os.replace(path + ".tmp", path)
+        atomic_write_json(path, manifest)
         log.info("wrote %d samples in %d shards to %s", manifest["kept"], len(manifest["shards"]), self.out_dir)
         return manifest
 

@@ -60,7 +60,7 @@ def check_embedded(cfg: DictConfig, out_dir: str, examples_dir: str | None = os.
     from realisid.faces import load_face_analyzer
     from realisid.faces.standin import load_standin
     from realisid.geometry import bins_from_config
-    from realisid.metrics.calibrated import calibrated_identity, fmt
+    from realisid.metrics.calibrated import fmt
     from realisid.models.backbone import load_backbone
 
     os.makedirs(out_dir, exist_ok=True)

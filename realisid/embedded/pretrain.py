@@ -28,6 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from realisid.embedded.assets import RECORD
+from realisid.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +43,7 @@ def _stage_done(path: str) -> dict | None:
 
 def _mark(path: str, stats: dict) -> dict:
     os.makedirs(path, exist_ok=True)
-    tmp = os.path.join(path, "DONE.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(stats, f, indent=2)
-    os.replace(tmp, os.path.join(path, "DONE.json"))
+    atomic_write_json(os.path.join(path, "DONE.json"), stats)
     return stats
 
 
@@ -138,7 +136,7 @@ def pretrain(cfg: DictConfig) -> dict:
     bb = load_pretrained_backbone(base_dir)  # what users load: the float16-stored UNet, read back as float32
 
     # ---- 4. stand-in identity encoders
-    from realisid.faces.standin import load_standin, train_standin
+    from realisid.faces.standin import train_standin
 
     train_urls, val_urls = shard_urls(cfg, "train"), shard_urls(cfg, "val")
     st = cfg.prepare.standin

@@ -29,6 +29,7 @@ from PIL import Image
 from torch import nn
 
 from realisid.geometry import expand_square_box
+from realisid.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -473,9 +474,7 @@ def train_standin(train_urls: list[str], val_urls: list[str], out_dir: str, *, s
         "stats": stats,
     }
     cfg_path = os.path.join(out_dir, CONFIG_FILE)
-    with open(cfg_path + ".tmp", "w") as f:
-        json.dump(config, f, indent=2)
-    os.replace(cfg_path + ".tmp", cfg_path)
+    atomic_write_json(cfg_path, config)
     log.info("stand-in encoder %s saved to %s", STANDIN_NAME, out_dir)
     return stats
 

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from realisid.geometry import DEFAULT_BINS, bins_from_config
+from realisid.geometry import DEFAULT_BINS, bins_from_config, scale_bin
 
 log = logging.getLogger(__name__)
 
@@ -46,22 +46,18 @@ def normalize_bins(bins: Mapping[str, Sequence[float]] | None) -> dict[str, tupl
 
 
 def bin_index(face_size: Tensor | Sequence[float], bins: Mapping[str, tuple[float, float]]) -> Tensor:
-    """``(N,)`` long tensor: for each face size, the index (in the mapping's order) of the first bin
-    ``[low, high)`` that holds it, as :func:`realisid.geometry.scale_bin` decides. A size in no bin (or NaN)
-    is an error naming the value."""
-    sizes = torch.as_tensor(face_size).detach()
-    if sizes.dim() != 1:
-        sizes = sizes.reshape(-1)
-    sizes = sizes.to(device="cpu", dtype=torch.float64)
-    lows = torch.tensor([b[0] for b in bins.values()], dtype=torch.float64)
-    highs = torch.tensor([b[1] for b in bins.values()], dtype=torch.float64)
-    inside = (sizes[:, None] >= lows[None]) & (sizes[:, None] < highs[None])
-    hit = inside.any(dim=1)
-    if not bool(hit.all()):
-        bad = int((~hit).nonzero()[0, 0])
-        raise ValueError(f"face size {float(sizes[bad]):.6g} (index {bad}) falls in no bin of {dict(bins)}; face sizes are "
-                         "target box long side / image long edge, and the bins must cover [0, inf)")
-    return inside.to(torch.uint8).argmax(dim=1)  # first True: argmax returns the first maximal index
+    """``(N,)`` long tensor: for each face size, the index (in the mapping's order) of its bin, decided by
+    :func:`realisid.geometry.scale_bin` (the one binning rule). A size in no bin (or NaN) is an error naming the
+    value and its index."""
+    sizes = torch.as_tensor(face_size).detach().reshape(-1).to(device="cpu", dtype=torch.float64).tolist()
+    names = list(bins)
+    out = []
+    for i, size in enumerate(sizes):
+        try:
+            out.append(names.index(scale_bin(size, bins)))
+        except ValueError as err:
+            raise ValueError(f"{err} (face size at index {i}); face sizes are target box long side / image long edge") from None
+    return torch.tensor(out, dtype=torch.long)
 
 
 def safe_ratio(num: Tensor, den: Tensor) -> Tensor:
