@@ -141,7 +141,8 @@ def precomputed(sw, extra_overrides=()) -> str:
     """The sweep's precomputed cache (written on the first run of the sweep, reused after)."""
     import json
 
-    from realisid.data.precompute import INFO_FILE, precompute
+    from realisid.data.cache_format import INFO_FILE
+    from realisid.data.precompute import precompute
     from realisid.prepare import prepare_embedded_default
 
     folder = str(sw.precompute)

@@ -58,7 +58,7 @@ def new_run_dir(cfg: DictConfig) -> str:
 
 def build_datamodule(cfg: DictConfig, module):
     from realisid.data.datamodule import FaceDataModule
-    from realisid.data.precompute import cache_info
+    from realisid.data.cache_format import cache_info
 
     return FaceDataModule(cfg.data, vae_scale_factor=module.backbone.vae_scale_factor, local_latent_size=int(cfg.model.local.latent_size),
                           crop_expand=float(cfg.model.local.crop_expand), id_image_size=int(cfg.model.id_encoder.image_size),

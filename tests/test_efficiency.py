@@ -231,7 +231,7 @@ def test_precomputed_latents_give_the_same_loss_as_on_the_fly(tiny_cfg, face_sha
     assert next(iter(dm.train_dataloader()))["key"] == batch["key"]
     monkeypatch.undo()
     # the same backbone run in bf16 may train from a cache made in fp32
-    from realisid.data.precompute import cache_info
+    from realisid.data.cache_format import cache_info
 
     half = build_module(_cfg(tiny_cfg, face_shards, "joint", "model.backbone_dtype=bf16", "trainer.precision=bf16-mixed"))
     assert cache_info(half.backbone, half.cfg) == cache_info(module.backbone, cfg)

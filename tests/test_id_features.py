@@ -196,7 +196,8 @@ def _cfg(tiny_cfg, shards, *extra):
 
 
 def test_precompute_caches_identity_features(tiny_cfg, tmp_path):
-    from realisid.data.precompute import cache_info, check_cache, precompute
+    from realisid.data.cache_format import cache_info, check_cache
+    from realisid.data.precompute import precompute
     from realisid.models.backbone import load_backbone
     from realisid.models.id_encoder import build_id_encoder
 

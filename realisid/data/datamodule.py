@@ -31,7 +31,7 @@ class FaceDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.cfg.get("precomputed"):
-            from realisid.data.precompute import check_cache
+            from realisid.data.cache_format import check_cache
 
             self.train_urls = check_cache(str(self.cfg["precomputed"]), self.precomputed_for or {})
             log.info("training on precomputed latents and text embeddings from %s", self.cfg["precomputed"])

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from realisid.data.guidance import PART_COLOURS, coarse_parts_from_kps, draw_contours, location_map
-from realisid.data.precompute import stored_arrays
+from realisid.data.cache_format import stored_arrays
 from realisid.data.shards import SampleError, check_shards_exist, decode_sample, expand_shards
 from realisid.geometry import FRONTAL_KPS, expand_square_box, face_size, points_to_crop, square_window
 
