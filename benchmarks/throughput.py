@@ -13,6 +13,9 @@
 4. Sampling: the joint pipeline for 1, 2, 3 people against the cost the design predicts from its passes, each
    timed alone (per step: UNet + per person a global and a local pass; once: prompt, references, decode), and
    against diffusers' plain StableDiffusionControlNetPipeline (one ControlNet pass per step) on the same backbone.
+5. Faces: per image, detection alone and detect() (detection + landmarks + embeddings), and per face the
+   embedding, for each installed real face-analysis backend (yunet-sface, dlib; docs/faces.md) on the photos
+   that ship with the installed packages (scikit-image's astronaut, insightface's t1.jpg and Tom_Hanks_54745.png).
 
 Prints a table and writes table.md and results.json under benchmarks/results/<date>-throughput/ with the machine
 description. Targets (issue 6): data >= 70% of decode-only; Lightning step <= 1.10x bare loop; sampling within
@@ -109,6 +112,68 @@ def bench_data(cfg, maker, pre_urls, workers_list, batches: int, rounds: int) ->
     return rows
 
 
+FACE_KINDS = ("yunet-sface", "dlib")
+
+
+def face_photos() -> dict[str, np.ndarray]:
+    """The real photos installed with our dependencies (RGB uint8): no download, the same ones tests use."""
+    import importlib.util
+
+    import cv2
+    import skimage.data
+
+    photos = {"astronaut": skimage.data.astronaut()}
+    spec = importlib.util.find_spec("insightface")
+    if spec is not None and spec.submodule_search_locations:
+        folder = os.path.join(list(spec.submodule_search_locations)[0], "data", "images")
+        for name, file in (("t1", "t1.jpg"), ("tom_hanks", "Tom_Hanks_54745.png")):
+            bgr = cv2.imread(os.path.join(folder, file), cv2.IMREAD_COLOR)
+            if bgr is not None:
+                photos[name] = np.ascontiguousarray(bgr[:, :, ::-1])
+    return photos
+
+
+def bench_faces(runs: int) -> dict:
+    """Per-image detection and per-face embedding times (medians over ``runs``) of each installed real backend."""
+    from realisid.faces import load_face_analyzer
+    from realisid.faces.dlib_impl import INSTALL as DLIB_INSTALL, dlib_available
+    from realisid.faces.yunet_sface import INSTALL as YUNET_INSTALL, yunet_sface_available
+
+    available = {"yunet-sface": (yunet_sface_available(), YUNET_INSTALL), "dlib": (dlib_available(), DLIB_INSTALL)}
+    photos = face_photos()
+    out: dict = {"runs": runs, "photos": {k: list(v.shape[1::-1]) for k, v in photos.items()}, "backends": [], "missing": {}}
+    for kind in FACE_KINDS:
+        ok, install = available[kind]
+        if not ok:
+            out["missing"][kind] = f"not installed: {install}"
+            continue
+        t = time.perf_counter()
+        analyzer = load_face_analyzer({"kind": kind})
+        backend = {"kind": kind, "name": analyzer.name, "embedding_dim": analyzer.embedding_dim,
+                   "threshold": getattr(analyzer, "match_threshold", None), "load_s": time.perf_counter() - t, "rows": []}
+        for photo, image in photos.items():
+            faces = analyzer.detect(image)  # warm-up, and the key points the embedding is timed on
+            detect_t, boxes_t, embed_t = [], [], []
+            for _ in range(runs):
+                t = time.perf_counter()
+                analyzer.detect(image)
+                detect_t.append(time.perf_counter() - t)
+                if hasattr(analyzer, "detect_boxes"):
+                    t = time.perf_counter()
+                    analyzer.detect_boxes(image)
+                    boxes_t.append(time.perf_counter() - t)
+                for f in faces:
+                    t = time.perf_counter()
+                    analyzer.embed(image, f.kps)
+                    embed_t.append(time.perf_counter() - t)
+            backend["rows"].append({"photo": photo, "faces": len(faces), "detect_s": statistics.median(detect_t),
+                                    "detection_only_s": statistics.median(boxes_t) if boxes_t else None,
+                                    "embed_s": statistics.median(embed_t) if embed_t else None})
+        out["backends"].append(backend)
+        log.info("faces, %s: %s", kind, backend["rows"])
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("exp", nargs="?", default="joint")
@@ -120,7 +185,7 @@ def main(argv=None) -> int:
     p.add_argument("--data-batches", type=int, default=40)
     p.add_argument("--workers", default="0,2", help="DataLoader worker counts for the data comparison")
     p.add_argument("--sample-steps", type=int, default=20)
-    p.add_argument("--skip", default="", help="comma list of sections to skip: data,train,precomputed,sampling")
+    p.add_argument("--skip", default="", help="comma list of sections to skip: data,train,precomputed,sampling,faces")
     p.add_argument("--precomputed-dir", default=None, help="cache folder for the data comparison (default: data/cache/precomputed/<exp>-r<res>)")
     p.add_argument("--render", metavar="RESULTS_JSON", default=None, help="only rewrite table.md beside RESULTS_JSON from it")
     args = p.parse_args(argv)
@@ -138,7 +203,8 @@ def main(argv=None) -> int:
 
     from realisid.config import load_config
     from realisid.data.pipeline import ready_batch
-    from realisid.data.precompute import cache_info, check_cache, precompute
+    from realisid.data.cache_format import cache_info, check_cache
+    from realisid.data.precompute import precompute
     from realisid.modules import build_module
     from realisid.prepare import prepare_embedded_default
     from realisid.train import build_datamodule
@@ -190,6 +256,9 @@ def main(argv=None) -> int:
         res["sampling"] = compare_sampling(module.pipeline(), args.sample_steps, args.rounds,
                                            module.cfg.model["global"].conditioning_embedding_out_channels, int(cfg.model.id_encoder.image_size))
         log.info("sampling: %s", res["sampling"])
+
+    if "faces" not in skip:
+        res["faces"] = bench_faces(max(1, args.rounds))
 
     out = args.out or os.path.join("benchmarks", "results", f"{dt.date.today().isoformat()}-throughput")
     write_results(out, render(res), res)
@@ -252,7 +321,31 @@ def render(res: dict) -> str:
         lines += ["", f"diffusers StableDiffusionControlNetPipeline on the same backbone (one ControlNet pass per step, batch 2): "
                       f"{s['plain_controlnet_s']:.3f} s; the joint pipeline with one person takes {one / s['plain_controlnet_s']:.2f}x that "
                       "(it runs two branches on three guidance conditions).", ""]
+    if "faces" in res:
+        lines += render_faces(res["faces"])
     return "\n".join(lines)
+
+
+def render_faces(fa: dict) -> list[str]:
+    def ms(v):
+        return "-" if v is None else f"{v * 1000:.1f}"
+
+    sizes = ", ".join(f"{k} {w}x{h}" for k, (w, h) in fa["photos"].items())
+    lines = [f"## Face analysis (ms; medians of {fa['runs']} runs; photos: {sizes})", "",
+             "| backend (models) | photo | faces | detect(): detection + per-face work | detection only | embed, per face |",
+             "|---|---|---|---|---|---|"]
+    for b in fa["backends"]:
+        for r in b["rows"]:
+            lines.append(f"| {b['name']} | {r['photo']} | {r['faces']} | {ms(r['detect_s'])} | {ms(r['detection_only_s'])} | "
+                         f"{ms(r['embed_s'])} |")
+    lines.append("")
+    for b in fa["backends"]:
+        lines.append(f"- {b['kind']}: {b['name']}, {b['embedding_dim']}-D embeddings, cosine threshold {b['threshold']}, "
+                     f"loaded in {b['load_s']:.2f} s.")
+    for kind, why in fa["missing"].items():
+        lines.append(f"- {kind}: {why}.")
+    lines.append("")
+    return lines
 
 
 if __name__ == "__main__":

