@@ -26,9 +26,9 @@ bench:
 sweep:
 	$(PY) -m realisid sweep $(SWEEP) $(ARGS)
 
-# make shards SRC=/photos NAME=faces MODEL_DIR=/models/buffalo_l  ->  data/shards/faces/faces-000000.tar ...
+# make shards SRC=/photos NAME=faces  ->  data/shards/faces/faces-000000.tar ... (ANALYZER=dlib, or MODEL_DIR=/models/buffalo_l for insightface)
 shards:
-	$(PY) -m realisid build-shards --src $(SRC) --out data/shards/$(NAME) $(if $(MODEL_DIR),--model-dir $(MODEL_DIR)) $(ARGS)
+	$(PY) -m realisid build-shards --src $(SRC) --out data/shards/$(NAME) $(if $(ANALYZER),--analyzer $(ANALYZER)) $(if $(MODEL_DIR),--model-dir $(MODEL_DIR)) $(ARGS)
 
 prepare:
 	$(PY) -m realisid prepare $(EXP) $(ARGS)

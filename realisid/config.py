@@ -135,7 +135,7 @@ def unset_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
 
 
 # what a ``???`` key takes, shown in the error (keys not listed show KEY=...)
-VALUE_EXAMPLES = {"model.pretrained": "/path/to/local/diffusers/folder"}
+VALUE_EXAMPLES = {"model.pretrained": "/path/to/local/diffusers/folder", "model.id_encoder.path": "/path/to/insightface/model_folder"}
 
 
 def check_mandatory(cfg: DictConfig, exp: str) -> None:

@@ -222,11 +222,14 @@ def build_evaluator(cfg, conditioning_name: str) -> Evaluator:
         analyzer = StandInFaceAnalyzer(e.standin_path, name=f"standin-arcface-synthetic (evaluation copy: {e.standin_path}) on the "
                                                             "target box; location and found-rate not measured")
     elif e.encoder == "analyzer":
-        if not cfg.faces.model_dir:
-            raise ValueError("evaluation.encoder=analyzer needs faces.model_dir=/path/to/insightface/models (detector + recognition)")
-        from realisid.faces import load_face_analyzer
+        from omegaconf import OmegaConf
 
-        analyzer = load_face_analyzer(cfg.faces)
+        from realisid.faces import NEEDS_MODEL_DIR, load_face_analyzer
+
+        if cfg.faces.kind in NEEDS_MODEL_DIR and not cfg.faces.model_dir:
+            raise ValueError(f"evaluation.encoder=analyzer with faces.kind={cfg.faces.kind} needs faces.model_dir (its detector and "
+                             "recognition models); or faces.kind=yunet-sface / dlib, which ship in packages")
+        analyzer = load_face_analyzer(OmegaConf.to_container(cfg.faces, resolve=True))
     else:
         raise ValueError(f"evaluation.encoder={e.encoder!r}; valid: standin, analyzer")
     if e.fid_features == "standin":

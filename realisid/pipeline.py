@@ -300,11 +300,30 @@ def _fmt(b) -> str:
     return ",".join(f"{v:g}" for v in b)
 
 
-def reference_person(path: str, box: Sequence[float], id_image_size: int, analyzer=None) -> tuple[Person, dict]:
+def reference_face(faces: Sequence[Any], path: str, analyzer_name: str, largest: bool = False, other_face_ratio: float = 0.3):
+    """The one face of a reference photo: the largest, provided no other face is at least ``other_face_ratio``
+    of its size (the shard builder's single-person rule; a small bystander is allowed). No face, or several
+    people without ``largest``, is an error naming the count and the fix."""
+    if not faces:
+        raise ValueError(f"reference '{path}': no face found by {analyzer_name}; use a photo with a visible face")
+
+    def side(f):
+        return float(max(f.bbox[2] - f.bbox[0], f.bbox[3] - f.bbox[1]))
+
+    main = max(faces, key=lambda f: (side(f), f.det_score))
+    people = sum(1 for f in faces if side(f) >= other_face_ratio * side(main))
+    if people > 1 and not largest:
+        raise ValueError(f"reference '{path}': {people} faces found by {analyzer_name}; use a photo of one person, "
+                         "or pass --largest-face to take the largest")
+    return main
+
+
+def reference_person(path: str, box: Sequence[float], id_image_size: int, analyzer=None, largest: bool = False) -> tuple[Person, dict]:
     """A :class:`Person` from a reference photo and a target box.
 
     The face in the photo comes from, in order: a sidecar ``<photo>.json`` in the shard format (bbox, kps),
-    the face analyzer (the most confident face), or, with neither, the whole photo taken as a face crop.
+    the face analyzer (:func:`reference_face`: exactly one person, or the largest with ``largest``), or, with
+    neither, the whole photo taken as a face crop.
     Pose/expression for the target come from the reference face's 5 points, moved into the target box.
     """
     import json
@@ -325,17 +344,17 @@ def reference_person(path: str, box: Sequence[float], id_image_size: int, analyz
         try:
             meta = json.load(open(sidecar))
             bbox, kps = [float(v) for v in meta["bbox"]], np.asarray(meta["kps"], dtype=np.float32).reshape(5, 2)
+            landmarks = meta.get("landmarks")
         except Exception as exc:
             raise ValueError(f"reference sidecar '{sidecar}' is unreadable ({exc}); it needs bbox and kps as in the shard format") from None
         source = f"face from {os.path.basename(sidecar)}"
     elif analyzer is not None:
         faces = analyzer.detect(np.asarray(img))
-        if not faces:
-            raise ValueError(f"reference '{path}': no face found by {analyzer.name}; use a photo with a visible face")
-        bbox, kps = faces[0].bbox.tolist(), faces[0].kps
-        source = f"face detected by {analyzer.name} (score {faces[0].det_score:.2f})"
+        face = reference_face(faces, path, analyzer.name, largest)
+        bbox, kps, landmarks = face.bbox.tolist(), face.kps, face.landmarks
+        source = f"face detected by {analyzer.name} (score {face.det_score:.2f}" + (f", the largest of {len(faces)})" if len(faces) > 1 else ")")
     else:
-        bbox, kps = None, None
+        bbox, kps, landmarks = None, None, None
     if bbox is None:
         crop = img.resize((id_image_size, id_image_size), Image.BICUBIC)
         id_image, id_mask, target_kps = to_tensor(crop), torch.from_numpy(centred_mask(id_image_size))[None], None
@@ -345,6 +364,16 @@ def reference_person(path: str, box: Sequence[float], id_image_size: int, analyz
         id_image, id_mask = to_tensor(crop), torch.from_numpy(mask)[None]
         # the detected key points align the reference for an ArcFace encoder (not a frontal template)
         id_kps = torch.from_numpy(identity_crop_kps(kps, bbox, img.width, img.height, id_image_size))
-        rel = (np.asarray(kps) - [bbox[0], bbox[1]]) / [bbox[2] - bbox[0], bbox[3] - bbox[1]]
-        target_kps = (rel * [box[2] - box[0], box[3] - box[1]] + [box[0], box[1]]).astype(np.float32)
-    return Person(box=box, id_image=id_image, id_mask=id_mask, kps=target_kps, id_kps=id_kps), {"reference": path, "reference_face": source}
+
+        def to_target(points):  # reference face box -> target box
+            rel = (np.asarray(points, dtype=np.float32).reshape(-1, 2) - [bbox[0], bbox[1]]) / [bbox[2] - bbox[0], bbox[3] - bbox[1]]
+            return (rel * [box[2] - box[0], box[3] - box[1]] + [box[0], box[1]]).astype(np.float32)
+
+        target_kps = to_target(kps)
+        # dense contours (dlib's 68 points, or a sidecar's) draw the pose/expression map; else the 5 points do
+        landmarks = {k: to_target(v).tolist() for k, v in landmarks.items()} if landmarks else None
+    person = Person(box=box, id_image=id_image, id_mask=id_mask, kps=target_kps, id_kps=id_kps, landmarks=landmarks)
+    info = {"reference": path, "reference_face": source, "dense_landmarks": sorted(landmarks) if landmarks else None}
+    if bbox is not None:  # where the face is in the reference photo
+        info.update(reference_box=[round(float(v), 2) for v in bbox], reference_kps=np.round(np.asarray(kps, dtype=np.float64), 2).tolist())
+    return person, info

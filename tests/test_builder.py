@@ -593,7 +593,7 @@ def test_cli_build_shards(model_dir, tmp_path, capsys):
     out = tmp_path / "faces"
     args = parser.parse_args(["build-shards", "--src", str(src), "--out", str(out), "--model-dir", model_dir,
                               "--workers", "0", "--shard-size", "2", "--min-face", "16", "--no-progress"])
-    assert args.name is None and args.max_side == 2048 and args.min_score == 0.5
+    assert args.name is None and args.max_side == 2048 and args.min_score is None and args.analyzer is None
     assert args.func(args) == 0
     text = capsys.readouterr().out
     assert "kept          : 3 of 4 images (75.0%) in 2 shards" in text
@@ -604,12 +604,14 @@ def test_cli_build_shards(model_dir, tmp_path, capsys):
     assert f"manifest      : {out / 'faces.manifest.json'}" in text
     m = load_json((out / "faces.manifest.json"))
     assert m["name"] == "faces" and m["kept"] == 3 and m["selection"]["min_face"] == 16
-    with pytest.raises(ValueError, match="pass --model-dir with an insightface model folder"):
-        builder.faces_config(None, None)
+    # nothing given, or an experiment whose analyzer lacks its folder: the real analyzer that ships in packages
+    assert builder.faces_config(None, None)["kind"] == "yunet-sface"
     no_faces = tmp_path / "no_faces.yaml"
     no_faces.write_text("defaults: [base]\nfaces:\n  model_dir: null\n")
-    with pytest.raises(ValueError, match="has faces.model_dir unset"):
-        builder.faces_config(None, str(no_faces))
+    assert builder.faces_config(None, str(no_faces))["kind"] == "yunet-sface"
+    assert builder.faces_config(None, None, "dlib")["kind"] == "dlib"
+    with pytest.raises(ValueError, match="--analyzer insightface needs its model folder: add --model-dir"):
+        builder.faces_config(None, None, "insightface")
     # the embedded default's experiments name its synthetic face analyzer
     from realisid.embedded.assets import asset_path
 

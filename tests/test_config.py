@@ -65,7 +65,7 @@ def test_real_run_experiments_state_paper_settings(backbone, exp):
     from omegaconf import OmegaConf
 
     tiny = load_config(exp)
-    cfg = load_config(f"{backbone}/{exp}", ["model.pretrained=/models/weights"])
+    cfg = load_config(f"{backbone}/{exp}", ["model.pretrained=/models/weights", "model.id_encoder.path=/models/buffalo_l"])
     want = REAL[backbone]
     assert cfg.experiment.module == MODULES[exp] and cfg.experiment.name == f"{backbone}-{exp}"
     assert cfg.model.pretrained == "/models/weights" and cfg.model.layout == want["layout"]
@@ -91,6 +91,10 @@ def test_real_run_experiments_state_paper_settings(backbone, exp):
 def test_real_run_without_pretrained_names_the_key_and_the_fix(exp):
     with pytest.raises(ConfigError, match=rf"experiment '{exp}' leaves model.pretrained without a value \(\?\?\?\): give it .*"
                                           rf'make train EXP={exp} ARGS="model.pretrained=/path/to/local/diffusers/folder"'):
+        load_config(exp, ["model.id_encoder.path=/models/buffalo_l"])
+    # both missing: both named, each with what it takes
+    with pytest.raises(ConfigError, match=rf"leaves model.id_encoder.path, model.pretrained without a value .*give them .*"
+                                          rf'ARGS="model.id_encoder.path=/path/to/insightface/model_folder model.pretrained=/path/to/local'):
         load_config(exp)
     assert exp in list_experiments()
 
@@ -100,14 +104,16 @@ def test_real_run_cli_message(capsys):
 
     assert main(["train", "sd15/local_branch"]) == 2
     err = capsys.readouterr().err
-    assert "model.pretrained" in err and 'make train EXP=sd15/local_branch ARGS="model.pretrained=' in err and "Traceback" not in err
+    assert 'make train EXP=sd15/local_branch ARGS="model.id_encoder.path=/path/to/insightface/model_folder model.pretrained=' in err
+    assert "Traceback" not in err and err.count("\n") == 1
 
 
 def test_a_file_of_ones_own_may_give_a_mandatory_value(tmp_path):
     p = tmp_path / "mine.yaml"
-    p.write_text("defaults: [sd15/joint]\nmodel:\n  pretrained: /models/sd15\ntrainer:\n  max_steps: 7\n")
+    p.write_text("defaults: [sd15/joint]\nmodel:\n  pretrained: /models/sd15\n  id_encoder:\n    path: /models/buffalo_l\n"
+                 "trainer:\n  max_steps: 7\n")
     cfg = load_config(str(p))
     assert cfg.model.pretrained == "/models/sd15" and cfg.trainer.max_steps == 7 and cfg.optim.lr == 1e-5
-    p.write_text("defaults: [sd15/joint]\ntrainer:\n  max_steps: 7\n")
+    p.write_text("defaults: [sd15/joint]\nmodel:\n  id_encoder:\n    path: /models/buffalo_l\ntrainer:\n  max_steps: 7\n")
     with pytest.raises(ConfigError, match="leaves model.pretrained without a value"):
         load_config(str(p))

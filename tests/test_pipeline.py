@@ -153,7 +153,7 @@ def test_generate_cli_two_people(run_dir, tmp_path, capsys):
     json.dump({"bbox": [8, 8, 40, 40], "kps": [[18, 20], [30, 20], [24, 27], [19, 34], [29, 34]]}, open(tmp_path / "ref0.json", "w"))
     out = tmp_path / "out" / "two.png"
     rc = main(["generate", "--run", str(run_dir), "--prompt", "a photo of two people", "--ref", a, "--box", "2,10,26,34",
-               "--ref", b, "--box", "36,10,60,34", "--out", str(out), "--seed", "5", "--steps", "2"])
+               "--ref", b, "--box", "36,10,60,34", "--out", str(out), "--seed", "5", "--steps", "2", "--analyzer", "none"])
     assert rc == 0
     assert Image.open(out).size == (64, 64)
     rec = json.load(open(tmp_path / "out" / "two.json"))

@@ -918,52 +918,60 @@ def add_build_parser(subparsers) -> argparse.ArgumentParser:
                                                 "a brace pattern or a folder of .tar")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--name", default=None, help="shard name prefix (default: the --out folder's name)")
-    p.add_argument("--model-dir", default=None, help="insightface model folder (e.g. ~/.insightface/models/buffalo_l); "
-                                                     "required unless --exp sets faces.model_dir")
+    p.add_argument("--analyzer", default=None, help="face analyzer: yunet-sface (default: ships in packages), dlib, insightface "
+                                                    "(with --model-dir), or an experiment's (--exp)")
+    p.add_argument("--model-dir", default=None, help="insightface model folder (e.g. ~/.insightface/models/buffalo_l): selects "
+                                                     "insightface unless --analyzer says otherwise")
     p.add_argument("--exp", default=None, help="experiment whose faces section gives model_dir, det_size, det_thresh")
     p.add_argument("--workers", type=int, default=2, help="analysis processes (0: in this process)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     p.add_argument("--min-face", type=float, default=32.0, help="smallest face box long side kept, in pixels")
-    p.add_argument("--min-score", type=float, default=0.5, help="lowest detection score kept")
+    p.add_argument("--min-score", type=float, default=None, help="lowest detection score kept (default: 0.5; 0 for dlib, "
+                                                                  "whose score is not a probability)")
     p.add_argument("--max-side", type=int, default=2048, help="larger photos are downscaled to this long side")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_build_shards)
     return p
 
 
-def faces_config(model_dir: str | None, exp: str | None) -> dict:
-    """The face-analyzer config from ``--exp``'s ``faces`` section and/or ``--model-dir`` (an insightface folder: it
-    selects insightface whatever the experiment's analyzer, keeping the experiment's detection settings)."""
-    cfg: dict = {"kind": "insightface", "model_dir": None, "det_size": [640, 640], "det_thresh": 0.5}
+def faces_config(model_dir: str | None, exp: str | None, analyzer: str | None = None) -> dict:
+    """The face-analyzer config: ``--exp``'s ``faces`` section, with ``--analyzer`` / ``--model-dir`` on top; with
+    none of them, the real analyzer that ships in packages (yunet-sface, else dlib)."""
+    from realisid.faces import analyzer_config
+
+    faces = None
     if exp:
         from omegaconf import OmegaConf
 
         from realisid.config import load_config
 
-        cfg.update(OmegaConf.to_container(load_config(exp).faces, resolve=True))
-    if model_dir:
-        cfg.update(kind="insightface", model_dir=model_dir)
-        cfg.pop("recognizer", None)
-    if not cfg.get("model_dir"):
-        where = f"experiment {exp!r} has faces.model_dir unset" if exp else "no --model-dir given"
-        raise ValueError(f"build-shards needs a face analyzer but {where}; pass --model-dir with an insightface model folder "
-                         "such as ~/.insightface/models/buffalo_l (or --exp with faces.model_dir set)")
+        faces = OmegaConf.to_container(load_config(exp).faces, resolve=True)
+    cfg = analyzer_config(faces, analyzer, model_dir)
+    if cfg is None:
+        raise ValueError("build-shards needs a face analyzer and none is installed: run `make setup` (it installs yunet-sface and "
+                         "dlib), or pass --model-dir with an insightface model folder such as ~/.insightface/models/buffalo_l")
+    if cfg.get("kind") != "synthetic":
+        cfg.pop("recognizer", None)  # the synthetic analyzer's identity encoder; the others embed faces themselves
     return cfg
 
 
 def cmd_build_shards(args) -> int:
     from realisid.faces import load_face_analyzer
 
-    cfg = faces_config(args.model_dir, args.exp)
+    from realisid.faces import default_min_score
+
+    cfg = faces_config(args.model_dir, args.exp, args.analyzer)
     name = args.name or os.path.basename(os.path.normpath(args.out))
     analyzer = load_face_analyzer(cfg)
+    min_score = default_min_score(cfg["kind"]) if args.min_score is None else args.min_score
+    sys.stderr.write(f"realisid build-shards: face analyzer {analyzer.name}, min score {min_score:g}\n")
     from realisid.interrupts import INTERRUPTED_EXIT, terminate_as_interrupt
 
     t0 = time.time()
     try:
         with terminate_as_interrupt():  # SIGTERM (also to the whole group) stops as Ctrl-C does: finished shards are kept
             manifest = build_shards(args.src, args.out, name, analyzer, workers=args.workers, shard_size=args.shard_size,
-                                    min_face=args.min_face, min_score=args.min_score, max_side=args.max_side,
+                                    min_face=args.min_face, min_score=min_score, max_side=args.max_side,
                                     analyzer_factory=functools.partial(load_face_analyzer, cfg),
                                     progress=not args.no_progress and sys.stderr.isatty())
     except KeyboardInterrupt:

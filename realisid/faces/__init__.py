@@ -7,9 +7,12 @@ it from there so that ``import realisid.faces`` stays light).
 """
 from realisid.faces.analysis import (
     LANDMARK_NAMES,
+    NEEDS_MODEL_DIR,
     Face,
     FaceAnalyzer,
+    analyzer_config,
     as_rgb_uint8,
+    default_min_score,
     default_real_analyzer_kind,
     face_analyzer_kinds,
     l2_normalize,
@@ -19,9 +22,12 @@ from realisid.faces.analysis import (
 
 __all__ = [
     "LANDMARK_NAMES",
+    "NEEDS_MODEL_DIR",
     "Face",
     "FaceAnalyzer",
+    "analyzer_config",
     "as_rgb_uint8",
+    "default_min_score",
     "default_real_analyzer_kind",
     "face_analyzer_kinds",
     "l2_normalize",

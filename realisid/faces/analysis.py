@@ -152,6 +152,40 @@ def default_real_analyzer_kind() -> str | None:
     return None
 
 
+NEEDS_MODEL_DIR = ("insightface", "synthetic")  # kinds whose models come from a folder the user gives
+# the lowest detection score the shard builder keeps by default: a probability for most detectors, but dlib's HOG
+# score is a margin (real faces 0.35-2.8 on the test photos), so every face dlib reports is kept
+DEFAULT_MIN_SCORE = {"dlib": 0.0}
+
+
+def default_min_score(kind: str | None) -> float:
+    return DEFAULT_MIN_SCORE.get(str(kind), 0.5)
+
+
+def analyzer_config(faces: Mapping | None = None, kind: str | None = None, model_dir: str | None = None) -> dict | None:
+    """The face-analyzer config a command uses: the experiment's ``faces`` section with the command line's
+    ``kind`` (``--analyzer``) and ``model_dir`` (``--model-dir``, which means insightface unless a kind is given)
+    on top. A section whose kind needs a model folder (insightface, synthetic) but has none falls back to the
+    real analyzer shipped in packages (:func:`default_real_analyzer_kind`); ``None`` when there is none either.
+    An explicit kind that needs a folder without one is an error naming the flag."""
+    cfg = dict(faces or {})
+    if model_dir:
+        kind = kind or "insightface"
+    if kind and (kind != cfg.get("kind") or model_dir):
+        cfg = {"kind": kind, "det_size": cfg.get("det_size"), "det_thresh": None, "model_dir": model_dir}
+    if cfg.get("kind") in NEEDS_MODEL_DIR and not cfg.get("model_dir"):
+        if kind:
+            raise ValueError(f"--analyzer {kind} needs its model folder: add --model-dir /path/to/{kind} models, or use "
+                             f"--analyzer {default_real_analyzer_kind() or 'yunet-sface'} (ships in packages)")
+        cfg["kind"] = None
+    if not cfg.get("kind"):
+        real = default_real_analyzer_kind()
+        if real is None:
+            return None
+        cfg = {"kind": real, "det_size": cfg.get("det_size"), "det_thresh": None}
+    return cfg
+
+
 def register_face_analyzer(kind: str, factory: Callable[[Mapping], FaceAnalyzer]) -> None:
     """Make ``load_face_analyzer({"kind": kind, ...})`` call ``factory(cfg)`` (tests register doubles here)."""
     _FACTORIES[str(kind)] = factory

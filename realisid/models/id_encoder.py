@@ -129,7 +129,14 @@ class ArcFaceEncoder(IdentityEncoder):
         from realisid.faces import load_face_analyzer
 
         self.analyzer = load_face_analyzer({"kind": "insightface", "model_dir": model_dir})
-        self.embed_dim = int(self.analyzer.embedding_dim or 512)
+        dim = self.analyzer.embedding_dim
+        if dim is None:  # a recognition model with a dynamic output shape: its width, measured once on a blank face
+            import numpy as np
+
+            from realisid.data.pipeline import frontal_id_kps
+
+            dim = len(self.analyzer.embed(np.full((112, 112, 3), 128, np.uint8), frontal_id_kps(112)))
+        self.embed_dim = int(dim)  # a property of the model (128, 512, ...), never assumed
         self.name = self.analyzer.name
 
     def _encode(self, images, kps=None):
