@@ -21,7 +21,7 @@ train:
 
 # `make bench` benchmarks the newest joint run; EXP and RUN pick another
 bench:
-	$(PY) benchmarks/scale_bench.py $(if $(filter command line environment,$(origin EXP)),$(EXP),joint) $(ARGS) $(if $(RUN),--run $(RUN))
+	$(PY) -m realisid bench $(if $(filter command line environment,$(origin EXP)),$(EXP),joint) $(ARGS) $(if $(RUN),--run $(RUN))
 
 sweep:
 	$(PY) -m realisid sweep $(SWEEP) $(ARGS)

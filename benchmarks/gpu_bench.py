@@ -29,7 +29,7 @@ import warnings
 
 import torch
 
-from realisid.perf import (compare_sampling, compare_training, lightning_step_time, machine_description, mib, precomputed_batch,
+from perf import (compare_sampling, compare_training, lightning_step_time, machine_description, mib, precomputed_batch,
                            write_results)
 
 log = logging.getLogger("gpu_bench")

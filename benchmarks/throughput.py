@@ -39,7 +39,7 @@ import warnings
 import numpy as np
 import torch
 
-from realisid.perf import (compare_sampling, compare_training, lightning_step_time, machine_description, mib, precomputed_batch,
+from perf import (compare_sampling, compare_training, lightning_step_time, machine_description, mib, precomputed_batch,
                            time_call, write_results)
 
 log = logging.getLogger("throughput")
