@@ -52,7 +52,7 @@ def reference_faces(examples: Sequence[dict], count: int, id_image_size: int) ->
     the ceiling then leaves out."""
     from PIL import Image
 
-    from realisid.data.pipeline import identity_crop, to_tensor
+    from realisid.images import identity_crop, to_tensor
     from realisid.evaluation import to_uint8
 
     best: dict[str, dict] = {}

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from realisid.faces.analysis import l2_normalize
 from realisid.geometry import FRONTAL_KPS, bins_from_config, face_size, scale_bin
+from realisid.images import hwc_uint8, uint8_from_signed
 
 log = logging.getLogger(__name__)
 
@@ -34,17 +35,17 @@ class Case:
 
 def to_uint8(img: torch.Tensor) -> np.ndarray:
     """(3, H, W) in [-1, 1] to HxWx3 uint8."""
-    return ((img.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    return hwc_uint8(img)
 
 
 def face_crop_uint8(img: torch.Tensor, box: Sequence[float], size: int = 64) -> torch.Tensor:
     """The square face crop (box expanded 1.3x, inside the image) as (3, size, size) uint8, for face FID."""
-    from realisid.data.pipeline import ID_CROP_EXPAND
+    from realisid.images import ID_CROP_EXPAND
     from realisid.geometry import expand_square_box
 
     x0, y0, x1, y1 = expand_square_box(box, ID_CROP_EXPAND, img.shape[-1], img.shape[-2])
     crop = F.interpolate(img[None, :, y0:y1, x0:x1].float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
-    return ((crop.clamp(-1, 1) + 1) * 127.5).round().byte()
+    return uint8_from_signed(crop)
 
 
 class Evaluator:
@@ -62,7 +63,7 @@ class Evaluator:
     def reference_embedding(self, ref: np.ndarray) -> np.ndarray:
         """Evaluation-encoder embedding of a reference face crop (cut by ``identity_crop``, so the face is its
         central square): the face the analyzer finds there, or, if it finds none, the known central box."""
-        from realisid.data.pipeline import id_crop_face_box
+        from realisid.images import id_crop_face_box
 
         box = list(id_crop_face_box(ref.shape[0]))
         if self.standin_faces:
@@ -131,7 +132,7 @@ class Evaluator:
         for img, box in zip(images, boxes):
             size = torch.tensor([face_size(box, img.shape[-1], img.shape[-2])])
             metrics["fid_face"].update(face_crop_uint8(img, box)[None], real=True, face_size=size)
-            metrics["fid_image"].update(((img.clamp(-1, 1) + 1) * 127.5).round().byte()[None], real=True, face_size=size)
+            metrics["fid_image"].update(uint8_from_signed(img)[None], real=True, face_size=size)
 
     def real_rows(self, examples: Sequence[Mapping[str, Any]], bank: Mapping[str, np.ndarray], exclude: set[str] = frozenset(),
                   setting: str = "real") -> list[dict]:
@@ -181,7 +182,7 @@ class Evaluator:
                 metrics["margin"].update(torch.tensor([r["margin"] for r in scored_rows]), found, sizes)
             for b, s in zip(case.boxes, sizes):
                 metrics["fid_face"].update(face_crop_uint8(img, b)[None], real=False, face_size=s[None])
-            metrics["fid_image"].update(((img.clamp(-1, 1) + 1) * 127.5).round().byte()[None], real=False, face_size=sizes.min()[None])
+            metrics["fid_image"].update(uint8_from_signed(img)[None], real=False, face_size=sizes.min()[None])
             pose_err = [float("nan")] * len(people)
             iou = [float("nan")] * len(people)
             if "loc" in metrics:

@@ -21,6 +21,7 @@ from PIL import Image
 
 from realisid.data.guidance import contour_map, location_map
 from realisid.geometry import DEFAULT_BINS, FRONTAL_KPS, expand_square_box, face_size, scale_bin
+from realisid.images import hwc_uint8
 from realisid.models.branches import add_residuals
 
 log = logging.getLogger(__name__)
@@ -272,7 +273,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, current
 
 
 def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
-    arr = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    arr = hwc_uint8(images)
     return [Image.fromarray(a) for a in arr]
 
 
@@ -328,7 +329,7 @@ def reference_person(path: str, box: Sequence[float], id_image_size: int, analyz
     """
     import json
 
-    from realisid.data.pipeline import centred_mask, identity_crop, identity_crop_kps, to_tensor
+    from realisid.images import centred_mask, identity_crop, identity_crop_kps, to_tensor
     from realisid.data.shards import SampleError, decode_image
 
     try:

@@ -93,8 +93,8 @@ def test_real_run_without_pretrained_names_the_key_and_the_fix(exp):
                                           rf'make train EXP={exp} ARGS="model.pretrained=/path/to/local/diffusers/folder"'):
         load_config(exp, ["model.id_encoder.path=/models/buffalo_l"])
     # both missing: both named, each with what it takes
-    with pytest.raises(ConfigError, match=rf"leaves model.id_encoder.path, model.pretrained without a value .*give them .*"
-                                          rf'ARGS="model.id_encoder.path=/path/to/insightface/model_folder model.pretrained=/path/to/local'):
+    with pytest.raises(ConfigError, match=r"leaves model.id_encoder.path, model.pretrained without a value .*give them .*"
+                                          r'ARGS="model.id_encoder.path=/path/to/insightface/model_folder model.pretrained=/path/to/local'):
         load_config(exp)
     assert exp in list_experiments()
 

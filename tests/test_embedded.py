@@ -110,7 +110,7 @@ def test_calibrated_margin_equals_the_ceiling_for_real_photos_and_is_zero_for_ra
             best[ident] = (side, ex)
     from PIL import Image
 
-    from realisid.data.pipeline import identity_crop, to_tensor
+    from realisid.images import identity_crop, to_tensor
     from realisid.evaluation import to_uint8
 
     refs = {k: to_tensor(identity_crop(Image.fromarray(to_uint8(e["image"])), e["face_box"].tolist(), 32)[0]) for k, (_, e) in best.items()}

@@ -15,7 +15,9 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(__file__))
 import onnx_models  # noqa: E402
 
-from realisid.data.pipeline import ExampleMaker, collate, identity_crop, make_example, ready_batch, stream_collate  # noqa: E402
+from realisid.data.pipeline import ExampleMaker, collate, make_example, ready_batch, stream_collate  # noqa: E402
+
+from realisid.images import identity_crop
 from realisid.data.shards import FaceShardWriter, decode_sample, encode_jpeg, face_meta  # noqa: E402
 from realisid.io import encode_array  # noqa: E402
 from realisid.geometry import FRONTAL_KPS, expand_square_box  # noqa: E402
@@ -77,7 +79,7 @@ def test_arcface_aligns_with_given_keypoints(arcface_dir):
     for i, p in enumerate(pixels):  # each crop aligned with ITS key points, as insightface aligns a detected face
         np.testing.assert_allclose(got[i].numpy(), analyzer.embed(p, kps[i].numpy()), rtol=1e-5, atol=1e-6)
     # without key points the frontal template in the crop's face box stands in, and that is another alignment
-    from realisid.data.pipeline import frontal_id_kps
+    from realisid.images import frontal_id_kps
 
     frontal = enc(images, torch.ones(3, 1, 48, 48))
     np.testing.assert_allclose(frontal[0].numpy(), analyzer.embed(pixels[0], frontal_id_kps(48)), rtol=1e-5, atol=1e-6)
@@ -98,7 +100,7 @@ def test_other_encoders_take_and_ignore_keypoints():
 # ------------------------------------------------------------------------------------------- examples
 
 def test_reference_embedding_conditions_and_old_shards_stay_readable():
-    from realisid.data.pipeline import id_crop_face_box
+    from realisid.images import id_crop_face_box
 
     target, ref = np.full(8, 0.5, np.float32), np.arange(8, dtype=np.float32)
     maker = ExampleMaker(embed_dim=8, **KW)
@@ -141,7 +143,7 @@ def test_examples_carry_identity_keypoints_through_collate_and_transfer():
 
 def test_identity_crop_keypoints_land_on_the_same_pixels_as_the_crop():
     """The pure helper the inference side calls: a point marked in the photo is found where it maps in the crop."""
-    from realisid.data.pipeline import identity_crop_kps
+    from realisid.images import identity_crop_kps
 
     arr = np.zeros((90, 120, 3), np.uint8)
     bbox = [70.0, 40.0, 110.0, 85.0]  # near the corner: the crop box is shifted to stay inside the photo

@@ -308,7 +308,7 @@ def test_pipeline_samples_on_the_gpu_in_half_precision(joint, tmp_path):
 def test_reference_keypoints_reach_the_identity_encoder(joint, tmp_path, monkeypatch):
     """Issue 11, defect 5 (inference): the reference's detected key points, moved into the identity crop, are what
     the encoder aligns with (inference used a frontal template and dropped the landmarks it had just found)."""
-    from realisid.data.pipeline import identity_crop_kps
+    from realisid.images import identity_crop_kps
     from realisid.pipeline import reference_person
 
     a, _ = _refs(tmp_path)

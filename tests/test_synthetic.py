@@ -161,7 +161,7 @@ def test_shards_round_trip(tiny_set):
 
 
 def _crop(image: Image.Image, bbox, size: int) -> np.ndarray:
-    from realisid.data.pipeline import identity_crop
+    from realisid.images import identity_crop
 
     return np.asarray(identity_crop(image, bbox, size)[0]).astype(np.float32)
 

@@ -415,7 +415,7 @@ class Worker:
              size: tuple[int, int]) -> tuple[Image.Image, list] | None:
         """The reference crop of the donor face (``bbox``, ``kps`` as analysed in a ``size`` photo) and the face's
         key points in the crop's pixels; None when the donor can no longer be read or changed since its analysis."""
-        from realisid.data.pipeline import identity_crop, identity_crop_kps  # imports torch: only when references are cut
+        from realisid.images import identity_crop, identity_crop_kps  # imports torch: only when references are cut
 
         try:
             img = self.load(item)

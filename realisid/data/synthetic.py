@@ -629,7 +629,7 @@ def render_face(identity: Identity, rng: np.random.Generator, image_size: int = 
 
 def _face_crop(image: Image.Image, bbox: Sequence[float], size: int) -> Image.Image:
     """The reference crop, cut exactly as the pipeline cuts identity crops."""
-    from realisid.data.pipeline import identity_crop
+    from realisid.images import identity_crop
 
     return identity_crop(image, bbox, size)[0]
 

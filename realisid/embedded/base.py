@@ -31,6 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from realisid.images import signed_from_uint8
+
 log = logging.getLogger(__name__)
 
 GENERIC_PROMPT = "a photo of a person"
@@ -57,7 +59,9 @@ def load_image_set(urls: Sequence[str], resolution: int) -> ImageSet:
     """Every sample of ``urls`` as its square view at ``resolution`` (the training pipeline's view)."""
     import webdataset as wds
 
-    from realisid.data.pipeline import crop_resized, skip_bad_tar
+    from realisid.data.pipeline import skip_bad_tar
+
+    from realisid.images import crop_resized
     from realisid.data.shards import SampleError, check_shards_exist, decode_sample
     from realisid.geometry import square_window
 
@@ -86,9 +90,6 @@ def load_image_set(urls: Sequence[str], resolution: int) -> ImageSet:
     return ImageSet(torch.stack(images), caps, caps_free, keys, torch.from_numpy(np.stack(boxes)).float(),
                     torch.from_numpy(np.stack(kps)).float(), idents)
 
-
-def to_signed(x: torch.Tensor) -> torch.Tensor:
-    return x.float().div_(127.5).sub_(1.0)
 
 
 class Progress:
@@ -139,7 +140,7 @@ def face_crops(data: ImageSet, idx: torch.Tensor, crop: int, generator: torch.Ge
         if fx1 > fx0 and fy1 > fy0:
             w[:, fy0:fy1, fx0:fx1] += 4.0
         ws.append(w)
-    return to_signed(torch.stack(xs)), torch.stack(ws)
+    return signed_from_uint8(torch.stack(xs)), torch.stack(ws)
 
 
 def train_vae(vae, data: ImageSet, *, steps: int, batch_size: int, lr: float, crop: int, kl_weight: float,
@@ -173,7 +174,7 @@ def train_vae(vae, data: ImageSet, *, steps: int, batch_size: int, lr: float, cr
 @torch.no_grad()
 def encode_moments(vae, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     """Posterior parameters (mean and log-variance) of every image, float16 to halve the memory."""
-    out = [vae.encode(to_signed(images[i:i + batch_size])).latent_dist.parameters.half() for i in range(0, len(images), batch_size)]
+    out = [vae.encode(signed_from_uint8(images[i:i + batch_size])).latent_dist.parameters.half() for i in range(0, len(images), batch_size)]
     return torch.cat(out)
 
 
@@ -189,7 +190,7 @@ def set_latent_scale(vae, moments: torch.Tensor) -> float:
 @torch.no_grad()
 def reconstruction_mse(vae, data: ImageSet, count: int = 64) -> dict[str, float]:
     """Mean squared error of the VAE round trip over whole images and over the face boxes alone."""
-    x = to_signed(data.images[:count])
+    x = signed_from_uint8(data.images[:count])
     err = (vae.decode(vae.encode(x).latent_dist.mean).sample - x) ** 2
     mask = torch.zeros_like(err[:, :1])
     for k, (x0, y0, x1, y1) in enumerate(data.boxes[:count].tolist()):

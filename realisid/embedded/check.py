@@ -151,7 +151,7 @@ def _ceiling(cfg, analyzer, val, bins) -> dict:
             best[ident] = ex
     from PIL import Image
 
-    from realisid.data.pipeline import identity_crop, to_tensor
+    from realisid.images import identity_crop, to_tensor
     from realisid.evaluation import to_uint8
 
     refs = {k: to_tensor(identity_crop(Image.fromarray(to_uint8(e["image"])), e["face_box"].tolist(), int(cfg.model.id_encoder.image_size))[0])
@@ -162,11 +162,11 @@ def _ceiling(cfg, analyzer, val, bins) -> dict:
 
 
 def _examples(val) -> list[dict]:
-    from realisid.embedded.base import to_signed
+    from realisid.images import signed_from_uint8
     from realisid.geometry import face_size
 
     R = val.images.shape[-1]
-    return [{"key": k, "identity": ident, "image": to_signed(img), "face_box": box, "face_size": face_size(box.tolist(), R, R)}
+    return [{"key": k, "identity": ident, "image": signed_from_uint8(img), "face_box": box, "face_size": face_size(box.tolist(), R, R)}
             for k, ident, img, box in zip(val.keys, val.identities, val.images, val.boxes)]
 
 

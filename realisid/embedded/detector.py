@@ -30,6 +30,7 @@ from torch import nn
 
 from realisid.faces.analysis import Face, as_rgb_uint8, l2_normalize
 from realisid.geometry import box_iou
+from realisid.images import signed_from_uint8
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +188,7 @@ class SyntheticFaceAnalyzer:
     def _prepare(self, image: np.ndarray) -> tuple[torch.Tensor, float]:
         H, W = image.shape[:2]
         s = self.input_size / float(max(H, W))
-        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float().div_(127.5).sub_(1.0)
+        x = signed_from_uint8(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None])
         h, w = max(1, round(H * s)), max(1, round(W * s))
         if (h, w) != (H, W):
             x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=s < 1, align_corners=False)
@@ -343,7 +344,7 @@ def make_batch(images: torch.Tensor, boxes: torch.Tensor, kps: torch.Tensor, bat
                     kp = (kp - torch.tensor([x0, y0])) * k
         xs.append(img)
         out_b[b, 0], out_k[b, 0], out_v[b, 0] = bx, kp, True
-    x = torch.stack(xs).div_(127.5).sub_(1.0)
+    x = signed_from_uint8(torch.stack(xs))
     # flips
     flip = torch.rand(batch_size, generator=g) < 0.5
     if bool(flip.any()):

@@ -28,6 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from realisid.embedded.assets import RECORD
+from realisid.images import uint8_from_signed
 from realisid.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -210,13 +211,13 @@ def pretrain(cfg: DictConfig) -> dict:
 @torch.no_grad()
 def _vae_round_trip(bb, images: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
     """uint8 images through the base VAE (encode to the posterior mean, decode): what generated images look like."""
-    from realisid.embedded.base import to_signed
+    from realisid.images import signed_from_uint8
 
     out = []
     for i in range(0, len(images), batch_size):
-        x = to_signed(images[i:i + batch_size])
+        x = signed_from_uint8(images[i:i + batch_size])
         rec = bb.vae.decode(bb.vae.encode(x).latent_dist.mean).sample
-        out.append(((rec.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
+        out.append(uint8_from_signed(rec))
     return torch.cat(out)
 
 

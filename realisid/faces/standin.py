@@ -30,11 +30,12 @@ from torch import nn
 
 from realisid.geometry import expand_square_box
 from realisid.io import atomic_write_json
+from realisid.images import signed_from_uint8
 
 log = logging.getLogger(__name__)
 
 STANDIN_NAME = "standin-arcface-synthetic"
-from realisid.data.pipeline import ID_CROP_EXPAND as CROP_FACTOR  # noqa: E402  (one crop definition)
+from realisid.images import ID_CROP_EXPAND as CROP_FACTOR  # noqa: E402  (one crop definition)
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 MISSING_HINT = "run `make train` once to prepare it or set model.id_encoder.path"
@@ -45,7 +46,7 @@ def identity_crop(image: Image.Image, bbox: Sequence[float], size: int) -> torch
     """The encoder's input for one face, exactly as the training pipeline builds it
     (:func:`realisid.data.pipeline.identity_crop`: the face box expanded 1.3x, shifted inside the image,
     resized to ``size``), as a ``(3, size, size)`` float tensor in [-1, 1] (RGB)."""
-    from realisid.data.pipeline import identity_crop as pipeline_crop, to_tensor
+    from realisid.images import identity_crop as pipeline_crop, to_tensor
 
     if not isinstance(image, Image.Image):
         image = Image.fromarray(np.asarray(image, dtype=np.uint8))
@@ -56,7 +57,7 @@ def identity_crop(image: Image.Image, bbox: Sequence[float], size: int) -> torch
 
 
 def _to_unit_range(arr: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).float().div_(127.5).sub_(1.0)
+    return signed_from_uint8(torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))))
 
 
 def _context_crop(image: Image.Image, bbox: Sequence[float], size: int) -> torch.Tensor:
@@ -195,7 +196,7 @@ def load_face_set(urls: Sequence[str], image_size: int, *, with_context: bool = 
 def _augment(context: torch.Tensor, size: int, gen: torch.Generator, flip: bool) -> torch.Tensor:
     """Random shift / scale / small rotation / optional flip of the crop window plus small colour jitter."""
     b = context.shape[0]
-    x = context.float().div_(127.5).sub_(1.0)
+    x = signed_from_uint8(context)
 
     def uniform(lo: float, hi: float, *shape: int) -> torch.Tensor:
         return torch.rand(*(shape or (b,)), generator=gen) * (hi - lo) + lo

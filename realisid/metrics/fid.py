@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
+from realisid.images import signed_from_uint8
 from realisid.metrics.binned import ALL, BinnedMetric
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ class StandInFeatures(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype != torch.uint8:
             raise TypeError(f"StandInFeatures takes uint8 images (N, 3, H, W), got {x.dtype}")
-        h = x.to(self.proj.dtype).div(127.5).sub(1.0)
+        h = signed_from_uint8(x).to(self.proj.dtype)
         if h.shape[-2:] != (self.input_size, self.input_size):
             h = F.interpolate(h, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False, antialias=True)
         for w_name, b_name in self._convs:

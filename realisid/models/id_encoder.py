@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from realisid.images import hwc_uint8
+
 log = logging.getLogger(__name__)
 
 ENCODER_KINDS = ("standin", "arcface", "clip")
@@ -133,7 +135,7 @@ class ArcFaceEncoder(IdentityEncoder):
         if dim is None:  # a recognition model with a dynamic output shape: its width, measured once on a blank face
             import numpy as np
 
-            from realisid.data.pipeline import frontal_id_kps
+            from realisid.images import frontal_id_kps
 
             dim = len(self.analyzer.embed(np.full((112, 112, 3), 128, np.uint8), frontal_id_kps(112)))
         self.embed_dim = int(dim)  # a property of the model (128, 512, ...), never assumed
@@ -142,9 +144,9 @@ class ArcFaceEncoder(IdentityEncoder):
     def _encode(self, images, kps=None):
         import numpy as np
 
-        from realisid.data.pipeline import frontal_id_kps
+        from realisid.images import frontal_id_kps
 
-        pixels = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        pixels = hwc_uint8(images)
         # insightface's norm_crop aligns the 5 points to its template; without points, a frontal face in the crop's
         # face box (the face box expanded 1.3x) stands in for detection
         points = kps.detach().float().cpu().numpy() if kps is not None else [frontal_id_kps(pixels.shape[1])] * len(pixels)
