@@ -223,9 +223,9 @@ def test_unknown_kind_lists_valid_kinds():
 
 
 def test_registered_kind_is_used(monkeypatch):
-    from realisid.faces import analysis
+    from realisid.faces import registry
 
-    monkeypatch.setattr(analysis, "_FACTORIES", dict(analysis._FACTORIES))  # the registry is restored after the test
+    monkeypatch.setattr(registry, "_FACTORIES", dict(registry._FACTORIES))  # the registry is restored after the test
 
     class Double:
         name = "double"

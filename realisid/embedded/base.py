@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from realisid.images import signed_from_uint8
+from realisid.images import signed_from_uint8, uint8_from_signed
 
 log = logging.getLogger(__name__)
 
@@ -325,4 +325,14 @@ def sample_base(bb, prompts: Sequence[str], *, steps: int = 30, guidance: float 
             e_none, e_text = eps.chunk(2)
             lat = sched.step(e_none + guidance * (e_text - e_none), t, lat).prev_sample
         out.append(bb.decode_latents(lat))
+    return torch.cat(out)
+
+
+def vae_round_trip(bb, images: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+    """uint8 images through the base VAE (encode to the posterior mean, decode): what generated images look like."""
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = signed_from_uint8(images[i:i + batch_size])
+        rec = bb.vae.decode(bb.vae.encode(x).latent_dist.mean).sample
+        out.append(uint8_from_signed(rec))
     return torch.cat(out)

@@ -56,7 +56,7 @@ def held_out_captions(captions: Sequence[str], n: int, seed: int) -> list[str]:
 def check_embedded(cfg: DictConfig, out_dir: str, examples_dir: str | None = os.path.join("data", "examples")) -> dict:
     from realisid.embedded import base as B
     from realisid.embedded import detector as D
-    from realisid.embedded.pretrain import shard_urls, synthetic_shards
+    from realisid.embedded.stages import shard_urls, synthetic_shards
     from realisid.faces import load_face_analyzer
     from realisid.faces.standin import load_standin
     from realisid.geometry import bins_from_config
@@ -83,10 +83,10 @@ def check_embedded(cfg: DictConfig, out_dir: str, examples_dir: str | None = os.
     save_framed_grid(images, found, os.path.join(out_dir, "base_samples.png"))
 
     # the analyzer on held-out real images, and through the VAE
-    from realisid.embedded.pretrain import _vae_round_trip
+    from realisid.embedded.base import vae_round_trip
 
     results["analyzer_held_out"] = D.detector_accuracy(analyzer, val.images, val.boxes, val.kps, bins)
-    results["analyzer_held_out_through_vae"] = D.detector_accuracy(analyzer, _vae_round_trip(bb, val.images), val.boxes, val.kps, bins)
+    results["analyzer_held_out_through_vae"] = D.detector_accuracy(analyzer, vae_round_trip(bb, val.images), val.boxes, val.kps, bins)
     results["analyzer_negatives"] = D.negative_accuracy(analyzer, val.images, val.boxes, seed=seed)
 
     # the encoders' verification on held-out identities (measured when they were trained)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from realisid.faces.analysis import Face, as_rgb_uint8, l2_normalize
+from realisid.faces.registry import register_face_analyzer
 from realisid.geometry import box_iou
 from realisid.images import signed_from_uint8
 
@@ -463,3 +464,6 @@ def negative_accuracy(analyzer: SyntheticFaceAnalyzer, images: torch.Tensor, box
         noise_hits += bool(analyzer.detect(arr))
     return {"faceless_photos": n, "found_on_faceless": hits / max(1, n), "noise_images": int(noise_images),
             "found_on_noise": noise_hits / max(1, int(noise_images))}
+
+
+register_face_analyzer("synthetic", make_synthetic_analyzer)

@@ -15,7 +15,6 @@ analyzer folders, ``base_samples.png`` and ``PRETRAINED.json`` with every settin
 """
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
@@ -28,49 +27,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from realisid.embedded.assets import RECORD
-from realisid.images import uint8_from_signed
-from realisid.io import atomic_write_json
+from realisid.embedded.base import vae_round_trip
+from realisid.embedded.stages import mark_done as _mark, shard_urls, stage_done as _stage_done, synthetic_shards
 
 log = logging.getLogger(__name__)
-
-
-def _stage_done(path: str) -> dict | None:
-    marker = os.path.join(path, "DONE.json")
-    if os.path.exists(marker):
-        with open(marker) as f:
-            return json.load(f)
-    return None
-
-
-def _mark(path: str, stats: dict) -> dict:
-    os.makedirs(path, exist_ok=True)
-    atomic_write_json(os.path.join(path, "DONE.json"), stats)
-    return stats
-
-
-def synthetic_shards(cfg: DictConfig) -> dict:
-    """The embedded default's synthetic shards (written once; the marker holds the manifests' summary)."""
-    syn = cfg.prepare.synthetic
-    done = _stage_done(syn.out_dir)
-    settings = OmegaConf.to_container(syn, resolve=True)
-    if done is not None and done.get("settings") == settings:
-        return done
-    if done is not None:
-        raise ValueError(f"{syn.out_dir} holds synthetic shards made with other settings ({done.get('settings')}); "
-                         f"delete the folder (make clean-cache) to draw them again with {settings}")
-    from realisid.data.synthetic import generate_synthetic_shards
-
-    log.info("drawing the synthetic face shards in %s (first run only)", syn.out_dir)
-    t0 = time.perf_counter()
-    manifests = generate_synthetic_shards(syn.out_dir, num_identities=syn.num_identities, images_per_identity=syn.images_per_identity,
-                                          val_identities=syn.val_identities, image_size=syn.image_size, shard_size=syn.shard_size,
-                                          seed=syn.seed, ref_choices=syn.ref_choices, backgrounds=list(syn.backgrounds))
-    return _mark(syn.out_dir, {"settings": settings, "seconds": round(time.perf_counter() - t0, 1),
-                               **{k: {"kept": v["kept"], "face_size_bins": v["face_size_bins"]} for k, v in manifests.items()}})
-
-
-def shard_urls(cfg: DictConfig, split: str) -> list[str]:
-    return sorted(glob.glob(os.path.join(cfg.prepare.synthetic.out_dir, f"{split}-*.tar")))
 
 
 def pretrain(cfg: DictConfig) -> dict:
@@ -162,14 +122,14 @@ def pretrain(cfg: DictConfig) -> dict:
         d = p.detector
         gen = torch.Generator().manual_seed(seed + 2)
         extra_index = torch.randperm(len(data), generator=gen)[: int(d.vae_copies)]
-        extra = _vae_round_trip(bb, data.images[extra_index])
+        extra = vae_round_trip(bb, data.images[extra_index])
         model, stats = D.train_detector(data.images, data.boxes, data.kps, steps=int(d.steps), batch_size=int(d.batch_size),
                                         lr=float(d.lr), seed=seed, extra_images=extra, extra_index=extra_index, input_size=resolution,
                                         negative_p=float(d.negative_p))
         analyzer = D.SyntheticFaceAnalyzer(model, resolution, float(d.threshold))
         bins = bins_from_config(cfg.bins)
         stats["accuracy_held_out"] = D.detector_accuracy(analyzer, val.images, val.boxes, val.kps, bins)
-        stats["accuracy_held_out_through_vae"] = D.detector_accuracy(analyzer, _vae_round_trip(bb, val.images), val.boxes, val.kps, bins)
+        stats["accuracy_held_out_through_vae"] = D.detector_accuracy(analyzer, vae_round_trip(bb, val.images), val.boxes, val.kps, bins)
         stats["negatives_held_out"] = D.negative_accuracy(analyzer, val.images, val.boxes, seed=seed)
         stats["seconds"] = round(time.perf_counter() - t0, 1)
         D.save_detector(model, det_dir, input_size=resolution, threshold=float(d.threshold), stats=stats)
@@ -209,18 +169,6 @@ def pretrain(cfg: DictConfig) -> dict:
 
 
 @torch.no_grad()
-def _vae_round_trip(bb, images: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
-    """uint8 images through the base VAE (encode to the posterior mean, decode): what generated images look like."""
-    from realisid.images import signed_from_uint8
-
-    out = []
-    for i in range(0, len(images), batch_size):
-        x = signed_from_uint8(images[i:i + batch_size])
-        rec = bb.vae.decode(bb.vae.encode(x).latent_dist.mean).sample
-        out.append(uint8_from_signed(rec))
-    return torch.cat(out)
-
-
 def _folder_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
 

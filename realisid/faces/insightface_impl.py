@@ -18,11 +18,12 @@ import logging
 import os
 import threading
 import warnings
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from realisid.faces.analysis import Face, as_rgb_uint8, l2_normalize
+from realisid.faces.analysis import Face, FaceAnalyzer, as_rgb_uint8, l2_normalize
+from realisid.faces.registry import register_face_analyzer
 
 log = logging.getLogger(__name__)
 
@@ -283,3 +284,21 @@ class InsightFaceAnalyzer:
 
     def __repr__(self) -> str:
         return f"InsightFaceAnalyzer({self.model_dir!r}, tasks={sorted(self.models)}, det_size={self.det_size})"
+
+
+def make_analyzer(cfg: Mapping) -> FaceAnalyzer:
+    if "model_dir" not in cfg or cfg["model_dir"] in (None, ""):
+        raise ValueError("faces.model_dir is not set; set it to an insightface model folder such as ~/.insightface/models/buffalo_l")
+    det_size = cfg.get("det_size", (640, 640))
+    if det_size is None:
+        det_size = (640, 640)
+    providers = cfg.get("providers") or ("CPUExecutionProvider",)
+    return InsightFaceAnalyzer(
+        str(cfg["model_dir"]),
+        det_size=tuple(int(v) for v in det_size),
+        det_thresh=float(0.5 if cfg.get("det_thresh") is None else cfg["det_thresh"]),
+        providers=tuple(providers),
+    )
+
+
+register_face_analyzer("insightface", make_analyzer)

@@ -22,11 +22,12 @@ import importlib.util
 import logging
 import os
 import threading
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from realisid.faces.analysis import Face, as_rgb_uint8, l2_normalize
+from realisid.faces.analysis import Face, FaceAnalyzer, as_rgb_uint8, l2_normalize
+from realisid.faces.registry import register_face_analyzer
 
 log = logging.getLogger(__name__)
 
@@ -323,3 +324,11 @@ class YuNetSFaceAnalyzer:
 
     def __repr__(self) -> str:
         return f"YuNetSFaceAnalyzer({self.name!r}, det_size={self.det_size}, det_thresh={self.det_thresh})"
+
+
+def make_analyzer(cfg: Mapping) -> FaceAnalyzer:
+    providers = cfg.get("providers") or ("CPUExecutionProvider",)
+    return YuNetSFaceAnalyzer(det_size=cfg.get("det_size"), det_thresh=cfg.get("det_thresh"), providers=tuple(providers))
+
+
+register_face_analyzer("yunet-sface", make_analyzer, available=yunet_sface_available)
