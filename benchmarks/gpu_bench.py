@@ -68,7 +68,7 @@ def example_pool(cfg, module, n: int = 8) -> list[dict]:
 
 
 def make_batch(pool: list[dict], size: int) -> dict:
-    from realisid.data.pipeline import collate
+    from realisid.data.batch import collate
 
     out = collate([pool[i % len(pool)] for i in range(size)])
     out["data_stream"], out["data_consumed"] = 0, size

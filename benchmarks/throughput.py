@@ -71,7 +71,7 @@ def pixel_collate(examples):
 
 
 def stream_rate(urls, maker, batch_size: int, workers: int, batches: int, collate_fn=None) -> float:
-    from realisid.data.pipeline import TrainStream
+    from realisid.data.stream import TrainStream
 
     stream = TrainStream(urls, maker, batch_size=batch_size, shuffle_buffer=500, seed=0, rank=0, world_size=1,
                          num_workers=max(1, workers), resampled=True, collate_fn=collate_fn)
@@ -88,7 +88,7 @@ def stream_rate(urls, maker, batch_size: int, workers: int, batches: int, collat
 
 
 def bench_data(cfg, maker, pre_urls, workers_list, batches: int, rounds: int) -> list[dict]:
-    from realisid.data.pipeline import resolve_shards
+    from realisid.data.stream import resolve_shards
 
     urls = resolve_shards(cfg.data.train_shards, "data.train_shards")
     bs = int(cfg.data.batch_size)
@@ -202,7 +202,7 @@ def main(argv=None) -> int:
     skip = set(filter(None, args.skip.split(",")))
 
     from realisid.config import load_config
-    from realisid.data.pipeline import ready_batch
+    from realisid.data.batch import ready_batch
     from realisid.data.cache_format import cache_info, check_cache
     from realisid.data.precompute import precompute
     from realisid.modules import build_module

@@ -277,7 +277,9 @@ def run_bench(cfg, run_dir: str, out_dir: str, *, settings: Mapping[str, Mapping
     face analyzer and the evaluation encoder run where they run (CPU for ONNX models)."""
     from omegaconf import OmegaConf
 
-    from realisid.data.pipeline import ExampleMaker, load_examples, resolve_shards
+    from realisid.data.example import ExampleMaker
+
+    from realisid.data.stream import load_examples, resolve_shards
     from realisid.embedded.base import Progress
     from realisid.metrics.calibrated import calibrated_identity
     from realisid.pipeline import RealisIDPipeline

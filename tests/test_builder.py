@@ -285,7 +285,7 @@ def test_reference_embedding_is_stored_and_used_for_conditioning(tmp_path, analy
     """Every sample with a ref.jpg carries the donor face's embedding (ref_id.npy: the analyzer's, on the donor photo,
     aligned with the donor's detected key points) and those key points in ref.jpg pixels (meta ref_kps); training
     examples condition on them, never on the target's own id.npy."""
-    from realisid.data.pipeline import ExampleMaker
+    from realisid.data.example import ExampleMaker
     from realisid.images import identity_crop
     from realisid.geometry import expand_square_box
 

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from realisid.data.datamodule import FaceDataModule
-from realisid.data.pipeline import ExampleMaker, collate, make_example, ready_batch, unpack_batch
+from realisid.data.batch import collate, ready_batch, unpack_batch
+from realisid.data.example import ExampleMaker, make_example
 from realisid.data.shards import decode_sample
 
 
@@ -46,7 +47,7 @@ def test_batch_shapes_and_ranges(tiny_cfg, face_shards):
 
 
 def test_packed_batches_restore_every_tensor_exactly():
-    from realisid.data.pipeline import pack_batch
+    from realisid.data.batch import pack_batch
 
     batch = {"a": torch.randn(3, 5), "b": torch.arange(7), "c": torch.tensor([True, False, True]),
              "d": torch.randint(0, 255, (2, 3, 3), dtype=torch.uint8), "e": torch.randn(4, 3).t(), "key": ["x", "y"], "n": 4}
@@ -118,7 +119,7 @@ def test_corrupt_samples_skipped_and_counted(face_shards):
 def test_a_stream_of_only_unusable_samples_fails_instead_of_hanging(tmp_path, monkeypatch):
     from conftest import write_face_shards
 
-    from realisid.data.pipeline import TrainStream
+    from realisid.data.stream import TrainStream
 
     write_face_shards(tmp_path, "train", n=6, with_embed=True)  # 8-value embeddings
     maker = ExampleMaker(embed_dim=16, resolution=64, vae_scale_factor=2, local_latent_size=16, crop_expand=1.6, id_image_size=32)
@@ -130,7 +131,7 @@ def test_a_stream_of_only_unusable_samples_fails_instead_of_hanging(tmp_path, mo
 
 
 def test_too_few_shards_for_split_is_a_clear_error(tiny_cfg, face_shards):
-    from realisid.data.pipeline import TrainStream
+    from realisid.data.stream import TrainStream
 
     maker = ExampleMaker(resolution=64, vae_scale_factor=2, local_latent_size=16, crop_expand=1.6, id_image_size=32)
     urls = sorted(str(p) for p in face_shards.glob("train-*.tar"))
@@ -141,7 +142,7 @@ def test_too_few_shards_for_split_is_a_clear_error(tiny_cfg, face_shards):
 def test_stream_is_deterministic_and_resumes_exactly(face_shards):
     import itertools
 
-    from realisid.data.pipeline import TrainStream
+    from realisid.data.stream import TrainStream
 
     maker = ExampleMaker(resolution=64, vae_scale_factor=2, local_latent_size=16, crop_expand=1.6, id_image_size=32)
     urls = sorted(str(p) for p in face_shards.glob("train-*.tar"))
@@ -176,7 +177,7 @@ def test_examples_carry_original_size_and_crop():
 
     from PIL import Image
 
-    from realisid.data.pipeline import stream_collate
+    from realisid.data.batch import stream_collate
     from realisid.data.shards import encode_jpeg, face_meta
 
     rng = np.random.default_rng(0)

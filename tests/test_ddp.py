@@ -35,7 +35,8 @@ def test_two_rank_ddp_equal_batches(tmp_path, resampled):
 
 
 def test_too_few_shards_for_ranks_fails_clearly(tmp_path):
-    from realisid.data.pipeline import ExampleMaker, TrainStream
+    from realisid.data.example import ExampleMaker
+    from realisid.data.stream import TrainStream
 
     write_face_shards(tmp_path, "train", n=4, maxcount=5)
     maker = ExampleMaker(resolution=64, vae_scale_factor=2, local_latent_size=16, crop_expand=1.6, id_image_size=32)

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from realisid.data.pipeline import ready_batch
+from realisid.data.batch import ready_batch
 
 
 def _batch(face_shards, module):

@@ -15,7 +15,9 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(__file__))
 import onnx_models  # noqa: E402
 
-from realisid.data.pipeline import ExampleMaker, collate, make_example, ready_batch, stream_collate  # noqa: E402
+from realisid.data.batch import collate, ready_batch, stream_collate
+
+from realisid.data.example import ExampleMaker, make_example  # noqa: E402
 
 from realisid.images import identity_crop
 from realisid.data.shards import FaceShardWriter, decode_sample, encode_jpeg, face_meta  # noqa: E402

@@ -57,7 +57,9 @@ def test_few_step_training_run_and_export(tiny_cfg, face_shards, tmp_path):
 def _step_batch(module, shards, n=2, precomputed=True):
     """A batch as the training step sees it; ``precomputed``: latents, text embeddings and identity features
     from the cache's keys (so the frozen encoders do not run) and the crop boxes as a host list."""
-    from realisid.data.pipeline import ExampleMaker, collate, load_examples
+    from realisid.data.batch import collate
+    from realisid.data.example import ExampleMaker
+    from realisid.data.stream import load_examples
     from realisid.modules.branch_module import HOST_BOXES
 
     c = module.cfg

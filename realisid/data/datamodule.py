@@ -8,7 +8,11 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from realisid.data.pipeline import ExampleMaker, TrainStream, collate, load_examples, resolve_shards
+from realisid.data.batch import collate
+
+from realisid.data.example import ExampleMaker
+
+from realisid.data.stream import TrainStream, load_examples, resolve_shards
 from realisid.interrupts import leave_interrupts_to_parent
 
 log = logging.getLogger(__name__)

@@ -36,7 +36,9 @@ import numpy as np
 import torch
 
 from realisid.data.cache_format import INFO_FILE, MEMBER, cache_info
-from realisid.data.pipeline import ExampleMaker, collate, skip_bad_tar
+from realisid.data.batch import collate
+from realisid.data.example import ExampleMaker
+from realisid.data.stream import skip_bad_tar
 from realisid.data.shards import check_shards_exist, expand_shards
 from realisid.io import atomic_write_json, encode_array
 

@@ -59,7 +59,7 @@ def load_image_set(urls: Sequence[str], resolution: int) -> ImageSet:
     """Every sample of ``urls`` as its square view at ``resolution`` (the training pipeline's view)."""
     import webdataset as wds
 
-    from realisid.data.pipeline import skip_bad_tar
+    from realisid.data.stream import skip_bad_tar
 
     from realisid.images import crop_resized
     from realisid.data.shards import SampleError, check_shards_exist, decode_sample

@@ -44,7 +44,7 @@ MISSING_HINT = "run `make train` once to prepare it or set model.id_encoder.path
 # ---------------------------------------------------------------------------------------------- crops
 def identity_crop(image: Image.Image, bbox: Sequence[float], size: int) -> torch.Tensor:
     """The encoder's input for one face, exactly as the training pipeline builds it
-    (:func:`realisid.data.pipeline.identity_crop`: the face box expanded 1.3x, shifted inside the image,
+    (:func:`realisid.images.identity_crop`: the face box expanded 1.3x, shifted inside the image,
     resized to ``size``), as a ``(3, size, size)`` float tensor in [-1, 1] (RGB)."""
     from realisid.images import identity_crop as pipeline_crop, to_tensor
 

@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from realisid.data.pipeline import ready_batch
+from realisid.data.batch import ready_batch
 from realisid.models.backbone import load_backbone
 from realisid.models.branches import GlobalBranch, LocalBranch, add_residuals
 from realisid.models.id_encoder import IdProjector, build_id_encoder
@@ -149,7 +149,7 @@ class RealisIDModule(L.LightningModule):
         """The crop boxes as a host list, read while the batch is still on the host (the local branch cuts and
         pastes with them: reading them from the device would stall every step)."""
         if isinstance(batch, dict):
-            from realisid.data.pipeline import unpack_batch
+            from realisid.data.batch import unpack_batch
 
             boxes = unpack_batch(batch).get("crop_box")
             if isinstance(boxes, torch.Tensor):

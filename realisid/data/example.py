@@ -14,6 +14,7 @@ so its short side is R (SDXL's micro-conditioning, as diffusers' train_text_to_i
 it); ``face_size`` (the bins' measure). From a precomputed cache, ``id_features`` as well: the identity
 encoder's output for ``id_image`` ((D,) or (N, D)).
 """
+
 from __future__ import annotations
 
 import functools
@@ -25,13 +26,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from realisid.data.guidance import PART_COLOURS, coarse_parts_from_kps, draw_contours, location_map
+from realisid.data.batch import finish_batch
 from realisid.data.cache_format import stored_arrays
-from realisid.data.shards import SampleError, check_shards_exist, decode_sample, expand_shards
+from realisid.data.guidance import PART_COLOURS, coarse_parts_from_kps, draw_contours, location_map
+from realisid.data.shards import SampleError, decode_sample
 from realisid.geometry import expand_square_box, face_size, square_window
-from realisid.images import ID_CROP_EXPAND, centred_mask, crop_resized, frontal_id_kps, identity_crop, identity_crop_kps, pixels_to_float
+from realisid.images import ID_CROP_EXPAND, centred_mask, crop_resized, frontal_id_kps, identity_crop, identity_crop_kps
 
 log = logging.getLogger(__name__)
+
 
 @functools.lru_cache(maxsize=8)
 def _centred_mask_tensor(size: int) -> torch.Tensor:
@@ -39,11 +42,6 @@ def _centred_mask_tensor(size: int) -> torch.Tensor:
 
 
 _NO_EMBED = torch.zeros(0)  # shared by every example without id.npy (collate copies; nothing writes to it)
-
-# Pixel fields, and how collate turns their uint8 (H, W, 3) form into float (3, H, W): the stream keeps them as
-# uint8 per sample and converts once per batch (one tensor op instead of one per sample and field).
-PIXEL_KEYS = {"image": "signed", "id_image": "signed", "pe_map": "unit"}
-
 
 def sdxl_size_and_crop(width: int, height: int, bbox: Sequence[float], resolution: int) -> tuple[np.ndarray, np.ndarray]:
     """SDXL's micro-conditioning of a training example: ``original_size`` (height, width) of the photo and
@@ -181,84 +179,6 @@ def vae_factor_ok(f: int) -> int:
     return f
 
 
-def collate(examples: Sequence[dict], float_pixels: bool = True) -> dict:
-    """Examples to a batch. ``float_pixels=False`` keeps uint8 pixels (H, W, 3) as they are, for the training
-    stream: a quarter of the bytes between processes and to the device, where :func:`finish_batch` converts them."""
-    out: dict[str, Any] = {}
-    for k in examples[0]:
-        vals = [e[k] for e in examples]
-        if k == "id_embed":
-            sizes = {v.numel() for v in vals}
-            out[k] = torch.stack(vals) if len(sizes) == 1 else torch.stack([v if v.numel() else torch.zeros(max(sizes)) for v in vals])
-        elif isinstance(vals[0], torch.Tensor):
-            out[k] = torch.stack(vals)
-        elif isinstance(vals[0], bool):
-            out[k] = torch.tensor(vals)
-        elif isinstance(vals[0], float):
-            out[k] = torch.tensor(vals, dtype=torch.float32)
-        else:
-            out[k] = vals
-    return finish_batch(out) if float_pixels else out
-
-
-def finish_batch(batch: dict) -> dict:
-    """uint8 pixel fields to float (3, H, W), on whatever device the batch is (a no-op for float batches).
-
-    Works on one example as on a batch: the channel axis is always the last but two."""
-    for k, kind in PIXEL_KEYS.items():
-        v = batch.get(k)
-        if isinstance(v, torch.Tensor) and v.dtype == torch.uint8:
-            batch[k] = pixels_to_float(v, kind)
-    return batch
-
-
-PACKED = "packed"  # the one buffer a training batch travels in; "packed_layout" says where each tensor lies in it
-
-
-def pack_batch(batch: dict) -> dict:
-    """Every tensor of ``batch`` in one uint8 buffer (8-byte aligned) plus a plain-Python layout.
-
-    A DataLoader worker hands each tensor to the main process separately (one shared-memory segment each), and
-    the main process moves each to the device separately; with a dozen fields that costs more than building
-    the examples. One buffer is one hand-over and one copy. :func:`unpack_batch` restores the tensors as views.
-    """
-    layout, pieces, offset = [], [], 0
-    out = {}
-    for k, v in batch.items():
-        if not isinstance(v, torch.Tensor):
-            out[k] = v
-            continue
-        raw = v.contiguous().reshape(-1).view(torch.uint8)
-        pad = -raw.numel() % 8
-        layout.append((k, str(v.dtype).removeprefix("torch."), tuple(v.shape), offset, raw.numel()))
-        pieces += [raw, torch.zeros(pad, dtype=torch.uint8)] if pad else [raw]
-        offset += raw.numel() + pad
-    out[PACKED] = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.uint8)
-    out["packed_layout"] = layout
-    return out
-
-
-def unpack_batch(batch: dict) -> dict:
-    """The tensors of a :func:`pack_batch` batch, as views of its buffer (on whatever device the buffer is)."""
-    if PACKED not in batch:
-        return batch
-    buf = batch[PACKED]
-    out = {k: v for k, v in batch.items() if k not in (PACKED, "packed_layout")}
-    for k, dtype, shape, offset, n in batch["packed_layout"]:
-        out[k] = buf[offset : offset + n].view(getattr(torch, dtype)).view(shape)
-    return out
-
-
-def ready_batch(batch: dict) -> dict:
-    """A training-stream batch as the step uses it: unpacked, pixels in float (the module does this on its device)."""
-    return finish_batch(unpack_batch(batch))
-
-
-def stream_collate(examples: Sequence[dict]) -> dict:
-    """The training stream's batches: uint8 pixels, packed into one buffer."""
-    return pack_batch(collate(examples, float_pixels=False))
-
-
 # what a precomputed sample adds to its example as it is stored (the encoders' outputs)
 STORED_BATCH_KEYS = ("latent_moments", "text_embeds", "text_pooled", "text_embeds_no_identity", "text_pooled_no_identity", "id_features")
 
@@ -309,112 +229,3 @@ class ExampleMaker:
         return ex
 
 
-def skip_bad_tar(exn: Exception) -> bool:
-    """webdataset handler: a corrupt tar member or unreadable shard is logged and skipped."""
-    log.warning("skipped unreadable shard data: %s: %s", type(exn).__name__, exn)
-    return True
-
-
-def _shuffled(items, bufsize: int, rng):
-    """Buffer shuffle driven by ``rng`` only, so the order is a pure function of the seed."""
-    buf: list = []
-    for x in items:
-        buf.append(x)
-        if len(buf) >= bufsize:
-            i = rng.randrange(len(buf))
-            buf[i], buf[-1] = buf[-1], buf[i]
-            yield buf.pop()
-    rng.shuffle(buf)
-    yield from buf
-
-
-class TrainStream(torch.utils.data.IterableDataset):
-    """The training stream: infinite, deterministic, resumable, equal on every rank.
-
-    Stream ``k`` of rank ``r`` draws shards with ``random.Random(f"{seed}-{r}-{k}")``: with ``resampled``,
-    shards are drawn with replacement (any shard count works for any number of ranks); otherwise each
-    stream owns every ``world x workers``-th shard and cycles through them in a fresh order each pass,
-    which needs at least ranks x workers shards. Raw samples are shuffled in a buffer BEFORE decoding, and
-    every batch carries ``data_stream`` and ``data_consumed`` (raw samples that stream has used). To resume,
-    each stream skips its consumed raw samples without decoding them, and ``offset`` rotates which worker
-    serves which stream so batches arrive in the same order as in an uninterrupted run. The stream never
-    ends, so no rank waits on another that ran out of data.
-    """
-
-    MAX_FAILED_IN_A_ROW = 1000
-
-    def __init__(self, urls: Sequence[str], maker: ExampleMaker, *, batch_size: int, shuffle_buffer: int, seed: int, rank: int,
-                 world_size: int, num_workers: int, resampled: bool, consumed: Mapping[int, int] | None = None, offset: int = 0,
-                 collate_fn=None):
-        super().__init__()
-        self.collate_fn = collate_fn or stream_collate  # the module unpacks and converts once the batch is on its device
-        self.urls, self.maker = list(urls), maker
-        self.batch_size, self.shuffle_buffer = int(batch_size), int(shuffle_buffer)
-        self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
-        self.num_workers, self.resampled = max(1, int(num_workers)), bool(resampled)
-        self.consumed, self.offset = dict(consumed or {}), int(offset)
-        needed = self.world_size * self.num_workers
-        if not self.resampled and len(self.urls) < needed:
-            raise ValueError(f"{len(self.urls)} train shards for {self.world_size} ranks x {self.num_workers} workers = {needed} readers: "
-                             "some would get no data and DDP would hang; write more shards, lower data.num_workers, or set data.resampled=true")
-
-    def _urls(self, stream: int, rng):
-        if self.resampled:
-            while True:
-                yield rng.choice(self.urls)
-        mine = self.urls[self.rank * self.num_workers + stream :: self.world_size * self.num_workers]
-        while True:
-            order = list(mine)
-            rng.shuffle(order)
-            yield from order
-
-    def __iter__(self):
-        import random
-
-        from webdataset.tariterators import tarfile_samples
-
-        info = torch.utils.data.get_worker_info()
-        stream = ((info.id if info else 0) + self.offset) % self.num_workers
-        rng = random.Random(f"realisid-{self.seed}-{self.rank}-{stream}")
-        raw = tarfile_samples(({"url": u} for u in self._urls(stream, rng)), handler=skip_bad_tar)
-        skip = int(self.consumed.get(stream, 0))
-        used, failed, batch = 0, 0, []
-        for sample in _shuffled(raw, self.shuffle_buffer, rng):
-            used += 1
-            if used <= skip:
-                continue
-            ex = self.maker(sample)
-            if ex is None:
-                failed += 1
-                if failed >= self.MAX_FAILED_IN_A_ROW:  # an endless stream of unusable samples would hang training silently
-                    raise RuntimeError(f"the last {failed} samples of stream {stream} were all unusable ({dict(self.maker.skipped)}); "
-                                       "check the shards (data.train_shards / data.precomputed) against the experiment's config")
-                continue
-            failed = 0
-            batch.append(ex)
-            if len(batch) == self.batch_size:
-                out = self.collate_fn(batch)
-                out["data_stream"], out["data_consumed"] = stream, used
-                batch = []
-                yield out
-
-
-def load_examples(urls: Sequence[str], maker: ExampleMaker, limit: int) -> list[dict]:
-    """The first ``limit`` good examples of ``urls`` in order (validation sets are small and fixed).
-
-    Every rank reads the same list; Lightning's distributed sampler splits it between ranks.
-    """
-    from webdataset.tariterators import tarfile_samples
-
-    out = []
-    for raw in tarfile_samples(({"url": u} for u in urls), handler=skip_bad_tar):
-        ex = maker(raw)
-        if ex is not None:  # kept one by one, so the pixels are converted here rather than per batch
-            out.append(finish_batch(ex))
-        if len(out) >= limit:
-            break
-    return out
-
-
-def resolve_shards(spec, what: str) -> list[str]:
-    return check_shards_exist(expand_shards(spec), what)
