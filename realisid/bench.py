@@ -158,12 +158,17 @@ def plot(summary: Sequence[dict], out_dir: str, label_key: str = "setting", titl
         axes[0][0].set_ylabel(metric)
         axes[0][-1].legend(fontsize=8)
         fig.suptitle(title, fontsize=9)
-        fig.tight_layout()
-        path = os.path.join(out_dir, f"{metric}_vs_size.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(fig, os.path.join(out_dir, f"{metric}_vs_size.png")))
     return paths
+
+
+def _save(fig, path: str) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def machine() -> str:
@@ -200,11 +205,7 @@ def calibrated_plot(calibrated: Mapping[str, Mapping[str, dict]], bins: Sequence
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         ax.set_title(title, fontsize=8)
-        fig.tight_layout()
-        path = os.path.join(out_dir, f"{q}_by_bin.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(fig, os.path.join(out_dir, f"{q}_by_bin.png")))
     return paths
 
 

@@ -47,6 +47,24 @@ def tiny_run_config(tmp_path, name, shards, *extra):
     return cfg, path
 
 
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
+
+
+def record_host_reads(monkeypatch) -> list[str]:
+    """A list that records every Tensor method call that reads values back to the host (a device sync on a GPU),
+    by name, from now until the test ends or calls ``monkeypatch.undo()``."""
+    calls: list[str] = []
+    for name in HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _name=name, _original=original, **k):
+            calls.append(_name)
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    return calls
+
+
 @pytest.fixture
 def tiny_cfg():
     from realisid.config import load_config

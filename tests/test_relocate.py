@@ -187,15 +187,9 @@ def test_local_branch_from_unet_checks_the_latent_size_first(tiny_cfg):
 
 def test_boxes_are_converted_to_host_once_per_forward(tiny_cfg, monkeypatch):
     _, branch = _tiny_branch(tiny_cfg, latent_size=16)
-    calls = []
-    for name in ("tolist", "cpu", "item", "numpy", "__int__", "__float__", "__index__", "__bool__"):
-        original = getattr(torch.Tensor, name)
+    from conftest import record_host_reads
 
-        def spy(self, *a, _name=name, _original=original, **k):
-            calls.append(_name)
-            return _original(self, *a, **k)
-
-        monkeypatch.setattr(torch.Tensor, name, spy)
+    calls = record_host_reads(monkeypatch)
     args = (torch.randn(2, 4, 32, 32), torch.tensor([10, 500]), torch.randn(2, 4, 32), torch.rand(2, 3, 32, 32))
     branch(*args, [(0, 0, 8, 8), [20, 12, 32, 24]])
     assert calls == []  # host boxes: no device->host transfer at all

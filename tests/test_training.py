@@ -126,17 +126,11 @@ def test_precomputed_training_step_reads_nothing_back_from_the_device(tiny_cfg, 
     by patching the Tensor methods that read values back."""
     from realisid.modules import build_module
 
+    from conftest import record_host_reads
+
     module = build_module(tiny_cfg("joint", "data.identity_free_captions=0.5"))
     batch = _step_batch(module, face_shards)
-    calls = []
-    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__"):
-        original = getattr(torch.Tensor, name)
-
-        def spy(self, *a, _name=name, _orig=original, **k):
-            calls.append(_name)
-            return _orig(self, *a, **k)
-
-        monkeypatch.setattr(torch.Tensor, name, spy)
+    calls = record_host_reads(monkeypatch)
     out = module.shared_step(batch, generator=torch.Generator().manual_seed(0))
     monkeypatch.undo()
     assert calls == [], calls
