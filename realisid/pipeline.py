@@ -22,6 +22,7 @@ from PIL import Image
 from realisid.data.guidance import contour_map, location_map
 from realisid.geometry import DEFAULT_BINS, FRONTAL_KPS, expand_square_box, face_size, scale_bin
 from realisid.images import hwc_uint8
+from realisid.models.backbone import DTYPES
 from realisid.models.branches import add_residuals
 
 log = logging.getLogger(__name__)
@@ -102,9 +103,7 @@ class RealisIDPipeline:
         dt = resolve_dtype(dtype, dev, self.backbone.unet.dtype)
         self.backbone.to(dev)
         if dt != self.backbone.unet.dtype:
-            self.backbone.to(dt)
-            if getattr(self.backbone.vae.config, "force_upcast", False):
-                self.backbone.vae.to(torch.float32)  # SDXL's VAE overflows in fp16
+            self.backbone.to(dt)  # a force_upcast VAE stays in fp32 (Backbone._apply)
         self.id_encoder.to(dev)
         self.id_encoder.to_frozen_dtype(dt)
         for part in (self.projector, self.local_branch, self.global_branch):
@@ -241,9 +240,6 @@ class RealisIDPipeline:
         if output_type == "pt":
             return RealisIDOutput(image, meta, latents)  # type: ignore[arg-type]
         return RealisIDOutput(tensor_to_pil(image), meta, latents)
-
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

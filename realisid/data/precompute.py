@@ -51,7 +51,7 @@ def precompute(cfg, out_dir: str, batch_size: int = 32, dtype: str = "fp32") -> 
     from webdataset import TarWriter
     from webdataset.tariterators import tarfile_samples
 
-    from realisid.models.backbone import load_backbone
+    from realisid.models.backbone import DTYPES, load_backbone
     from realisid.models.id_encoder import build_id_encoder
 
     t0 = time.time()
@@ -64,7 +64,7 @@ def precompute(cfg, out_dir: str, batch_size: int = 32, dtype: str = "fp32") -> 
         raise ValueError("data.train_shards has two shards with the same file name; precompute writes one shard per name")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backbone = load_backbone(cfg.model, seed=int(cfg.experiment.seed)).to(device)
-    frozen_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.model.backbone_dtype]
+    frozen_dtype = DTYPES[cfg.model.backbone_dtype]
     backbone.to(frozen_dtype)
     info = {**cache_info(backbone, cfg), "dtype": dtype}
     os.makedirs(out_dir, exist_ok=True)

@@ -24,6 +24,7 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # model.backbone_dtype, --dtype
 SD15_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SDXL_PARTS = SD15_PARTS + ("text_encoder_2", "tokenizer_2")
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -380,7 +381,7 @@ def vae_scale_factor_of(model_cfg: Mapping[str, Any]) -> int:
 
 def load_backbone(model_cfg: Mapping[str, Any], seed: int = 0) -> Backbone:
     """``model.pretrained`` set: load that folder; unset: the random tiny backbone."""
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[model_cfg.get("backbone_dtype", "fp32")]
+    dtype = DTYPES[model_cfg.get("backbone_dtype", "fp32")]
     if model_cfg.get("pretrained"):
         return load_pretrained_backbone(model_cfg["pretrained"], model_cfg.get("layout"), dtype)
     return build_tiny_backbone(model_cfg["tiny"], seed)

@@ -19,9 +19,10 @@ from typing import Any, Mapping
 
 import torch
 
+from realisid.models.backbone import DTYPES
+
 log = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # the trainer precision under which a half-precision backbone runs with fp32 branches (autocast)
 HALF_PRECISIONS = {"fp16": ("16-mixed",), "bf16": ("bf16-mixed",)}
 # Lightning precisions that cast the whole module, trainable branches and their optimizer state included, to half:
