@@ -1,4 +1,4 @@
-"""realisid.data.builder: folder and tar sources -> face shards, through the real insightface code on tiny
+"""realisid.data.build: folder and tar sources -> face shards, through the real insightface code on tiny
 ONNX models (a bright square on the detector's stride-32 grid is a "face" with an exact box)."""
 from __future__ import annotations
 
@@ -17,8 +17,10 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(__file__))
 import onnx_models  # noqa: E402
 
-from realisid.data import builder  # noqa: E402
-from realisid.data.builder import build_shards, resolve_source, select_face  # noqa: E402
+from realisid import cli  # noqa: E402
+from realisid.data import build  # noqa: E402
+from realisid.data.build import build_shards, driver, resolve_source, select_face  # noqa: E402
+from realisid.data.shards import FaceShardWriter  # noqa: E402
 from realisid.faces import Face, load_face_analyzer  # noqa: E402
 
 DET = {"kind": "insightface", "det_size": [256, 256], "det_thresh": 0.3}
@@ -392,9 +394,9 @@ def test_analyzer_errors_are_counted_and_a_broken_analyzer_stops_the_build(tmp_p
 
 
 def test_sample_keys_are_stable_and_dot_free():
-    k = builder.sample_key("alice/IMG 0001.final.JPG")
-    assert k == builder.sample_key("alice/IMG 0001.final.JPG") and "." not in k and k.startswith("IMG_0001_final-")
-    assert builder.sample_key("/data/a.tar#x/000001") != builder.sample_key("/data/b.tar#x/000001")
+    k = build.sample_key("alice/IMG 0001.final.JPG")
+    assert k == build.sample_key("alice/IMG 0001.final.JPG") and "." not in k and k.startswith("IMG_0001_final-")
+    assert build.sample_key("/data/a.tar#x/000001") != build.sample_key("/data/b.tar#x/000001")
 
 
 # ------------------------------------------------------------------------------------------- tar source
@@ -504,7 +506,7 @@ def test_resume_after_interrupt_while_writing(people_folder, clean_build, analyz
     assert clean["kept"] == 8 and clean["rejected"] == {"no_face": 1} and len(clean["shards"]) == 3
     out = tmp_path / "out"
 
-    class Interrupting(builder.FaceShardWriter):
+    class Interrupting(FaceShardWriter):
         writes = 0
 
         def write(self, *a, **kw):
@@ -513,7 +515,7 @@ def test_resume_after_interrupt_while_writing(people_folder, clean_build, analyz
                 raise KeyboardInterrupt
             return super().write(*a, **kw)
 
-    monkeypatch.setattr(builder, "FaceShardWriter", Interrupting)
+    monkeypatch.setattr(driver, "FaceShardWriter", Interrupting)
     with pytest.raises(KeyboardInterrupt):
         build_shards(str(people_folder), str(out), "ppl", analyzer, workers=0, shard_size=3, progress=False)
     monkeypatch.undo()
@@ -590,7 +592,7 @@ def test_cli_build_shards(model_dir, tmp_path, capsys):
     save(src / "id0/two.png", scene(320, 320, ((64, 48, 16, 255), (160, 160, 16, 255))))
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command")
-    builder.add_build_parser(sub)
+    cli.add_build_parser(sub)
     out = tmp_path / "faces"
     args = parser.parse_args(["build-shards", "--src", str(src), "--out", str(out), "--model-dir", model_dir,
                               "--workers", "0", "--shard-size", "2", "--min-face", "16", "--no-progress"])
@@ -606,17 +608,17 @@ def test_cli_build_shards(model_dir, tmp_path, capsys):
     m = load_json((out / "faces.manifest.json"))
     assert m["name"] == "faces" and m["kept"] == 3 and m["selection"]["min_face"] == 16
     # nothing given, or an experiment whose analyzer lacks its folder: the real analyzer that ships in packages
-    assert builder.faces_config(None, None)["kind"] == "yunet-sface"
+    assert cli.faces_config(None, None)["kind"] == "yunet-sface"
     no_faces = tmp_path / "no_faces.yaml"
     no_faces.write_text("defaults: [base]\nfaces:\n  model_dir: null\n")
-    assert builder.faces_config(None, str(no_faces))["kind"] == "yunet-sface"
-    assert builder.faces_config(None, None, "dlib")["kind"] == "dlib"
+    assert cli.faces_config(None, str(no_faces))["kind"] == "yunet-sface"
+    assert cli.faces_config(None, None, "dlib")["kind"] == "dlib"
     with pytest.raises(ValueError, match="--analyzer insightface needs its model folder: add --model-dir"):
-        builder.faces_config(None, None, "insightface")
+        cli.faces_config(None, None, "insightface")
     # the embedded default's experiments name its synthetic face analyzer
     from realisid.embedded.assets import asset_path
 
-    synthetic = builder.faces_config(None, "local_branch")
+    synthetic = cli.faces_config(None, "local_branch")
     assert synthetic["kind"] == "synthetic" and synthetic["model_dir"] == asset_path("synthetic-face-analyzer")
-    cfg = builder.faces_config(model_dir, "local_branch")
+    cfg = cli.faces_config(model_dir, "local_branch")
     assert cfg["det_size"] == [640, 640] and cfg["model_dir"] == model_dir and cfg["kind"] == "insightface"
