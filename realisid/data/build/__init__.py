@@ -17,7 +17,7 @@ same command). One concept per module:
 - :mod:`.journal`: the analysis cache ``OUT/NAME.analysis.jsonl`` and the journal ``OUT/NAME.progress.json``.
 - :mod:`.driver`: :func:`build_shards` and its two passes, :func:`format_summary`.
 
-The command line (``add_build_parser``, ``cmd_build_shards``) is in realisid/cli.py.
+The command line (``add_build_parser``, ``cmd_build_shards``) is in realisid/cli/build.py.
 
 Reasons a photo is not kept (the manifest's ``rejected``; one reason per photo):
 ``corrupt_image``, ``huge_image`` (more than ``max_pixels``; never decoded), ``unreadable_file``,

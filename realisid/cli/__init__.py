@@ -1,0 +1,75 @@
+"""``python -m realisid COMMAND`` (also the ``realisid`` console script).
+
+One module per group of commands, each with its ``cmd_*`` functions and the ``add_*_parser(sub)`` functions that
+register them: training.py (train, sweep, precompute), generate.py (generate, bench), build.py (build-shards),
+embedded.py (prepare, pretrain, check-embedded), faces.py (faces). Each command imports what it needs when it
+runs, so the command line starts fast."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from realisid.cli.build import add_build_parser, cmd_build_shards, faces_config
+from realisid.cli.embedded import (add_check_embedded_parser, add_prepare_parser, add_pretrain_parser, cmd_check_embedded, cmd_prepare,
+                                   cmd_pretrain)
+from realisid.cli.faces import SAMPLE_PHOTOS, add_faces_parser, cmd_faces, export_sample_photos
+from realisid.cli.generate import add_bench_parser, add_generate_parser, cmd_bench, cmd_generate, write_panel
+from realisid.cli.training import add_precompute_parser, add_sweep_parser, add_train_parser, cmd_precompute, cmd_sweep, cmd_train
+
+__all__ = ["main", "build_parser", "box_values_as_options", "add_build_parser", "faces_config", "cmd_build_shards", "cmd_train",
+           "cmd_sweep", "cmd_precompute", "cmd_prepare", "cmd_pretrain", "cmd_check_embedded", "cmd_generate", "cmd_bench",
+           "write_panel", "cmd_faces", "export_sample_photos", "SAMPLE_PHOTOS"]
+
+# the commands in the order `realisid --help` lists them
+ADD_PARSERS = (add_train_parser, add_generate_parser, add_bench_parser, add_sweep_parser, add_build_parser, add_precompute_parser,
+               add_pretrain_parser, add_check_embedded_parser, add_faces_parser, add_prepare_parser)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for noisy in ("PIL", "matplotlib", "urllib3", "fsspec"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="realisid", description="RealisID: identity customization with local and global ControlNet branches.")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in ADD_PARSERS:
+        add(sub)
+    return p
+
+
+def box_values_as_options(argv: list[str]) -> list[str]:
+    """``--box -5,-5,20,20`` as ``--box=-5,-5,20,20``: argparse would take a value with a leading minus for an
+    option and fail with "expected one argument" instead of letting the box check say what is wrong."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--box" and i + 1 < len(argv) and argv[i + 1].startswith("-") and argv[i + 1][1:2].isdigit():
+            out.append(f"--box={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from realisid.config import ConfigError
+
+    args = build_parser().parse_args(box_values_as_options(list(sys.argv[1:] if argv is None else argv)))
+    _setup_logging(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, FloatingPointError, RuntimeError) as err:
+        if args.verbose:
+            raise
+        sys.stderr.write(f"realisid {args.command}: error: {err}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write(f"realisid {args.command}: interrupted\n")
+        return 130
+

@@ -1,0 +1,5 @@
+import sys
+
+from realisid.cli import main
+
+sys.exit(main())

@@ -1,0 +1,147 @@
+"""``realisid generate`` and ``realisid bench``: sampling from a trained run, one image or a whole benchmark."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+log = logging.getLogger("realisid")
+
+
+def cmd_generate(args) -> int:
+    import json
+
+    import torch
+    from omegaconf import OmegaConf
+
+    from realisid.geometry import parse_box
+    from realisid.models.backbone import vae_scale_factor_of
+    from realisid.pipeline import RealisIDPipeline, check_boxes, reference_person
+
+    if len(args.ref) != len(args.box):
+        raise ValueError(f"give one --box per --ref: got {len(args.ref)} references and {len(args.box)} boxes")
+    export = os.path.join(args.run, "export")
+    if not os.path.isdir(export):
+        raise FileNotFoundError(f"--run {args.run}: no export/ folder; give a finished run directory such as runs/joint/<timestamp>")
+    cfg = OmegaConf.load(os.path.join(export, "config.yaml"))
+    s = cfg.sampling
+    boxes = [parse_box(b) for b in args.box]
+    R = int(cfg.data.resolution)
+    check_boxes(boxes, R, min_box=float(s.min_box), max_overlap=float(s.max_overlap), vae_scale_factor=vae_scale_factor_of(cfg.model))
+    from realisid.faces import analyzer_config, load_face_analyzer
+
+    # the run's face analyzer (faces.*), or --analyzer; with neither usable, the real one that ships in packages
+    # (--analyzer none: no detection, each reference photo is taken as the face crop)
+    faces = None if args.analyzer == "none" else analyzer_config(OmegaConf.to_container(cfg.faces, resolve=True), args.analyzer,
+                                                                 args.model_dir)
+    analyzer = load_face_analyzer(faces) if faces is not None else None
+    pipe = RealisIDPipeline.from_export(export, device=args.device, dtype=args.dtype)
+    people, refs = [], []
+    for ref, box in zip(args.ref, boxes):
+        person, info = reference_person(ref, box, int(cfg.model.id_encoder.image_size), analyzer, largest=args.largest_face)
+        people.append(person)
+        refs.append(info)
+    settings = {"steps": args.steps or int(s.steps), "scheduler": args.scheduler or s.scheduler,
+                "guidance_text": float(s.guidance_text if args.guidance_text is None else args.guidance_text),
+                "guidance_id": float(s.guidance_id if args.guidance_id is None else args.guidance_id),
+                "id_delay": float(s.id_delay if args.id_delay is None else args.id_delay)}
+    with torch.no_grad():
+        out = pipe(args.prompt, people, negative_prompt=args.negative_prompt, num_inference_steps=settings["steps"],
+                   scheduler=settings["scheduler"], guidance_text=settings["guidance_text"], guidance_id=settings["guidance_id"],
+                   id_delay=settings["id_delay"], seed=args.seed)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    out.images[0].save(args.out)
+    record = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": args.seed, "run": args.run, **settings,
+              "resolution": R, "device": str(pipe.device), "frozen_dtype": str(pipe.backbone.unet.dtype).removeprefix("torch."),
+              "identity_encoder": pipe.id_encoder.name, "backbone": pipe.backbone.name,
+              "branches": [k for k, b in (("local", pipe.local_branch), ("global", pipe.global_branch)) if b is not None],
+              "people": [{**r, **m} for r, m in zip(refs, out.people)]}
+    if args.panel:
+        record["panel"] = write_panel([r["reference"] for r in refs], out.images[0], os.path.splitext(args.out)[0] + "_panel.png")
+    meta_path = os.path.splitext(args.out)[0] + ".json"
+    with open(meta_path, "w") as f:
+        json.dump(record, f, indent=2)
+    sys.stdout.write(f"wrote {args.out} and {meta_path} ({len(people)} people, identity encoder {pipe.id_encoder.name})\n")
+    return 0
+
+
+def write_panel(references: list[str], sample, path: str) -> str:
+    """References (each scaled to the sample's height) then the sample, side by side, as one PNG."""
+    from PIL import Image
+
+    h = sample.height
+    tiles = [Image.open(r).convert("RGB") for r in references]
+    tiles = [t.resize((max(1, round(t.width * h / t.height)), h), Image.BICUBIC) for t in tiles] + [sample]
+    canvas = Image.new("RGB", (sum(t.width for t in tiles) + 4 * (len(tiles) - 1), h), (255, 255, 255))
+    x = 0
+    for t in tiles:
+        canvas.paste(t, (x, 0))
+        x += t.width + 4
+    canvas.save(path)
+    return path
+
+
+def cmd_bench(args) -> int:
+    import datetime as _dt
+
+    from realisid.bench import newest_run, run_bench
+    from realisid.config import load_config
+
+    cfg = load_config(args.exp, args.overrides)
+    run = args.run or newest_run(cfg.experiment.runs_dir, cfg.experiment.name)
+    if run is None:
+        if not cfg.prepare.enabled:
+            raise FileNotFoundError(f"no finished run of '{args.exp}' under {cfg.experiment.runs_dir}/; give --run RUN_DIR")
+        from realisid.train import train
+
+        log.info("no finished %s run yet: training one on the embedded default first", args.exp)
+        run = train(cfg)["run_dir"]
+    out = args.out or os.path.join("benchmarks", "results", f"{_dt.date.today().isoformat()}-{cfg.experiment.name}")
+    res = run_bench(cfg, run, out, device=args.device, dtype=args.dtype)
+    sys.stdout.write(open(os.path.join(out, "table.md")).read())
+    sys.stdout.write(f"\nwritten: {out}/ (results.csv, summary.csv, bins.csv, table.md, {', '.join(os.path.basename(p) for p in res['plots'])})\n")
+    return 0
+
+
+def _device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="where sampling runs: cpu, cuda, cuda:N (default: cuda when available, else cpu)")
+    p.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
+                   help="the frozen parts' precision (default: fp16 on a GPU, fp32 on a CPU; the trained branches stay fp32 under autocast)")
+
+
+def add_generate_parser(sub) -> None:
+    g = sub.add_parser("generate", help="sample an image of one or several people from a trained run",
+                       description="Each --ref (a photo; its face comes from a sidecar .json, else the face analyzer: exactly one "
+                                   "person, or the largest with --largest-face; --analyzer none takes the whole photo as the face "
+                                   "crop) is placed at the matching --box x0,y0,x1,y1 in output pixels.")
+    g.add_argument("--run", required=True, help="run directory with export/ (runs/<exp>/<timestamp>)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--negative-prompt", default="")
+    g.add_argument("--ref", action="append", default=[], required=True, help="reference photo, once per person")
+    g.add_argument("--box", action="append", default=[], required=True, help="target face box x0,y0,x1,y1, once per person")
+    g.add_argument("--out", default="out.png")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--panel", action="store_true", help="also write OUT_panel.png: the references beside the sample")
+    g.add_argument("--steps", type=int, default=None)
+    g.add_argument("--scheduler", choices=["ddim", "dpm", "euler"], default=None)
+    g.add_argument("--guidance-text", type=float, default=None)
+    g.add_argument("--guidance-id", type=float, default=None)
+    g.add_argument("--id-delay", type=float, default=None, help="fraction of steps before identity conditioning starts")
+    g.add_argument("--analyzer", default=None, help="face analyzer for the references: yunet-sface, dlib, insightface (with "
+                                                    "--model-dir), synthetic, or none (each photo is the face crop); "
+                                                    "default: the run's faces.*, else yunet-sface")
+    g.add_argument("--model-dir", default=None, help="the analyzer's model folder (insightface)")
+    g.add_argument("--largest-face", action="store_true", help="take the largest face of a reference with several people")
+    _device_args(g)
+    g.set_defaults(func=cmd_generate)
+
+
+def add_bench_parser(sub) -> None:
+    b = sub.add_parser("bench", help="scale benchmark: identity fidelity against face size and people count (benchmarks/results/)")
+    b.add_argument("exp", nargs="?", default="joint", help="experiment whose bench/evaluation settings to use (default: joint)")
+    b.add_argument("overrides", nargs="*")
+    b.add_argument("--run", default=None, help="run directory to benchmark (default: the newest finished run of EXP; trains one if none)")
+    b.add_argument("--out", default=None, help="output folder (default: benchmarks/results/<date>-<exp>)")
+    _device_args(b)
+    b.set_defaults(func=cmd_bench)
