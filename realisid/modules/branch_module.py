@@ -1,15 +1,20 @@
 """The training modules: frozen backbone and identity encoder, trainable projector and branch(es).
 
-``training_step`` is a few lines; everything it calls is built from config. The subclasses only say which
-branches they train: LocalBranchModule (the paper's "w/o global"), GlobalBranchModule ("w/o local") and
-JointModule (both, residuals summed into one UNet forward).
+``training_step`` is a few lines; everything it calls is built from config. As in sgm's ``DiffusionEngine``,
+the module delegates: ``self.conditioner`` (:class:`~realisid.modules.conditioner.Conditioner`) turns a batch
+into text and identity conditioning, ``self.loss_fn`` (:class:`~realisid.modules.losses.DiffusionLoss`) draws
+the noise and timesteps and scores the prediction. Both are plain objects, so the state-dict keys are the
+parts' own (``backbone.``, ``id_encoder.``, ``projector.``, ``local_branch.``, ``global_branch.``).
+
+The subclasses only say which branches they train: LocalBranchModule (the paper's "w/o global"),
+GlobalBranchModule ("w/o local") and JointModule (both, residuals summed into one UNet forward).
 """
 from __future__ import annotations
 
 import logging
 import math
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
@@ -19,9 +24,12 @@ from realisid.data.batch import ready_batch
 from realisid.models.backbone import load_backbone
 from realisid.models.branches import GlobalBranch, LocalBranch, add_residuals
 from realisid.models.id_encoder import IdProjector, build_id_encoder
+from realisid.modules.conditioner import Conditioner
 from realisid.modules.efficiency import apply_efficiency, check_precision
-from realisid.modules.ema import WeightEMA
-from realisid.modules.losses import diffusion_inputs, face_weighted_mse, latent_mask
+from realisid.modules.losses import DiffusionLoss
+
+if TYPE_CHECKING:
+    from realisid.modules.ema import WeightEMA
 
 log = logging.getLogger(__name__)
 FROZEN_PREFIXES = ("backbone.", "id_encoder.")
@@ -53,7 +61,9 @@ class RealisIDModule(L.LightningModule):
                 soft_location=m["global"].soft_location))
         self.noise_scheduler = self.backbone.noise_scheduler()
         self.register_buffer("alphas_cumprod", self.noise_scheduler.alphas_cumprod.clone().float(), persistent=False)
-        self._null_text: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        sched = self.noise_scheduler.config
+        self.loss_fn = DiffusionLoss(sched.num_train_timesteps, sched.prediction_type, float(m.loss.face_lambda))
+        self.conditioner = Conditioner(self)  # a plain object: the parts stay registered here (same state-dict keys)
         check_precision(m.backbone_dtype, cfg.trainer.precision, cfg.trainer.accelerator)
         self.ema: WeightEMA | None = None
         self.channels_last = False
@@ -61,27 +71,24 @@ class RealisIDModule(L.LightningModule):
         self._nonfinite: torch.Tensor | None = None       # non-finite losses since the last optimizer step (no host read)
         self._nonfinite_loss: torch.Tensor | None = None
 
-    # ---- conditioning -------------------------------------------------------------------------------
+    # ---- conditioning (see Conditioner; these delegate, for callers of the module) ---------------------
     def identity_features(self, batch: dict) -> torch.Tensor:
-        """The frozen identity encoder's output per sample: from the precompute cache (``id_features``, every
-        sample, no encoder run), else from stored ArcFace embeddings (``id_embed`` when every sample has one),
-        else by running the encoder on the reference crops (with their key points where the batch has them)."""
-        feats = batch.get("id_features")
-        if feats is not None:
-            return feats.to(self.device)
-        emb = batch.get("id_embed")
-        if (emb is not None and emb.numel() and not self.id_encoder.sequence and bool(batch["has_id_embed"].all())
-                and emb.shape[-1] == self.id_encoder.embed_dim):
-            return emb.to(self.device)
-        if batch.get("id_kps") is not None:
-            return self.id_encoder(batch["id_image"], batch["id_mask"], kps=batch["id_kps"])
-        return self.id_encoder(batch["id_image"], batch["id_mask"])
+        return self.conditioner.identity_features(batch)
 
     def identity_tokens(self, batch: dict, keep: torch.Tensor | None = None) -> torch.Tensor:
-        tokens = self.projector(self.identity_features(batch).to(self.dtype))
-        if keep is not None:
-            tokens = tokens * keep.to(tokens.dtype)[:, None, None]
-        return tokens
+        return self.conditioner.identity_tokens(batch, keep)
+
+    def dropout_masks(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.conditioner.dropout_masks(n, generator)
+
+    def identity_free_mask(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.conditioner.identity_free_mask(n, generator)
+
+    def null_text(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.conditioner.null_text()
+
+    def text_conditioning(self, batch: dict, keep_text: torch.Tensor, image_hw: tuple[int, int], free: torch.Tensor | None = None):
+        return self.conditioner.text_conditioning(batch, keep_text, image_hw, free)
 
     def branch_residuals(self, noisy, t, tokens, batch, added=None):
         parts = []
@@ -94,56 +101,6 @@ class RealisIDModule(L.LightningModule):
             loc = self.global_branch.fit_location(batch["loc_map"], noisy.shape[-1])
             parts.append(self.global_branch(noisy, t, tokens, loc, added))
         return add_residuals(*parts)
-
-    def dropout_masks(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-sample keep masks (text, identity): drop image only, text only, or both, each with its probability."""
-        d = self.cfg.model.dropout
-        u = torch.rand(n, generator=generator, device="cpu")
-        drop_id = u < d.image
-        drop_text = (u >= d.image) & (u < d.image + d.text)
-        both = (u >= d.image + d.text) & (u < d.image + d.text + d.both)
-        return ~(drop_text | both), ~(drop_id | both)
-
-    def null_text(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The empty prompt's text embeddings (for dropped captions when text embeddings are precomputed)."""
-        if self._null_text is None or self._null_text[0].device != self.device:
-            e, p = self.backbone.text_embeddings([""])
-            self._null_text = (e.to(self.device), p.to(self.device) if p is not None else None)
-        return self._null_text
-
-    def identity_free_mask(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Per sample: train on the caption without the person's identity (``data.identity_free_captions``), so the
-        branches must carry identity from the reference rather than leave it to the text."""
-        p = float(self.cfg.data.identity_free_captions)
-        return torch.rand(n, generator=generator, device="cpu") < p if p > 0 else torch.zeros(n, dtype=torch.bool)
-
-    def text_conditioning(self, batch: dict, keep_text: torch.Tensor, image_hw: tuple[int, int], free: torch.Tensor | None = None):
-        """Text conditioning from precomputed embeddings when the batch has them, else from the captions; ``free``
-        marks samples that use their identity-free caption."""
-        training_free = free is not None
-        free = free if free is not None else torch.zeros(len(keep_text), dtype=torch.bool)
-        if "text_embeds" not in batch:
-            caps = [(f if use_free else c) if k else "" for c, f, k, use_free in
-                    zip(batch["caption"], batch.get("caption_no_identity", batch["caption"]), keep_text.tolist(), free.tolist())]
-            return self.backbone.encode_text(caps, image_hw, batch.get("original_size"), batch.get("crop_top_left"))
-        embeds, pooled = batch["text_embeds"].to(self.device), batch.get("text_pooled")
-        pooled = pooled.to(self.device) if pooled is not None else None
-        # per-sample choices by torch.where on the device, never a host read of a mask
-        if training_free and float(self.cfg.data.identity_free_captions) > 0 or "text_embeds_no_identity" in batch:
-            if "text_embeds_no_identity" not in batch:
-                raise ValueError("data.identity_free_captions > 0 but the precomputed cache has no identity-free text embeddings; "
-                                 "re-run `make precompute` with this version")
-            use = free.to(self.device)
-            embeds = torch.where(use[:, None, None], batch["text_embeds_no_identity"].to(self.device, embeds.dtype), embeds)
-            if pooled is not None:
-                pooled = torch.where(use[:, None], batch["text_pooled_no_identity"].to(self.device, pooled.dtype), pooled)
-        null_e, null_p = self.null_text()
-        drop = (~keep_text).to(self.device)
-        embeds = torch.where(drop[:, None, None], null_e.to(embeds.dtype), embeds)
-        if pooled is not None:
-            pooled = torch.where(drop[:, None], null_p.to(pooled.dtype), pooled)
-        # SDXL's time ids carry each sample's original size and crop (batch keys from the data pipeline)
-        return self.backbone.conditioning(embeds, pooled, image_hw, batch.get("original_size"), batch.get("crop_top_left"))
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int = 0):
         """The crop boxes as a host list, read while the batch is still on the host (the local branch cuts and
@@ -165,31 +122,25 @@ class RealisIDModule(L.LightningModule):
     def shared_step(self, batch: dict, generator: torch.Generator | None = None, dropout: bool = True) -> dict[str, torch.Tensor]:
         """One diffusion training forward. With a precomputed batch (latents, text embeddings, identity features,
         host-side crop boxes) it reads nothing back from the device, so it can be compiled and never stalls the GPU."""
-        n = len(batch["caption"])
-        device_gen = _device_gen(generator, self.device)
-        if "latent_moments" in batch:  # precomputed: the VAE does not run
-            latents = self.backbone.latents_from_moments(batch["latent_moments"], device_gen)
-        else:
-            latents = self.backbone.encode_images(batch["image"], generator=device_gen)
-        # noise, timesteps, x_t and the target in fp32 on the device; only the UNet's input is cast to its dtype
-        noise = torch.randn(latents.shape, generator=device_gen, device=self.device, dtype=torch.float32)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (n,), generator=device_gen, device=self.device)
-        noisy, target = diffusion_inputs(self.alphas_cumprod, latents, noise, t, self.noise_scheduler.config.prediction_type)
-        noisy = noisy.to(self.backbone.unet.dtype)
+        device_gen = _device_gen(generator, self.device)  # latents, noise and timesteps; ``generator``: dropout
+        latents = self.batch_latents(batch, device_gen)
+        x = self.loss_fn.inputs(latents, self.alphas_cumprod, device_gen, self.device)  # x_t and the target in fp32
+        noisy = x.noisy.to(self.backbone.unet.dtype)  # only the UNet's input is cast to its dtype
         if self.channels_last:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
-        keep_text, keep_id = self.dropout_masks(n, generator) if dropout else (torch.ones(n, dtype=torch.bool),) * 2
-        free = self.identity_free_mask(n, generator) if dropout else None
         image_hw = tuple(s * self.backbone.vae_scale_factor for s in latents.shape[-2:])
-        text = self.text_conditioning(batch, keep_text, image_hw, free)
-        tokens = self.identity_tokens(batch, keep_id.to(self.device))
-        res = self.branch_residuals(noisy, t, tokens, batch, text.added_cond_kwargs)
-        pred = self.backbone.unet(noisy, t, encoder_hidden_states=text.embeds, added_cond_kwargs=text.added_cond_kwargs,
+        text, tokens = self.conditioner(batch, image_hw, generator, dropout)
+        res = self.branch_residuals(noisy, x.timesteps, tokens, batch, text.added_cond_kwargs)
+        pred = self.backbone.unet(noisy, x.timesteps, encoder_hidden_states=text.embeds, added_cond_kwargs=text.added_cond_kwargs,
                                   down_block_additional_residuals=res[0] if res else None,
                                   mid_block_additional_residual=res[1] if res else None, return_dict=False)[0]
-        mask = latent_mask(batch["loc_map"], tuple(latents.shape[-2:]))
-        loss, full, face = face_weighted_mse(pred, target, mask, float(self.cfg.model.loss.face_lambda))
-        return {"loss": loss, "mse": full, "face_mse": face}
+        return self.loss_fn(pred, x.target, batch["loc_map"])
+
+    def batch_latents(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The batch's latents: sampled from the precomputed VAE posterior (the VAE does not run), else encoded."""
+        if "latent_moments" in batch:
+            return self.backbone.latents_from_moments(batch["latent_moments"], generator)
+        return self.backbone.encode_images(batch["image"], generator=generator)
 
     def step_generator(self, batch_idx: int) -> torch.Generator:
         """Noise, timesteps and dropout of a step depend only on (seed, step, micro-batch, rank): a resumed run

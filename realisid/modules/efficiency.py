@@ -82,8 +82,6 @@ def apply_efficiency(module, eff: Mapping[str, Any], backbone_dtype: str = "fp32
     Every option but ``compile`` is also undone by calling this again with it off, so a benchmark can switch
     options on one built module.
     """
-    from realisid.modules.ema import WeightEMA
-
     check_efficiency(eff)
     applied = []
     dtype = DTYPES[backbone_dtype]
@@ -110,8 +108,11 @@ def apply_efficiency(module, eff: Mapping[str, Any], backbone_dtype: str = "fp32
         for m in branches:
             m.compile(mode=None if eff["compile_mode"] == "default" else eff["compile_mode"])
         applied.append(f"torch.compile ({eff['compile_mode']})")
-    module.ema = WeightEMA(module.trainable_modules(), float(eff["ema"]["decay"])) if eff["ema"]["enabled"] else None
-    if module.ema is not None:
+    module.ema = None
+    if eff["ema"]["enabled"]:
+        from realisid.modules.ema import WeightEMA  # only with EMA on: diffusers.training_utils takes about a second to import
+
+        module.ema = WeightEMA(module.trainable_modules(), float(eff["ema"]["decay"]))
         applied.append(f"EMA (decay {float(eff['ema']['decay'])})")
     log.info("efficiency: %s", ", ".join(applied))
     return applied

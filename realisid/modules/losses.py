@@ -1,5 +1,7 @@
-"""The RealisID training loss."""
+"""The RealisID training loss: the pure functions and :class:`DiffusionLoss`, which the training step delegates to."""
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -39,3 +41,39 @@ def diffusion_inputs(alphas_cumprod: torch.Tensor, latents: torch.Tensor, noise:
     noisy = signal * x0 + sigma * eps
     target = eps if prediction_type == "epsilon" else signal * eps - sigma * x0
     return noisy, target
+
+
+class DiffusionInputs(NamedTuple):
+    noise: torch.Tensor      # eps, fp32
+    timesteps: torch.Tensor  # t per sample (int64)
+    noisy: torch.Tensor      # x_t, fp32 (the caller casts it to the UNet's dtype)
+    target: torch.Tensor     # eps or v, fp32
+
+
+class DiffusionLoss:
+    """The training objective as one object (in the manner of sgm's ``loss_fn``): what the UNet is given and what
+    its prediction is scored against.
+
+    :meth:`inputs` draws the noise, then the timesteps, from ``generator`` on ``device`` (in that order: a
+    resumed run draws the same) and builds x_t and the target in fp32 (:func:`diffusion_inputs`); calling the
+    object scores a prediction with :func:`face_weighted_mse` over the location map at latent resolution.
+    """
+
+    def __init__(self, num_train_timesteps: int, prediction_type: str, face_lambda: float):
+        self.num_train_timesteps = int(num_train_timesteps)
+        self.prediction_type = prediction_type
+        self.face_lambda = float(face_lambda)
+
+    def inputs(self, latents: torch.Tensor, alphas_cumprod: torch.Tensor, generator: torch.Generator | None = None,
+               device: torch.device | str | None = None) -> DiffusionInputs:
+        device = latents.device if device is None else device
+        noise = torch.randn(latents.shape, generator=generator, device=device, dtype=torch.float32)
+        t = torch.randint(0, self.num_train_timesteps, (latents.shape[0],), generator=generator, device=device)
+        noisy, target = diffusion_inputs(alphas_cumprod, latents, noise, t, self.prediction_type)
+        return DiffusionInputs(noise, t, noisy, target)
+
+    def __call__(self, pred: torch.Tensor, target: torch.Tensor, loc_map: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{"loss", "mse", "face_mse"}`` of ``pred`` against ``target``, the face weighted by ``loc_map``."""
+        mask = latent_mask(loc_map, tuple(target.shape[-2:]))
+        loss, full, face = face_weighted_mse(pred, target, mask, self.face_lambda)
+        return {"loss": loss, "mse": full, "face_mse": face}
