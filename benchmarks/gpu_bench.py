@@ -56,7 +56,7 @@ def example_pool(cfg, module, n: int = 8) -> list[dict]:
     """A few synthetic faces rendered at the experiment's resolution, made into examples by the real pipeline."""
     from webdataset.tariterators import tarfile_samples
 
-    from realisid.data.synthetic import generate_synthetic_shards
+    from realisid.embedded.synthetic import generate_synthetic_shards
     from realisid.train import build_datamodule
 
     maker = build_datamodule(cfg, module).maker

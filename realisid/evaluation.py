@@ -216,7 +216,8 @@ def compute_all(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 def build_evaluator(cfg, conditioning_name: str) -> Evaluator:
     """The analyzer and FID features that ``evaluation.*`` asks for."""
-    from realisid.metrics import StandInFaceAnalyzer, StandInFeatures
+    from realisid.embedded.box_analyzer import StandInFaceAnalyzer
+    from realisid.embedded.fid_features import StandInFeatures
 
     e = cfg.evaluation
     if e.encoder == "standin":

@@ -110,7 +110,7 @@ def face_shards(tmp_path):
 @pytest.fixture(scope="session")
 def eval_standin(tmp_path_factory):
     """A stand-in evaluation encoder trained for a few steps on drawn faces (path)."""
-    from realisid.faces.standin import train_standin
+    from realisid.embedded.standin import train_standin
 
     root = tmp_path_factory.mktemp("standin")
     write_face_shards(root, "train", n=12)

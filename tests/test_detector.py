@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from realisid.embedded import detector as D
+from realisid.embedded import analyzer as D
 
 
 def _outputs_for(boxes, kps, cells=32):
@@ -85,7 +85,7 @@ def test_augmented_boxes_and_points_follow_the_pixels(seed):
 def test_negatives_have_no_face_to_find_and_faceless_only_touches_the_face():
     import torch
 
-    from realisid.embedded.detector import faceless, make_batch
+    from realisid.embedded.analyzer import faceless, make_batch
 
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (6, 3, 64, 64), generator=g).float()

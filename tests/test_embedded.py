@@ -23,7 +23,7 @@ def held_out():
     from PIL import Image
 
     from realisid.config import load_config
-    from realisid.data.synthetic import make_identity, render_face
+    from realisid.embedded.synthetic import make_identity, render_face
 
     kinds = tuple(load_config("base").prepare.synthetic.backgrounds)
     rng = np.random.default_rng(12345)
@@ -43,13 +43,13 @@ def held_out():
 
 @pytest.fixture(scope="module")
 def analyzer():
-    from realisid.embedded.detector import load_synthetic_analyzer
+    from realisid.embedded.analyzer import load_synthetic_analyzer
 
     return load_synthetic_analyzer(asset_path("synthetic-face-analyzer"), asset_path("standin-arcface-eval"))
 
 
 def test_analyzer_finds_held_out_faces(held_out, analyzer):
-    from realisid.embedded.detector import detector_accuracy
+    from realisid.embedded.analyzer import detector_accuracy
     from realisid.geometry import DEFAULT_BINS
 
     acc = detector_accuracy(analyzer, held_out["images"], held_out["boxes"], held_out["kps"], DEFAULT_BINS)
@@ -64,7 +64,7 @@ def test_analyzer_finds_held_out_faces(held_out, analyzer):
 
 def test_analyzer_finds_no_face_where_there_is_none(held_out, analyzer):
     """Blurred-away faces and noise are not faces: otherwise a found-rate on generated images counts blobs."""
-    from realisid.embedded.detector import negative_accuracy
+    from realisid.embedded.analyzer import negative_accuracy
 
     neg = negative_accuracy(analyzer, held_out["images"], held_out["boxes"], noise_images=100, seed=3)
     assert neg["faceless_photos"] >= 50, neg
@@ -136,7 +136,7 @@ def test_calibrated_margin_equals_the_ceiling_for_real_photos_and_is_zero_for_ra
 @pytest.mark.slow
 def test_base_draws_faces_the_analyzer_finds_and_an_untrained_base_does_not(analyzer):
     from realisid.config import load_config
-    from realisid.data.synthetic import make_identity, render_face
+    from realisid.embedded.synthetic import make_identity, render_face
     from realisid.embedded.check import base_check
     from realisid.models.backbone import build_tiny_backbone, load_backbone
 

@@ -298,7 +298,7 @@ def procedural_shards(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained_standin(procedural_shards, tmp_path_factory):
-    from realisid.faces.standin import train_standin
+    from realisid.embedded.standin import train_standin
 
     train, val = procedural_shards
     out = str(tmp_path_factory.mktemp("standin"))
@@ -308,7 +308,7 @@ def trained_standin(procedural_shards, tmp_path_factory):
 
 
 def test_identity_crop_shape_range_and_box():
-    from realisid.faces.standin import identity_crop
+    from realisid.embedded.standin import identity_crop
     from realisid.geometry import expand_square_box
 
     arr = np.zeros((100, 120, 3), np.uint8)
@@ -326,7 +326,7 @@ def test_identity_crop_shape_range_and_box():
 
 
 def test_standin_forward_is_unit_norm():
-    from realisid.faces.standin import StandInArcFace
+    from realisid.embedded.standin import StandInArcFace
 
     m = StandInArcFace(image_size=32, embed_dim=16, widths=(8, 16)).eval()
     out = m(torch.rand(3, 3, 32, 32) * 2 - 1)
@@ -350,7 +350,7 @@ def test_train_standin_separates_held_out_identities(trained_standin):
 
 
 def test_load_standin_reproduces_training_outputs(trained_standin, procedural_shards):
-    from realisid.faces.standin import evaluate_standin, load_standin
+    from realisid.embedded.standin import evaluate_standin, load_standin
 
     out, stats = trained_standin
     a, b = load_standin(out), load_standin(os.path.join(out, "model.safetensors"))
@@ -364,7 +364,7 @@ def test_load_standin_reproduces_training_outputs(trained_standin, procedural_sh
 
 
 def test_embed_faces_matches_identity_crops(trained_standin):
-    from realisid.faces.standin import embed_faces, load_standin
+    from realisid.embedded.standin import embed_faces, load_standin
 
     model = load_standin(trained_standin[0])
     rng = np.random.default_rng(5)
@@ -375,7 +375,7 @@ def test_embed_faces_matches_identity_crops(trained_standin):
 
 
 def test_load_standin_missing_files(tmp_path):
-    from realisid.faces.standin import load_standin
+    from realisid.embedded.standin import load_standin
 
     with pytest.raises(FileNotFoundError) as err:
         load_standin(str(tmp_path / "standin"))
@@ -385,10 +385,10 @@ def test_load_standin_missing_files(tmp_path):
 
 
 def test_train_standin_logs_accuracy(procedural_shards, tmp_path, caplog):
-    from realisid.faces.standin import train_standin
+    from realisid.embedded.standin import train_standin
 
     train, val = procedural_shards
-    with caplog.at_level(logging.INFO, logger="realisid.faces.standin"):
+    with caplog.at_level(logging.INFO, logger="realisid.embedded.standin"):
         stats = train_standin(train, val, str(tmp_path), steps=3, batch_size=16, widths=(8, 16), embed_dim=8)
     assert stats["steps"] == 3
     assert any("standin-arcface-synthetic" in r.getMessage() and "verification accuracy" in r.getMessage()

@@ -15,6 +15,8 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 import onnx_models  # noqa: E402
 
+from realisid.embedded.box_analyzer import StandInFaceAnalyzer  # noqa: E402
+from realisid.embedded.fid_features import StandInFeatures  # noqa: E402
 from realisid.faces import Face, load_face_analyzer  # noqa: E402
 from realisid.geometry import DEFAULT_BINS, face_size, scale_bin  # noqa: E402
 from realisid.metrics import (  # noqa: E402
@@ -22,8 +24,6 @@ from realisid.metrics import (  # noqa: E402
     IdentitySimilarity,
     LocationIoU,
     PoseError,
-    StandInFaceAnalyzer,
-    StandInFeatures,
     bin_index,
     match_face,
     score_faces,
@@ -193,7 +193,7 @@ def test_identity_similarity_input_errors():
 # ------------------------------------------------------------------------------------------- stand-in analyzer
 
 def test_standin_analyzer_takes_the_target_box_and_says_so():
-    from realisid.faces.standin import StandInArcFace
+    from realisid.embedded.standin import StandInArcFace
 
     torch.manual_seed(0)
     model = StandInArcFace(image_size=32, embed_dim=16, widths=(8, 16)).eval()

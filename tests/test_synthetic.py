@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from realisid.data.shards import decode_sample, read_manifest
-from realisid.data.synthetic import (
+from realisid.embedded.synthetic import (
     FACE_MODEL, FACE_SIZE_RANGE, HAIR_STYLES, MAX_CAPTION, Identity, RenderedFace, generate_synthetic_shards,
     make_identity, render_face, sample_face_size,
 )

@@ -22,15 +22,23 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from realisid.embedded import analyzer as D
+from realisid.embedded import base as B
+from realisid.embedded.stages import shard_urls, synthetic_shards
+from realisid.embedded.standin import load_standin
+from realisid.evaluation import Evaluator, to_uint8
+from realisid.faces import load_face_analyzer
+from realisid.geometry import bins_from_config, face_size
+from realisid.images import identity_crop, signed_from_uint8, to_tensor
+from realisid.metrics.calibrated import calibrated_identity, fmt
+from realisid.models.backbone import load_backbone
+
 log = logging.getLogger(__name__)
 
 
 def base_check(bb, analyzer, prompts: Sequence[str], *, steps: int, guidance: float, seed: int) -> tuple[torch.Tensor, list[bool]]:
     """Samples of the base alone for ``prompts`` and, per sample, whether the analyzer finds a face in it."""
-    from realisid.embedded.base import sample_base
-    from realisid.evaluation import to_uint8
-
-    images = sample_base(bb, prompts, steps=steps, guidance=guidance, seed=seed)
+    images = B.sample_base(bb, prompts, steps=steps, guidance=guidance, seed=seed)
     return images, [len(analyzer.detect(to_uint8(im))) > 0 for im in images]
 
 
@@ -54,15 +62,6 @@ def held_out_captions(captions: Sequence[str], n: int, seed: int) -> list[str]:
 
 
 def check_embedded(cfg: DictConfig, out_dir: str, examples_dir: str | None = os.path.join("data", "examples")) -> dict:
-    from realisid.embedded import base as B
-    from realisid.embedded import detector as D
-    from realisid.embedded.stages import shard_urls, synthetic_shards
-    from realisid.faces import load_face_analyzer
-    from realisid.faces.standin import load_standin
-    from realisid.geometry import bins_from_config
-    from realisid.metrics.calibrated import fmt
-    from realisid.models.backbone import load_backbone
-
     os.makedirs(out_dir, exist_ok=True)
     synthetic_shards(cfg)
     seed = int(cfg.experiment.seed)
@@ -83,10 +82,8 @@ def check_embedded(cfg: DictConfig, out_dir: str, examples_dir: str | None = os.
     save_framed_grid(images, found, os.path.join(out_dir, "base_samples.png"))
 
     # the analyzer on held-out real images, and through the VAE
-    from realisid.embedded.base import vae_round_trip
-
     results["analyzer_held_out"] = D.detector_accuracy(analyzer, val.images, val.boxes, val.kps, bins)
-    results["analyzer_held_out_through_vae"] = D.detector_accuracy(analyzer, vae_round_trip(bb, val.images), val.boxes, val.kps, bins)
+    results["analyzer_held_out_through_vae"] = D.detector_accuracy(analyzer, B.vae_round_trip(bb, val.images), val.boxes, val.kps, bins)
     results["analyzer_negatives"] = D.negative_accuracy(analyzer, val.images, val.boxes, seed=seed)
 
     # the encoders' verification on held-out identities (measured when they were trained)
@@ -139,9 +136,6 @@ def check_embedded(cfg: DictConfig, out_dir: str, examples_dir: str | None = os.
 
 def _ceiling(cfg, analyzer, val, bins) -> dict:
     """Calibrated margin of every held-out photo against its identity's reference (the largest face, left out)."""
-    from realisid.evaluation import Evaluator
-    from realisid.metrics.calibrated import calibrated_identity
-
     ev = Evaluator(analyzer, cfg.bins, None, "-", "-")
     examples = _examples(val)
     best: dict[str, dict] = {}
@@ -151,9 +145,6 @@ def _ceiling(cfg, analyzer, val, bins) -> dict:
             best[ident] = ex
     from PIL import Image
 
-    from realisid.images import identity_crop, to_tensor
-    from realisid.evaluation import to_uint8
-
     refs = {k: to_tensor(identity_crop(Image.fromarray(to_uint8(e["image"])), e["face_box"].tolist(), int(cfg.model.id_encoder.image_size))[0])
             for k, e in best.items()}
     bank = ev.reference_bank(refs)
@@ -162,9 +153,6 @@ def _ceiling(cfg, analyzer, val, bins) -> dict:
 
 
 def _examples(val) -> list[dict]:
-    from realisid.images import signed_from_uint8
-    from realisid.geometry import face_size
-
     R = val.images.shape[-1]
     return [{"key": k, "identity": ident, "image": signed_from_uint8(img), "face_box": box, "face_size": face_size(box.tolist(), R, R)}
             for k, ident, img, box in zip(val.keys, val.identities, val.images, val.boxes)]

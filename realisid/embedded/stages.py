@@ -10,6 +10,7 @@ import time
 
 from omegaconf import DictConfig, OmegaConf
 
+from realisid.embedded.synthetic import generate_synthetic_shards
 from realisid.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,6 @@ def synthetic_shards(cfg: DictConfig) -> dict:
     if done is not None:
         raise ValueError(f"{syn.out_dir} holds synthetic shards made with other settings ({done.get('settings')}); "
                          f"delete the folder (make clean-cache) to draw them again with {settings}")
-    from realisid.data.synthetic import generate_synthetic_shards
-
     log.info("drawing the synthetic face shards in %s (first run only)", syn.out_dir)
     t0 = time.perf_counter()
     manifests = generate_synthetic_shards(syn.out_dir, num_identities=syn.num_identities, images_per_identity=syn.images_per_identity,

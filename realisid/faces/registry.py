@@ -4,7 +4,7 @@ Each backend module registers its kind when it is imported (:func:`register_face
 ``available`` check); this module imports the backends by name on first use, so it never imports them at load
 time and no backend imports anything but the interface (:mod:`realisid.faces.analysis`) and this registry.
 Built in: ``insightface`` (a model folder you bring), ``yunet-sface`` and ``dlib`` (ship in packages, see
-docs/faces.md) and ``synthetic`` (the embedded default's stand-in, :mod:`realisid.embedded.detector`).
+docs/faces.md) and ``synthetic`` (the embedded default's stand-in, :mod:`realisid.embedded.analyzer`).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 # kind -> the module that registers it (imported on first use)
 BACKENDS = {"insightface": "realisid.faces.insightface_impl", "yunet-sface": "realisid.faces.yunet_sface",
-            "dlib": "realisid.faces.dlib_impl", "synthetic": "realisid.embedded.detector"}
+            "dlib": "realisid.faces.dlib_impl", "synthetic": "realisid.embedded.analyzer"}
 REAL_KINDS = ("yunet-sface", "dlib")  # photo-trained analyzers that ship in packages, in order of preference
 NEEDS_MODEL_DIR = ("insightface", "synthetic")  # kinds whose models come from a folder the user gives
 # the lowest detection score the shard builder keeps by default: a probability for most detectors, but dlib's HOG

@@ -13,8 +13,9 @@ Feature networks:
   torchmetrics builds it as ``NoTrainInceptionV3`` (needs torch-fidelity); with a path nothing is downloaded
   (without one torch-fidelity would fetch from GitHub, which this wrapper never lets happen). Resizing uses
   ``antialias=False``, the TF-1.x-compatible bilinear resize of the original FID.
-* :class:`StandInFeatures`: a fixed, seeded, random (untrained) conv net for machines without the Inception
-  weights. Its FIDs rank sets against each other but are NOT comparable with published FID numbers.
+* :class:`~realisid.embedded.fid_features.StandInFeatures` (the embedded default's): a fixed, seeded, random
+  (untrained) conv net for machines without the Inception weights. Its FIDs rank sets against each other but are
+  NOT comparable with published FID numbers.
 """
 from __future__ import annotations
 
@@ -24,11 +25,9 @@ import warnings
 from typing import Any, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from realisid.images import signed_from_uint8
 from realisid.metrics.binned import ALL, BinnedMetric
 
 log = logging.getLogger(__name__)
@@ -39,49 +38,6 @@ MIN_SAMPLES = 2
 
 
 # ------------------------------------------------------------------------------------------- feature nets
-class StandInFeatures(nn.Module):
-    """A small fixed conv net (random weights from ``seed``, never trained) mapping uint8 images to features.
-
-    Input ``(N, 3, H, W)`` uint8 (any size: resized to ``input_size`` with antialiasing), output
-    ``(N, num_features)`` float32. Weights are non-persistent buffers regenerated from the seed, so the network
-    is identical on every machine and rank, adds no trainable parameters and nothing to checkpoints.
-    """
-
-    def __init__(self, num_features: int = 64, input_size: int = 64, widths: Sequence[int] = (16, 32, 64), seed: int = 0):
-        super().__init__()
-        self.num_features = int(num_features)
-        self.input_size = int(input_size)
-        self.name = (f"standin-random-convnet-{self.num_features} (not Inception: numbers are not comparable with "
-                     "published FID)")
-        gen = torch.Generator().manual_seed(int(seed))
-        self._convs: list[tuple[str, str]] = []
-        cin = 3
-        for i, w in enumerate(int(v) for v in widths):
-            weight = torch.randn(w, cin, 3, 3, generator=gen) * (2.0 / (cin * 9)) ** 0.5
-            bias = torch.randn(w, generator=gen) * 0.1
-            self.register_buffer(f"conv{i}_w", weight, persistent=False)
-            self.register_buffer(f"conv{i}_b", bias, persistent=False)
-            self._convs.append((f"conv{i}_w", f"conv{i}_b"))
-            cin = w
-        # mean- and std-pooled last features, projected to num_features
-        self.register_buffer("proj", torch.randn(2 * cin, self.num_features, generator=gen) / (2 * cin) ** 0.5, persistent=False)
-        self.eval()
-
-    def train(self, mode: bool = True) -> "StandInFeatures":  # always in eval mode, like torchmetrics' Inception
-        return super().train(False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.dtype != torch.uint8:
-            raise TypeError(f"StandInFeatures takes uint8 images (N, 3, H, W), got {x.dtype}")
-        h = signed_from_uint8(x).to(self.proj.dtype)
-        if h.shape[-2:] != (self.input_size, self.input_size):
-            h = F.interpolate(h, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False, antialias=True)
-        for w_name, b_name in self._convs:
-            h = F.relu(F.conv2d(h, getattr(self, w_name), getattr(self, b_name), stride=2, padding=1))
-        pooled = torch.cat([h.mean(dim=(2, 3)), h.std(dim=(2, 3))], dim=1)
-        return pooled @ self.proj
-
-
 class _Precomputed(nn.Module):
     """The per-bin FIDs' "feature network": features were already computed by :class:`BinnedFID`."""
 
@@ -104,12 +60,12 @@ def load_inception(weights_path: str) -> nn.Module:
         raise FileNotFoundError(
             f"FID Inception weights not found at '{weights_path}'; download {INCEPTION_URL} on a machine with "
             "internet, copy it here and pass its path as feature_extractor_weights_path, or use "
-            "feature=StandInFeatures() (numbers then not comparable with published FID)")
+            "feature=realisid.embedded.fid_features.StandInFeatures() (numbers then not comparable with published FID)")
     from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
 
     if not _TORCH_FIDELITY_AVAILABLE:
         raise ModuleNotFoundError("the FID Inception network needs torch-fidelity; pip install torch-fidelity "
-                                  "(or torchmetrics[image]), or use feature=StandInFeatures()")
+                                  "(or torchmetrics[image]), or use feature=realisid.embedded.fid_features.StandInFeatures()")
     try:
         torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable/unsafe file gets the same message
@@ -139,7 +95,7 @@ class BinnedFID(BinnedMetric):
     Args:
         bins: ``{name: (low, high)}`` (default :data:`realisid.geometry.DEFAULT_BINS`).
         feature: a feature ``nn.Module`` taking uint8 ``(N, 3, H, W)`` and returning ``(N, D)``; it needs an int
-            ``num_features`` attribute (e.g. :class:`StandInFeatures`).
+            ``num_features`` attribute (e.g. :class:`~realisid.embedded.fid_features.StandInFeatures`).
         feature_extractor_weights_path: instead of ``feature``, a local file with torch-fidelity's FID
             Inception-v3 weights (never downloaded).
         feature_name: how tables name the feature network (default: the module's ``name`` attribute, or the
@@ -158,7 +114,7 @@ class BinnedFID(BinnedMetric):
                  key_prefix: str = "", **kwargs: Any):
         super().__init__(bins, key_prefix=key_prefix, **kwargs)
         if (feature is None) == (feature_extractor_weights_path is None):
-            raise ValueError("give exactly one of feature=<nn.Module> (e.g. StandInFeatures()) or "
+            raise ValueError("give exactly one of feature=<nn.Module> (e.g. realisid.embedded.fid_features.StandInFeatures()) or "
                              "feature_extractor_weights_path=<local Inception weights file>; got "
                              f"feature={type(feature).__name__ if feature is not None else None}, "
                              f"feature_extractor_weights_path={feature_extractor_weights_path!r}")

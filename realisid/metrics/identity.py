@@ -8,9 +8,8 @@ to it), embeds it with the *evaluation* encoder and returns its cosine with the 
 The evaluation encoder is configured separately from the conditioning encoder (scoring with the encoder the
 model was conditioned on flatters it), and :meth:`IdentitySimilarity.describe` names both for tables.
 
-:class:`StandInFaceAnalyzer` is the embedded default's evaluation "analyzer": there is no detector trained on
-the synthetic faces, so it does not detect anything - it takes the target box as the face and embeds it with
-the stand-in identity network. Its found-rate is 1 by construction and it measures no location.
+An analyzer with a ``detect_in_box`` method (the embedded default's
+:class:`~realisid.embedded.box_analyzer.StandInFaceAnalyzer`) is given the target box instead of detecting.
 """
 from __future__ import annotations
 
@@ -23,7 +22,7 @@ import torch
 from torch import Tensor
 
 from realisid.faces.analysis import Face, as_rgb_uint8, l2_normalize
-from realisid.geometry import FRONTAL_KPS, box_iou
+from realisid.geometry import box_iou
 from realisid.metrics.binned import BinnedMetric, as_float_tensor
 
 log = logging.getLogger(__name__)
@@ -183,9 +182,9 @@ def score_faces(images: Sequence[np.ndarray], target_boxes: Sequence[Sequence[fl
     """Inputs for :class:`IdentitySimilarity` (and :class:`~realisid.metrics.LocationIoU`) from generated images.
 
     For image ``i``: detect faces (``analyzer.detect(image)``; an analyzer with a ``detect_in_box`` method,
-    such as :class:`StandInFaceAnalyzer`, is given the target box instead), pick the face for
-    ``target_boxes[i]`` with :func:`match_face`, embed it (``face.embedding`` when the analyzer filled it,
-    else ``analyzer.embed(image, face.kps)``) and take the cosine with the L2-normalised
+    such as :class:`~realisid.embedded.box_analyzer.StandInFaceAnalyzer`, is given the target box instead), pick
+    the face for ``target_boxes[i]`` with :func:`match_face`, embed it (``face.embedding`` when the analyzer
+    filled it, else ``analyzer.embed(image, face.kps)``) and take the cosine with the L2-normalised
     ``ref_embeddings[i]``.
 
     Returns ``(similarity (N,) float32 with NaN for misses, found (N,) bool, matched_boxes (N, 4) float32
@@ -223,82 +222,3 @@ def score_faces(images: Sequence[np.ndarray], target_boxes: Sequence[Sequence[fl
         boxes[i] = np.asarray(face.bbox, dtype=np.float32).reshape(4)
     log.debug("score_faces: %d of %d faces found by %s", int(found.sum()), n, getattr(analyzer, "name", analyzer))
     return torch.from_numpy(sims), torch.from_numpy(found), torch.from_numpy(boxes)
-
-
-# ------------------------------------------------------------------------------------------- stand-in analyzer
-def _box_from_kps(kps: np.ndarray) -> list[float]:
-    """The box whose :data:`FRONTAL_KPS` best fit ``kps`` (least squares, per axis: p = x0 + w * t)."""
-    k = np.asarray(kps, dtype=np.float64).reshape(5, 2)
-    box = []
-    for axis in (0, 1):
-        t = FRONTAL_KPS[:, axis].astype(np.float64)
-        a = np.stack([np.ones_like(t), t], 1)
-        (origin, side), *_ = np.linalg.lstsq(a, k[:, axis], rcond=None)
-        box.append((origin, side))
-    (x0, w), (y0, h) = box
-    if not (w > 0 and h > 0):
-        raise ValueError(f"kps {k.tolist()} do not look like a face (eyes above mouth, left eye left of right eye)")
-    # rounded to 1e-3 px so float noise in the fit cannot tip the crop's integer rounding (ceil of the side)
-    return [round(float(v), 3) for v in (x0, y0, x0 + w, y0 + h)]
-
-
-class StandInFaceAnalyzer:
-    """The embedded default's evaluation analyzer: the stand-in identity network on the TARGET box.
-
-    No detector is trained on the synthetic faces, so this analyzer does not detect: ``detect_in_box(image,
-    box)`` returns one :class:`~realisid.faces.Face` at exactly ``box`` (keypoints from a frontal template,
-    ``det_score`` NaN because nothing was detected) with the stand-in network's embedding of
-    :func:`realisid.faces.standin.identity_crop`. Scored through :func:`score_faces` every face is "found"
-    and sits exactly in its box, so found-rate and location IoU measure nothing with it; only identity
-    similarity is measured (by the stand-in, whose numbers are not ArcFace similarities). Its ``name``
-    says so.
-
-    Args:
-        standin_model: a :class:`~realisid.faces.standin.StandInArcFace` (e.g. from ``load_standin(path)``)
-            or the path of a trained one.
-        name: overrides the default name (keep "stand-in" and "location not measured" in it).
-    """
-
-    def __init__(self, standin_model: Any, name: str | None = None):
-        if isinstance(standin_model, (str, bytes)) or hasattr(standin_model, "__fspath__"):
-            from realisid.faces.standin import load_standin
-
-            standin_model = load_standin(str(standin_model))
-        if not isinstance(standin_model, torch.nn.Module) or not hasattr(standin_model, "image_size"):
-            raise TypeError(f"standin_model must be a StandInArcFace (realisid.faces.standin.load_standin(path)) or its "
-                            f"path, got {type(standin_model).__name__}")
-        self.model = standin_model
-        model_name = getattr(standin_model, "name", type(standin_model).__name__)
-        self.name = name or (f"{model_name} on the target box (stand-in analyzer: no face detector, faces are taken "
-                             "at their target boxes, so location and found-rate are not measured by it)")
-        self.embedding_dim = int(getattr(standin_model, "embed_dim"))
-
-    def _embed_box(self, image: np.ndarray, box: Sequence[float]) -> np.ndarray:
-        from realisid.faces.standin import identity_crop
-
-        crop = identity_crop(image, [float(v) for v in box], int(self.model.image_size))
-        param = next(self.model.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                emb = self.model(crop.unsqueeze(0).to(device))[0]
-        finally:
-            self.model.train(was_training)
-        return l2_normalize(emb.float().cpu().numpy())
-
-    def detect_in_box(self, image: np.ndarray, box: Sequence[float]) -> Face:
-        """One face at ``box`` (not detected: taken as given) with template keypoints and its embedding."""
-        image = as_rgb_uint8(image)
-        b = _check_box(box, 0)
-        kps = FRONTAL_KPS * np.array([b[2] - b[0], b[3] - b[1]], np.float32) + np.array([b[0], b[1]], np.float32)
-        return Face(bbox=np.array(b, np.float32), kps=kps, det_score=float("nan"), embedding=self._embed_box(image, b))
-
-    def detect(self, image: np.ndarray) -> list[Face]:
-        raise NotImplementedError(f"{self.name} cannot detect faces; call detect_in_box(image, target_box) "
-                                  "(score_faces does) or configure a real face detector (faces.model_dir)")
-
-    def embed(self, image: np.ndarray, kps: np.ndarray) -> np.ndarray:
-        """Embedding of the face whose box is fitted to ``kps`` through the frontal template."""
-        return self._embed_box(as_rgb_uint8(image), _box_from_kps(kps))

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from realisid.embedded.standin import STANDIN_NAME, load_standin
 from realisid.images import hwc_uint8
 
 log = logging.getLogger(__name__)
@@ -67,8 +68,6 @@ class IdentityEncoder(nn.Module):
 class StandInEncoder(IdentityEncoder):
     def __init__(self, path: str):
         super().__init__()
-        from realisid.faces.standin import STANDIN_NAME, load_standin
-
         self.net = load_standin(path)
         self.net.requires_grad_(False)
         self.image_size = int(self.net.config["image_size"])

@@ -1,4 +1,4 @@
-"""The part painters of :func:`~realisid.data.synthetic.render.render_face`, one per part.
+"""The part painters of :func:`~realisid.embedded.synthetic.render.render_face`, one per part.
 
 Each takes the painter, the identity and the image's layout (:class:`~.geometry._Layout`), and draws its part
 in the head frame (see :mod:`.geometry`); ``render_face`` calls them back to front: body and shirt, back

@@ -8,11 +8,13 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from realisid.data.shards import FaceShardWriter, face_meta
+from realisid.images import identity_crop
+
 from .identity import BACKGROUNDS, make_identity, sample_face_size
 from .render import render_face
 
-
-log = logging.getLogger("realisid.data.synthetic")   # the package's logger name, as before the split
+log = logging.getLogger("realisid.embedded.synthetic")   # the package's logger name
 
 FACE_MODEL = "synthetic-exact-v1"
 SOURCE = "synthetic-v1"
@@ -20,8 +22,6 @@ SOURCE = "synthetic-v1"
 
 def _face_crop(image: Image.Image, bbox: Sequence[float], size: int) -> Image.Image:
     """The reference crop, cut exactly as the pipeline cuts identity crops."""
-    from realisid.images import identity_crop
-
     return identity_crop(image, bbox, size)[0]
 
 
@@ -46,8 +46,6 @@ def generate_synthetic_shards(out_dir: str, *, num_identities: int = 64, images_
     interleaved in write order so every shard holds many people.
     Returns ``{"train": manifest, "val": manifest}``.
     """
-    from realisid.data.shards import FaceShardWriter, face_meta
-
     if num_identities < 1 or not 0 <= val_identities < num_identities:
         raise ValueError(f"need num_identities >= 1 and 0 <= val_identities < num_identities, got "
                          f"num_identities={num_identities}, val_identities={val_identities}")
@@ -87,7 +85,7 @@ def generate_synthetic_shards(out_dir: str, *, num_identities: int = 64, images_
                 meta["pose"] = {k: round(v, 4) for k, v in face.pose.items()}
                 writer.write(f"{ident.name}-{j:04d}", face.image, meta, ref=crops[(i, src)])
         writer.manifest.extra.update({
-            "generator": "realisid.data.synthetic", "seed": int(seed), "image_size": int(image_size),
+            "generator": "realisid.embedded.synthetic", "seed": int(seed), "image_size": int(image_size),
             "ref_size": int(ref_size), "images_per_identity": int(images_per_identity), "ref_choices": int(ref_choices),
             "backgrounds": list(backgrounds),
             "identity_indices": [indices.start, indices.stop], "pose_units": "degrees",
