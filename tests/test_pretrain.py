@@ -5,6 +5,7 @@ import json
 import os
 
 import pytest
+import torch
 
 
 def _shrunk(tmp_path):
@@ -14,6 +15,7 @@ def _shrunk(tmp_path):
             "prepare.synthetic.val_identities=2", "prepare.synthetic.shard_size=16", "prepare.synthetic.ref_choices=2",
             "prepare.standin.steps=3", f"pretrain.out_dir={assets}", f"pretrain.work_dir={tmp_path / 'work'}", "pretrain.vae.steps=3",
             "pretrain.vae.batch_size=4", "pretrain.unet.steps=3", "pretrain.unet.batch_size=4", "pretrain.unet.checkpoint_every=2",
+            "pretrain.unet_refine.steps=2", "pretrain.unet_refine.batch_size=4",
             "pretrain.detector.steps=3", "pretrain.detector.batch_size=4", "pretrain.detector.vae_copies=4", "pretrain.check.samples=2",
             "pretrain.check.steps=2", "pretrain.max_megabytes=40"], assets
 
@@ -31,7 +33,15 @@ def test_pretrain_then_train_on_the_prepared_default(tmp_path):
         assert (assets / name).is_dir(), name
     assert (assets / "base_samples.png").exists()
     assert pretrained_record(str(assets)) == json.loads(json.dumps(rec))
-    assert set(rec["stages"]) == {"vae", "unet", "standin-arcface", "standin-arcface-eval", "synthetic-face-analyzer"}
+    assert set(rec["stages"]) == {"vae", "unet", "unet_refine", "standin-arcface", "standin-arcface-eval", "synthetic-face-analyzer"}
+    assert rec["stages"]["unet_refine"]["timestep_shift"] == 3.0 and rec["stages"]["unet_refine"]["unet_steps"] == 2
+    # what ships is the refined UNet, which started from phase 1's weights and moved away from them
+    from safetensors.torch import load_file
+
+    shipped, phase1, refined = (load_file(str(d / "unet" / "diffusion_pytorch_model.safetensors"))
+                                for d in (assets / "tiny-sd", tmp_path / "work" / "tiny-sd", tmp_path / "work" / "tiny-sd-refined"))
+    assert all(torch.equal(shipped[k], refined[k]) for k in refined)
+    assert any(not torch.equal(phase1[k], refined[k]) for k in refined)
     assert rec["base_check"]["samples"] == 2 and 0 <= rec["base_check"]["found"] <= 2
     acc = rec["stages"]["synthetic-face-analyzer"]["accuracy_held_out"]
     assert acc["all"]["n"] == 2 * 6 and 0.0 <= acc["all"]["recall"] <= 1.0
@@ -57,7 +67,6 @@ def test_pretrain_then_train_on_the_prepared_default(tmp_path):
     assert res["global_step"] == 2 and os.path.isdir(res["export"])
     pipe = RealisIDPipeline.from_export(res["export"])
     assert pipe.id_encoder.name == "standin-arcface-synthetic"
-    import torch
 
     ref = torch.zeros(3, 32, 32)
     out = pipe("a photo of a person", [Person(box=[40, 40, 72, 72], id_image=ref)], num_inference_steps=2, seed=0)
@@ -71,3 +80,16 @@ def test_missing_stand_ins_name_the_fix(tmp_path):
     cfg = load_config("local_branch", [f"model.pretrained={tmp_path}/nowhere"])
     with pytest.raises(FileNotFoundError, match=r"base model \(model.pretrained\): .*nowhere.*make pretrain"):
         check_stand_ins(cfg)
+
+
+def test_timestep_shift_moves_training_toward_high_noise():
+    from realisid.embedded.base import sample_timesteps
+
+    g = torch.Generator().manual_seed(0)
+    uniform = sample_timesteps(20000, 1000, 1.0, g)
+    shifted = sample_timesteps(20000, 1000, 3.0, g)
+    assert uniform.min() >= 0 and uniform.max() <= 999 and shifted.min() >= 0 and shifted.max() <= 999
+    assert abs(float((uniform >= 500).float().mean()) - 0.5) < 0.02
+    assert abs(float((shifted >= 500).float().mean()) - 0.75) < 0.02  # s / (s + 1)
+    with pytest.raises(ValueError, match="shift"):
+        sample_timesteps(4, 1000, 0.0, g)

@@ -224,13 +224,28 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float,
     return torch.clamp(snr, max=gamma) / snr
 
 
+def sample_timesteps(n: int, num_train_timesteps: int, shift: float, generator: torch.Generator) -> torch.Tensor:
+    """``n`` training timesteps. ``shift`` 1: uniform. ``shift`` s > 1 moves them toward high noise as SD3's
+    resolution shift does, t = T * s u / (1 + (s - 1) u) for uniform u: a fraction s / (s + 1) of them lands in the
+    noisier half, where a base decides the layout (the steps a short schedule leaves unlearned)."""
+    if shift <= 0:
+        raise ValueError(f"timestep shift {shift} must be > 0 (1: uniform)")
+    if shift == 1:
+        return torch.randint(0, num_train_timesteps, (n,), generator=generator)
+    u = torch.rand(n, generator=generator)
+    shifted = shift * u / (1 + (shift - 1) * u)
+    return (shifted * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
+
+
 def train_unet(bb, moments: torch.Tensor, data: ImageSet, *, steps: int, batch_size: int, lr: float, weight_decay: float,
                ema_decay: float, min_snr_gamma: float, caption_probs: Mapping[str, float], generator: torch.Generator,
-               checkpoint: str | None = None, checkpoint_every: int = 500) -> dict:
-    """Noise prediction on in-memory latents; the UNet and the text encoder learn together. Returns stats; the
-    backbone holds the EMA weights afterwards.
+               checkpoint: str | None = None, checkpoint_every: int = 500, timestep_shift: float = 1.0,
+               what: str = "base UNet") -> dict:
+    """Noise prediction on in-memory latents; the UNet and the text encoder learn together, from whatever weights
+    ``bb`` holds. Returns stats; the backbone holds the EMA weights afterwards.
 
-    ``checkpoint``: a file the stage's state is saved to every ``checkpoint_every`` steps and resumed from."""
+    ``checkpoint``: a file the stage's state is saved to every ``checkpoint_every`` steps and resumed from.
+    ``timestep_shift``: see :func:`sample_timesteps`."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
     from diffusers.training_utils import EMAModel
 
@@ -255,15 +270,15 @@ def train_unet(bb, moments: torch.Tensor, data: ImageSet, *, steps: int, batch_s
         ema.load_state_dict(state["ema"])
         generator.set_state(state["generator"])
         start, losses = int(state["step"]), list(state["losses"])
-        log.info("base UNet: resumed from %s at step %d", checkpoint, start)
+        log.info("%s: resumed from %s at step %d", what, checkpoint, start)
     n = len(data)
-    prog = Progress("base UNet", steps)
+    prog = Progress(what, steps)
     prog.losses = losses
     for i in range(start, int(steps)):
         idx = torch.randint(0, n, (batch_size,), generator=generator)
         z = DiagonalGaussianDistribution(moments[idx].float()).sample(generator) * scale
         noise = torch.randn(z.shape, generator=generator)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch_size,), generator=generator)
+        t = sample_timesteps(batch_size, noise_sched.config.num_train_timesteps, timestep_shift, generator)
         caps = choose_captions([data.captions[k] for k in idx.tolist()], [data.captions_no_identity[k] for k in idx.tolist()],
                                caption_probs, generator)
         ids = bb.tokenizer(caps, padding="max_length", max_length=bb.tokenizer.model_max_length, truncation=True,
@@ -289,7 +304,7 @@ def train_unet(bb, moments: torch.Tensor, data: ImageSet, *, steps: int, batch_s
     te.eval().requires_grad_(False)
     first, last = prog.fifths()
     return {"unet_steps": int(steps), "unet_loss_first_fifth": round(first, 5), "unet_loss_last_fifth": round(last, 5),
-            "ema_decay": ema_decay, "min_snr_gamma": min_snr_gamma}
+            "ema_decay": ema_decay, "min_snr_gamma": min_snr_gamma, "timestep_shift": timestep_shift}
 
 
 def _warmup_cosine(steps: int, warmup_frac: float = 0.03, floor: float = 0.1) -> Callable[[int], float]:

@@ -4,7 +4,9 @@ Stages, each cached in ``pretrain.work_dir`` so an interrupted recipe resumes wh
 
 1. the synthetic face shards (the same ones ``make train`` draws: same generator, seed and sizes);
 2. the base model's VAE, its latent scale, the training latents;
-3. the base model's UNet and text encoder (EMA weights; resumable inside the stage);
+3. the base model's UNet and text encoder (EMA weights; resumable inside the stage), then a refinement phase
+   that continues from those weights with timesteps shifted toward high noise (``pretrain.unet_refine``;
+   ``steps: 0`` skips it);
 4. the two stand-in identity encoders (conditioning, and evaluation with another seed);
 5. the synthetic face analyzer (detector + 5 points), with its accuracy on held-out identities;
 6. the base check: samples from held-out captions, 30 DDIM steps, the analyzer counts the faces it finds.
@@ -26,18 +28,21 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from realisid.embedded import analyzer as D
+from realisid.embedded import base as B
 from realisid.embedded.assets import RECORD
 from realisid.embedded.base import vae_round_trip
+from realisid.embedded.check import base_check, held_out_captions, save_framed_grid
 from realisid.embedded.stages import mark_done as _mark, shard_urls, stage_done as _stage_done, synthetic_shards
+from realisid.embedded.standin import train_standin
+from realisid.geometry import bins_from_config
+from realisid.models.backbone import build_tiny_backbone, load_pretrained_backbone, save_backbone
 
 log = logging.getLogger(__name__)
 
 
 def pretrain(cfg: DictConfig) -> dict:
     """Run every stage that is not done yet; returns the record written to ``out_dir/PRETRAINED.json``."""
-    from realisid.embedded import base as B
-    from realisid.models.backbone import build_tiny_backbone, save_backbone
-
     p = cfg.pretrain
     seed = int(cfg.experiment.seed)
     work, out = str(p.work_dir), str(p.out_dir)
@@ -92,13 +97,29 @@ def pretrain(cfg: DictConfig) -> dict:
         save_backbone(bb, base_dir, half_unet=True)
         _mark(base_dir, stats)
     record["stages"]["unet"] = stats
-    from realisid.models.backbone import load_pretrained_backbone
-
     bb = load_pretrained_backbone(base_dir)  # what users load: the float16-stored UNet, read back as float32
 
-    # ---- 4. stand-in identity encoders
-    from realisid.faces.standin import train_standin
+    # ---- 3b. UNet refinement: continue from the EMA weights with timesteps shifted toward high noise
+    r = p.get("unet_refine")
+    if r is not None and int(r.steps) > 0:
+        base_dir = os.path.join(work, "tiny-sd-refined")
+        stats = _stage_done(base_dir)
+        if stats is None:
+            t0 = time.perf_counter()
+            g = torch.Generator().manual_seed(seed + 3)
+            u = p.unet
+            stats = B.train_unet(bb, moments, data, steps=int(r.steps), batch_size=int(r.batch_size), lr=float(r.lr),
+                                 weight_decay=float(u.weight_decay), ema_decay=float(u.ema_decay), min_snr_gamma=float(u.min_snr_gamma),
+                                 caption_probs=OmegaConf.to_container(u.captions), generator=g,
+                                 checkpoint=os.path.join(work, "unet-refine-stage.pt"), checkpoint_every=int(u.checkpoint_every),
+                                 timestep_shift=float(r.timestep_shift), what="base UNet refinement")
+            stats["seconds"] = round(time.perf_counter() - t0, 1)
+            save_backbone(bb, base_dir, half_unet=True)
+            _mark(base_dir, stats)
+        record["stages"]["unet_refine"] = stats
+        bb = load_pretrained_backbone(base_dir)
 
+    # ---- 4. stand-in identity encoders
     train_urls, val_urls = shard_urls(cfg, "train"), shard_urls(cfg, "val")
     st = cfg.prepare.standin
     for name, s in (("standin-arcface", seed), ("standin-arcface-eval", int(cfg.prepare.eval_standin.seed))):
@@ -111,9 +132,6 @@ def pretrain(cfg: DictConfig) -> dict:
                                   if k in stats}
 
     # ---- 5. synthetic face analyzer
-    from realisid.embedded import detector as D
-    from realisid.geometry import bins_from_config
-
     det_dir = os.path.join(work, "synthetic-face-analyzer")
     stats = _stage_done(det_dir)
     val = B.load_image_set(val_urls, resolution)
@@ -137,8 +155,6 @@ def pretrain(cfg: DictConfig) -> dict:
     record["stages"]["synthetic-face-analyzer"] = stats
 
     # ---- 6. base check: does the base draw people from noise?
-    from realisid.embedded.check import base_check, held_out_captions, save_framed_grid
-
     analyzer = D.load_synthetic_analyzer(det_dir)
     c = p.check
     prompts = held_out_captions(val.captions, int(c.samples), seed)
@@ -150,11 +166,12 @@ def pretrain(cfg: DictConfig) -> dict:
 
     # ---- write the package assets
     os.makedirs(out, exist_ok=True)
-    for name in ("tiny-sd", "standin-arcface", "standin-arcface-eval", "synthetic-face-analyzer"):
+    sources = {"tiny-sd": base_dir, **{n: os.path.join(work, n) for n in ("standin-arcface", "standin-arcface-eval", "synthetic-face-analyzer")}}
+    for name, src in sources.items():
         dst = os.path.join(out, name)
         if os.path.exists(dst):
             shutil.rmtree(dst)
-        shutil.copytree(os.path.join(work, name), dst, ignore=shutil.ignore_patterns("DONE.json", "*.tmp"))
+        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("DONE.json", "*.tmp"))
     save_framed_grid(images, found, os.path.join(out, "base_samples.png"))
     record["seconds_total_this_run"] = round(time.perf_counter() - t_all, 1)
     record["seconds_by_stage"] = {k: v.get("seconds", v.get("total_seconds")) for k, v in record["stages"].items()}
