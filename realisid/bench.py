@@ -24,7 +24,13 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from realisid.evaluation import Case, build_evaluator, compute_all
+from realisid.data.example import ExampleMaker
+from realisid.data.stream import load_examples, resolve_shards
+from realisid.embedded.base import Progress
+from realisid.evaluation import Case, build_evaluator, compute_all, to_uint8
+from realisid.images import identity_crop, to_tensor
+from realisid.metrics.calibrated import calibrated_identity, fmt
+from realisid.pipeline import RealisIDPipeline, tensor_to_pil
 
 log = logging.getLogger(__name__)
 PLOT_METRICS = ("similarity", "found", "loc_iou", "pose_err")  # per face size; the calibrated metrics are plotted per bin
@@ -51,9 +57,6 @@ def reference_faces(examples: Sequence[dict], count: int, id_image_size: int) ->
     photo with the largest face (cut as training cuts references). ``key`` names the photo it was cut from, which
     the ceiling then leaves out."""
     from PIL import Image
-
-    from realisid.images import identity_crop, to_tensor
-    from realisid.evaluation import to_uint8
 
     best: dict[str, dict] = {}
     for ex in examples:
@@ -226,7 +229,6 @@ def size_grid(images: Mapping[str, Sequence[torch.Tensor]], references: Sequence
 
 def save_grid_tiles(images: Mapping[str, Sequence[torch.Tensor]], reference: torch.Tensor, sizes_px: Sequence[int], folder: str) -> None:
     """The grid's pieces as PNGs (``reference.png``, ``<setting>-<size>.png``), so a sweep can put runs side by side."""
-    from realisid.pipeline import tensor_to_pil
 
     os.makedirs(folder, exist_ok=True)
     tensor_to_pil(reference[None])[0].save(os.path.join(folder, "reference.png"))
@@ -237,8 +239,6 @@ def save_grid_tiles(images: Mapping[str, Sequence[torch.Tensor]], reference: tor
 
 def markdown(summary: Sequence[dict], bins_rows: Sequence[dict], calibrated: Mapping[str, Mapping[str, dict]],
              header: Mapping[str, str], skipped: Sequence[dict], found_measured: bool = True) -> str:
-    from realisid.metrics.calibrated import fmt
-
     def f2(v: float, measured: bool = True) -> str:
         return f"{v:.2f}" if measured and v == v else "n/a"
 
@@ -277,13 +277,6 @@ def run_bench(cfg, run_dir: str, out_dir: str, *, settings: Mapping[str, Mapping
     ``device`` / ``dtype``: where sampling runs (default: cuda when available, fp16 frozen parts there); the
     face analyzer and the evaluation encoder run where they run (CPU for ONNX models)."""
     from omegaconf import OmegaConf
-
-    from realisid.data.example import ExampleMaker
-
-    from realisid.data.stream import load_examples, resolve_shards
-    from realisid.embedded.base import Progress
-    from realisid.metrics.calibrated import calibrated_identity
-    from realisid.pipeline import RealisIDPipeline
 
     os.makedirs(out_dir, exist_ok=True)
     pipe = RealisIDPipeline.from_export(os.path.join(run_dir, "export"), device=device, dtype=dtype)

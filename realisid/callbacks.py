@@ -8,7 +8,10 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from realisid.geometry import face_size
+from realisid.evaluation import Case, build_evaluator, compute_all
+from realisid.geometry import bins_from_config, face_size, scale_bin
+from realisid.interrupts import StopRequest
+from realisid.pipeline import Person
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +34,6 @@ class ValidationImages(L.Callback):
         if not examples:
             return
         from torchvision.utils import make_grid, save_image
-
-        from realisid.pipeline import Person
 
         pipe = module.pipeline()
         rows = []
@@ -137,8 +138,6 @@ class SaveOnInterrupt(L.Callback):
     """
 
     def __init__(self, ckpt_path: str):
-        from realisid.interrupts import StopRequest
-
         self.ckpt_path = ckpt_path
         self.interrupted: str | None = None
         self.request = StopRequest(lambda why: log.warning("%s: saving a checkpoint after this step and stopping%s", why,
@@ -205,9 +204,6 @@ class ScaleMetrics(L.Callback):
         self._validations = 0
 
     def cases(self, examples):
-        from realisid.evaluation import Case
-        from realisid.geometry import bins_from_config, scale_bin
-
         bins = bins_from_config(self.cfg.bins)
         chosen = {b: [] for b in bins}
         for ex in examples:
@@ -231,7 +227,6 @@ class ScaleMetrics(L.Callback):
         examples = trainer.datamodule.val_examples if trainer.datamodule is not None else None
         if not examples:
             return
-        from realisid.evaluation import build_evaluator, compute_all
 
         if self._evaluator is None:
             self._evaluator = build_evaluator(self.cfg, module.id_encoder.name)

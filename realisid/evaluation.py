@@ -13,9 +13,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from realisid.embedded.box_analyzer import StandInFaceAnalyzer
+from realisid.embedded.fid_features import StandInFeatures
+from realisid.faces import NEEDS_MODEL_DIR, load_face_analyzer
 from realisid.faces.analysis import l2_normalize
-from realisid.geometry import FRONTAL_KPS, bins_from_config, face_size, scale_bin
-from realisid.images import hwc_uint8, uint8_from_signed
+from realisid.geometry import FRONTAL_KPS, bins_from_config, box_iou, expand_square_box, face_size, scale_bin
+from realisid.images import ID_CROP_EXPAND, hwc_uint8, id_crop_face_box, uint8_from_signed
+from realisid.metrics import (BinnedFID, INCEPTION_NAME, IdentityMargin, IdentitySimilarity, LocationIoU, PoseError,
+                              load_inception, match_face)
+from realisid.metrics.calibrated import other_similarity, scored
+from realisid.pipeline import Person
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +47,6 @@ def to_uint8(img: torch.Tensor) -> np.ndarray:
 
 def face_crop_uint8(img: torch.Tensor, box: Sequence[float], size: int = 64) -> torch.Tensor:
     """The square face crop (box expanded 1.3x, inside the image) as (3, size, size) uint8, for face FID."""
-    from realisid.images import ID_CROP_EXPAND
-    from realisid.geometry import expand_square_box
 
     x0, y0, x1, y1 = expand_square_box(box, ID_CROP_EXPAND, img.shape[-1], img.shape[-2])
     crop = F.interpolate(img[None, :, y0:y1, x0:x1].float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
@@ -63,12 +68,10 @@ class Evaluator:
     def reference_embedding(self, ref: np.ndarray) -> np.ndarray:
         """Evaluation-encoder embedding of a reference face crop (cut by ``identity_crop``, so the face is its
         central square): the face the analyzer finds there, or, if it finds none, the known central box."""
-        from realisid.images import id_crop_face_box
 
         box = list(id_crop_face_box(ref.shape[0]))
         if self.standin_faces:
             return self.analyzer.detect_in_box(ref, box).embedding
-        from realisid.metrics import match_face
 
         f = match_face(self.analyzer.detect(ref), box)
         if f is None:
@@ -84,7 +87,6 @@ class Evaluator:
     def find_faces(self, image: np.ndarray, boxes: Sequence[Sequence[float]]) -> list[tuple[Any, np.ndarray | None]]:
         """For each target box: the analyzer's face for it (or None) and that face's embedding. The image is
         analysed once, whatever the number of boxes."""
-        from realisid.metrics import match_face
 
         if self.standin_faces:
             faces = [self.analyzer.detect_in_box(image, list(b)) for b in boxes]
@@ -103,7 +105,6 @@ class Evaluator:
                       bank: Mapping[str, np.ndarray]) -> list[dict]:
         """Per box: found, the matched face, sim_ref / sim_other / margin (misses score 0, see
         :mod:`realisid.metrics.calibrated`), location IoU and landmark error against ``kps`` when known."""
-        from realisid.metrics.calibrated import other_similarity, scored
 
         rows = []
         for (face, emb), box, ident in zip(self.find_faces(image, boxes), boxes, identities):
@@ -116,8 +117,6 @@ class Evaluator:
         return rows
 
     def new_metrics(self) -> dict[str, Any]:
-        from realisid.metrics import BinnedFID, IdentityMargin, IdentitySimilarity, LocationIoU, PoseError
-
         m = {"id": IdentitySimilarity(self.bins, encoder_name=self.analyzer.name, conditioning_encoder=self.conditioning_name),
              "margin": IdentityMargin(self.bins),
              "fid_face": BinnedFID(self.bins, feature=self.fid_feature, feature_name=self.fid_name, key_prefix="face_"),
@@ -158,8 +157,6 @@ class Evaluator:
         """Generate every case, update ``metrics``; returns one row per person and the generated images.
 
         ``bank``: reference embeddings of every identity in play (:meth:`reference_bank`); default: the cases' own."""
-        from realisid.geometry import box_iou
-        from realisid.pipeline import Person
 
         if bank is None:
             refs: dict[str, torch.Tensor] = {}
@@ -216,8 +213,6 @@ def compute_all(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 def build_evaluator(cfg, conditioning_name: str) -> Evaluator:
     """The analyzer and FID features that ``evaluation.*`` asks for."""
-    from realisid.embedded.box_analyzer import StandInFaceAnalyzer
-    from realisid.embedded.fid_features import StandInFeatures
 
     e = cfg.evaluation
     if e.encoder == "standin":
@@ -225,8 +220,6 @@ def build_evaluator(cfg, conditioning_name: str) -> Evaluator:
                                                             "target box; location and found-rate not measured")
     elif e.encoder == "analyzer":
         from omegaconf import OmegaConf
-
-        from realisid.faces import NEEDS_MODEL_DIR, load_face_analyzer
 
         if cfg.faces.kind in NEEDS_MODEL_DIR and not cfg.faces.model_dir:
             raise ValueError(f"evaluation.encoder=analyzer with faces.kind={cfg.faces.kind} needs faces.model_dir (its detector and "
@@ -238,8 +231,6 @@ def build_evaluator(cfg, conditioning_name: str) -> Evaluator:
         feat = StandInFeatures()
         name = getattr(feat, "name", "standin-random-convnet-64")
     elif e.fid_features == "inception":
-        from realisid.metrics import INCEPTION_NAME, load_inception
-
         if not e.inception_weights:
             raise ValueError("evaluation.fid_features=inception needs evaluation.inception_weights=/path/to/weights-inception-2015-12-05.pt")
         feat, name = load_inception(e.inception_weights), INCEPTION_NAME

@@ -20,10 +20,12 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from realisid.data.guidance import contour_map, location_map
-from realisid.geometry import DEFAULT_BINS, FRONTAL_KPS, expand_square_box, face_size, scale_bin
-from realisid.images import hwc_uint8
-from realisid.models.backbone import DTYPES
-from realisid.models.branches import add_residuals
+from realisid.data.shards import SampleError, decode_image
+from realisid.geometry import DEFAULT_BINS, FRONTAL_KPS, box_iou, expand_square_box, face_size, scale_bin
+from realisid.images import centred_mask, hwc_uint8, identity_crop, identity_crop_kps, to_tensor
+from realisid.models.backbone import DTYPES, load_backbone
+from realisid.models.branches import GlobalBranch, LocalBranch, add_residuals
+from realisid.models.id_encoder import IdProjector, build_id_encoder
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +74,6 @@ class RealisIDPipeline:
         move it with :meth:`to` (``device=None``: cuda when available; ``dtype=None``: fp16 frozen parts on a GPU, as
         loaded on a CPU)."""
         from safetensors.torch import load_file
-
-        from realisid.models.backbone import load_backbone
-        from realisid.models.branches import GlobalBranch, LocalBranch
-        from realisid.models.id_encoder import IdProjector, build_id_encoder
 
         cfg_path = os.path.join(export_dir, "config.yaml")
         if not os.path.exists(cfg_path):
@@ -275,7 +273,6 @@ def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 def check_boxes(boxes: Sequence[Sequence[float]], size: int, *, min_box: float, max_overlap: float, vae_scale_factor: int) -> None:
     """Refuse boxes the pipeline cannot honour, naming the box and the fix."""
-    from realisid.geometry import box_iou
 
     for i, b in enumerate(boxes):
         x0, y0, x1, y1 = b
@@ -324,9 +321,6 @@ def reference_person(path: str, box: Sequence[float], id_image_size: int, analyz
     Pose/expression for the target come from the reference face's 5 points, moved into the target box.
     """
     import json
-
-    from realisid.images import centred_mask, identity_crop, identity_crop_kps, to_tensor
-    from realisid.data.shards import SampleError, decode_image
 
     try:
         with open(path, "rb") as f:

@@ -12,6 +12,7 @@ import os
 import time
 
 from omegaconf import DictConfig
+from realisid.embedded.stages import synthetic_shards
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,6 @@ def prepare_embedded_default(cfg: DictConfig) -> dict:
     """Draw the synthetic shards if missing and check the shipped stand-ins; returns what was found, with stats."""
     if not cfg.prepare.enabled:
         return {}
-    from realisid.embedded.stages import synthetic_shards
 
     t0 = time.time()
     out = {"synthetic": synthetic_shards(cfg), "stand_ins": check_stand_ins(cfg)}

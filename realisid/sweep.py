@@ -14,7 +14,14 @@ import os
 
 from omegaconf import OmegaConf
 
-from realisid.config import EXPERIMENTS_DIR, ConfigError, load_config
+from realisid.bench import calibrated_plot, plot, run_bench, write_csv
+from realisid.config import ConfigError, EXPERIMENTS_DIR, load_config
+from realisid.data.cache_format import INFO_FILE
+from realisid.data.precompute import precompute
+from realisid.geometry import bins_from_config
+from realisid.metrics.calibrated import fmt, paired_difference
+from realisid.prepare import prepare_embedded_default
+from realisid.train import resume_config, train
 
 log = logging.getLogger(__name__)
 SWEEP_KEYS = {"name", "out_dir", "train", "bench", "runs", "precompute"}
@@ -55,11 +62,6 @@ def _calibrated_from_csv(rows: list[dict]) -> dict[str, dict]:
 
 
 def run_sweep(name: str, extra_overrides=()) -> dict:
-    from realisid.bench import calibrated_plot, plot, run_bench, write_csv
-    from realisid.geometry import bins_from_config
-    from realisid.metrics.calibrated import fmt, paired_difference
-    from realisid.train import resume_config, train
-
     sw = load_sweep(name)
     out_dir = str(sw.out_dir)
     combined, per_run_rows, calibrated = [], {}, {}
@@ -140,10 +142,6 @@ def run_sweep(name: str, extra_overrides=()) -> dict:
 def precomputed(sw, extra_overrides=()) -> str:
     """The sweep's precomputed cache (written on the first run of the sweep, reused after)."""
     import json
-
-    from realisid.data.cache_format import INFO_FILE
-    from realisid.data.precompute import precompute
-    from realisid.prepare import prepare_embedded_default
 
     folder = str(sw.precompute)
     info = os.path.join(folder, INFO_FILE)

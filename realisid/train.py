@@ -13,7 +13,13 @@ import time
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from realisid.config import save_config
+from realisid.callbacks import (BatchCounter, DataPosition, LossSummary, ProgressLog, SaveOnInterrupt, ScaleMetrics,
+                                ValidationImages)
+from realisid.config import apply_overrides, save_config
+from realisid.data.cache_format import cache_info
+from realisid.data.datamodule import FaceDataModule
+from realisid.modules import build_module
+from realisid.prepare import prepare_embedded_default, wait_for_prepared
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +63,6 @@ def new_run_dir(cfg: DictConfig) -> str:
 
 
 def build_datamodule(cfg: DictConfig, module):
-    from realisid.data.datamodule import FaceDataModule
-    from realisid.data.cache_format import cache_info
-
     return FaceDataModule(cfg.data, vae_scale_factor=module.backbone.vae_scale_factor, local_latent_size=int(cfg.model.local.latent_size),
                           crop_expand=float(cfg.model.local.crop_expand), id_image_size=int(cfg.model.id_encoder.image_size),
                           soft_location=bool(cfg.model["global"].soft_location), seed=int(cfg.experiment.seed),
@@ -68,7 +71,6 @@ def build_datamodule(cfg: DictConfig, module):
 
 def resume_config(run_dir: str, overrides=()) -> DictConfig:
     """The saved config of ``run_dir`` (plus overrides, e.g. a larger trainer.max_steps) for resuming it."""
-    from realisid.config import apply_overrides
 
     path = os.path.join(run_dir, "config.yaml")
     if not os.path.exists(path):
@@ -83,8 +85,6 @@ def training_callbacks(cfg: DictConfig, run_dir: str) -> list:
     """The callbacks every training step runs with (validation and checkpoint callbacks come on top)."""
     from lightning.pytorch.callbacks import LearningRateMonitor
 
-    from realisid.callbacks import BatchCounter, DataPosition
-
     return [DataPosition(), BatchCounter(run_dir), LearningRateMonitor(logging_interval="step")]
 
 
@@ -93,8 +93,6 @@ def build_trainer(cfg: DictConfig, run_dir: str, callbacks: list, **overrides) -
     from lightning.pytorch.loggers import TensorBoardLogger
 
     import sys
-
-    from realisid.callbacks import ProgressLog
 
     tr = cfg.trainer
     logger = TensorBoardLogger(save_dir=run_dir, name="tb", version="", default_hp_metric=False)
@@ -116,10 +114,6 @@ def train(cfg: DictConfig, run_dir: str | None = None, resume: str | None = None
     """Train the experiment, or resume ``resume`` (a run dir) from its last checkpoint; returns paths and the loss summary."""
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-    from realisid.callbacks import LossSummary, SaveOnInterrupt, ScaleMetrics, ValidationImages
-    from realisid.modules import build_module
-    from realisid.prepare import prepare_embedded_default, wait_for_prepared
 
     import warnings
 

@@ -80,7 +80,8 @@ def write_face_shards(out_dir, name="train", n=12, size=96, identities=3, with_e
     import numpy as np
     from PIL import Image, ImageDraw
 
-    from realisid.data.shards import FaceShardWriter, face_meta
+    from realisid.data.shards import face_meta
+    from realisid.data.shard_writer import FaceShardWriter
 
     rng = np.random.default_rng(0)
     with FaceShardWriter(str(out_dir), name, face_model="test-drawn", maxcount=maxcount) as w:

@@ -81,7 +81,7 @@ def test_scale_bench_writes_tables_and_plots(face_shards, eval_standin, tmp_path
 
 @pytest.mark.slow
 def test_sweep_skips_finished_runs(face_shards, eval_standin, tmp_path, monkeypatch):
-    import realisid.train
+    import realisid.sweep
     from realisid.sweep import run_sweep
 
     sweep = tmp_path / "mini.yaml"
@@ -99,7 +99,7 @@ runs:
     rows = list(csv.DictReader(open(tmp_path / "sweep" / "summary.csv")))
     assert {r["run"] for r in rows} == {"local_only", "no_upsample"}
     calls = []
-    monkeypatch.setattr(realisid.train, "train", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(realisid.sweep, "train", lambda *a, **k: calls.append(a))
     run_sweep(str(sweep))
     assert calls == []  # both runs were DONE
 
@@ -107,8 +107,7 @@ runs:
 def test_an_interrupted_sweep_run_is_neither_benchmarked_nor_marked_done(tmp_path, monkeypatch):
     """SIGTERM during a sweep's training: the run saved last.ckpt and must resume on the next sweep, not be
     benchmarked half-trained and skipped forever."""
-    import realisid.bench
-    import realisid.train
+    import realisid.sweep
     from realisid.cli import main
     from realisid.interrupts import INTERRUPTED_EXIT
 
@@ -119,9 +118,9 @@ train: [experiment.runs_dir={tmp_path}/runs]
 runs:
   local_only: {{exp: local_branch}}
 """)
-    monkeypatch.setattr(realisid.train, "train", lambda cfg, **k: {"interrupted": "SIGTERM at step 3"})
+    monkeypatch.setattr(realisid.sweep, "train", lambda cfg, **k: {"interrupted": "SIGTERM at step 3"})
     benched = []
-    monkeypatch.setattr(realisid.bench, "run_bench", lambda *a, **k: benched.append(a))
+    monkeypatch.setattr(realisid.sweep, "run_bench", lambda *a, **k: benched.append(a))
     assert main(["sweep", str(sweep)]) == INTERRUPTED_EXIT
     assert benched == []
     assert not (tmp_path / "runs" / "sweeps" / "mini" / "local_only" / "DONE").exists()

@@ -20,7 +20,7 @@ import onnx_models  # noqa: E402
 from realisid import cli  # noqa: E402
 from realisid.data import build  # noqa: E402
 from realisid.data.build import build_shards, driver, resolve_source, select_face  # noqa: E402
-from realisid.data.shards import FaceShardWriter  # noqa: E402
+from realisid.data.shard_writer import FaceShardWriter  # noqa: E402
 from realisid.faces import Face, load_face_analyzer  # noqa: E402
 
 DET = {"kind": "insightface", "det_size": [256, 256], "det_thresh": 0.3}

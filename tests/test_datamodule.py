@@ -212,7 +212,8 @@ def test_example_geometry_is_exact_on_a_non_square_box(tmp_path):
     import webdataset as wds
     from PIL import Image
 
-    from realisid.data.shards import FaceShardWriter, face_meta
+    from realisid.data.shards import face_meta
+    from realisid.data.shard_writer import FaceShardWriter
 
     box = (10, 20, 50, 30)
     kps = np.array([[18, 23], [42, 23], [30, 25], [20, 28], [40, 28]], dtype=np.float32)

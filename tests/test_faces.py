@@ -16,7 +16,8 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, os.path.dirname(__file__))
 import onnx_models  # noqa: E402
 
-from realisid.data.shards import FaceShardWriter, face_meta  # noqa: E402
+from realisid.data.shards import face_meta  # noqa: E402
+from realisid.data.shard_writer import FaceShardWriter  # noqa: E402
 from realisid.faces import Face, FaceAnalyzer, load_face_analyzer, register_face_analyzer  # noqa: E402
 from realisid.faces.analysis import LANDMARK_NAMES  # noqa: E402
 

@@ -20,7 +20,8 @@ from realisid.data.batch import collate, ready_batch, stream_collate
 from realisid.data.example import ExampleMaker, make_example  # noqa: E402
 
 from realisid.images import identity_crop
-from realisid.data.shards import FaceShardWriter, decode_sample, encode_jpeg, face_meta  # noqa: E402
+from realisid.data.shards import decode_sample, encode_jpeg, face_meta  # noqa: E402
+from realisid.data.shard_writer import FaceShardWriter  # noqa: E402
 from realisid.io import encode_array  # noqa: E402
 from realisid.geometry import FRONTAL_KPS, expand_square_box  # noqa: E402
 

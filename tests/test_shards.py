@@ -6,7 +6,8 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from realisid.data.shards import FaceShardWriter, SampleError, decode_sample, encode_jpeg, face_meta
+from realisid.data.shards import SampleError, decode_sample, encode_jpeg, face_meta
+from realisid.data.shard_writer import FaceShardWriter
 from realisid.io import encode_array
 
 from conftest import write_face_shards

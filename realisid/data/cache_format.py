@@ -17,6 +17,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from realisid.data.shards import SampleError, check_shards_exist
+from realisid.models.id_encoder import encoder_fingerprint
 
 INFO_FILE = "precomputed.json"
 MEMBER = "precomputed.npy"
@@ -58,7 +59,6 @@ def stored_arrays(raw: Mapping[str, Any], key: str) -> dict[str, np.ndarray]:
 def cache_info(backbone, cfg) -> dict:
     """What a cache must match: the backbone's and the identity encoder's fingerprints and the settings that shape
     an example."""
-    from realisid.models.id_encoder import encoder_fingerprint
 
     return {"format": CACHE_FORMAT, "resolution": int(cfg.data.resolution), "local_latent_size": int(cfg.model.local.latent_size),
             "crop_expand": float(cfg.model.local.crop_expand), "id_image_size": int(cfg.model.id_encoder.image_size),

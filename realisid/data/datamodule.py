@@ -8,10 +8,11 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+
+
 from realisid.data.batch import collate
-
+from realisid.data.cache_format import check_cache
 from realisid.data.example import ExampleMaker
-
 from realisid.data.stream import TrainStream, load_examples, resolve_shards
 from realisid.interrupts import leave_interrupts_to_parent
 
@@ -35,8 +36,6 @@ class FaceDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.cfg.get("precomputed"):
-            from realisid.data.cache_format import check_cache
-
             self.train_urls = check_cache(str(self.cfg["precomputed"]), self.precomputed_for or {})
             log.info("training on precomputed latents and text embeddings from %s", self.cfg["precomputed"])
         else:

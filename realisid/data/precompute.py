@@ -35,12 +35,14 @@ import os
 import numpy as np
 import torch
 
-from realisid.data.cache_format import INFO_FILE, MEMBER, cache_info
 from realisid.data.batch import collate
+from realisid.data.cache_format import INFO_FILE, MEMBER, cache_info
 from realisid.data.example import ExampleMaker
-from realisid.data.stream import skip_bad_tar
 from realisid.data.shards import check_shards_exist, expand_shards
+from realisid.data.stream import skip_bad_tar
 from realisid.io import atomic_write_json, encode_array
+from realisid.models.backbone import DTYPES, load_backbone
+from realisid.models.id_encoder import build_id_encoder
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +52,6 @@ def precompute(cfg, out_dir: str, batch_size: int = 32, dtype: str = "fp32") -> 
 
     from webdataset import TarWriter
     from webdataset.tariterators import tarfile_samples
-
-    from realisid.models.backbone import DTYPES, load_backbone
-    from realisid.models.id_encoder import build_id_encoder
 
     t0 = time.time()
     if dtype not in ("fp32", "fp16"):

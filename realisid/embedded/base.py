@@ -31,7 +31,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from realisid.images import signed_from_uint8, uint8_from_signed
+from realisid.data.shards import SampleError, check_shards_exist, decode_sample
+from realisid.data.stream import skip_bad_tar
+from realisid.geometry import square_window
+from realisid.images import crop_resized, signed_from_uint8, uint8_from_signed
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +61,6 @@ class ImageSet:
 def load_image_set(urls: Sequence[str], resolution: int) -> ImageSet:
     """Every sample of ``urls`` as its square view at ``resolution`` (the training pipeline's view)."""
     import webdataset as wds
-
-    from realisid.data.stream import skip_bad_tar
-
-    from realisid.images import crop_resized
-    from realisid.data.shards import SampleError, check_shards_exist, decode_sample
-    from realisid.geometry import square_window
 
     urls = check_shards_exist(urls, "base model shards")
     images, caps, caps_free, keys, boxes, kps, idents = [], [], [], [], [], [], []

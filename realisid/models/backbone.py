@@ -21,6 +21,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
+from realisid.models.tokenizer import CAPTION_WORDS, build_tiny_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -319,8 +320,6 @@ def build_tiny_backbone(cfg: Mapping[str, Any], seed: int = 0) -> Backbone:
     """Random tiny backbone from the ``model.tiny`` config (diffusers test sizes), SD1.5 layout."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
-
-    from realisid.models.tokenizer import CAPTION_WORDS, build_tiny_tokenizer
 
     torch.manual_seed(seed)
     tokenizer = build_tiny_tokenizer(CAPTION_WORDS, max_length=int(cfg["text"]["max_position_embeddings"]))

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from realisid.embedded.standin import STANDIN_NAME, load_standin
-from realisid.images import hwc_uint8
+from realisid.faces import load_face_analyzer
+from realisid.images import frontal_id_kps, hwc_uint8
 
 log = logging.getLogger(__name__)
 
@@ -127,14 +128,11 @@ class ArcFaceEncoder(IdentityEncoder):
 
     def __init__(self, model_dir: str):
         super().__init__()
-        from realisid.faces import load_face_analyzer
 
         self.analyzer = load_face_analyzer({"kind": "insightface", "model_dir": model_dir})
         dim = self.analyzer.embedding_dim
         if dim is None:  # a recognition model with a dynamic output shape: its width, measured once on a blank face
             import numpy as np
-
-            from realisid.images import frontal_id_kps
 
             dim = len(self.analyzer.embed(np.full((112, 112, 3), 128, np.uint8), frontal_id_kps(112)))
         self.embed_dim = int(dim)  # a property of the model (128, 512, ...), never assumed
@@ -142,8 +140,6 @@ class ArcFaceEncoder(IdentityEncoder):
 
     def _encode(self, images, kps=None):
         import numpy as np
-
-        from realisid.images import frontal_id_kps
 
         pixels = hwc_uint8(images)
         # insightface's norm_crop aligns the 5 points to its template; without points, a frontal face in the crop's

@@ -20,13 +20,14 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from realisid.data.batch import ready_batch
+from realisid.data.batch import ready_batch, unpack_batch
 from realisid.models.backbone import load_backbone
 from realisid.models.branches import GlobalBranch, LocalBranch, add_residuals
 from realisid.models.id_encoder import IdProjector, build_id_encoder
 from realisid.modules.conditioner import Conditioner
 from realisid.modules.efficiency import apply_efficiency, check_precision
 from realisid.modules.losses import DiffusionLoss
+from realisid.pipeline import RealisIDPipeline
 
 if TYPE_CHECKING:
     from realisid.modules.ema import WeightEMA
@@ -106,8 +107,6 @@ class RealisIDModule(L.LightningModule):
         """The crop boxes as a host list, read while the batch is still on the host (the local branch cuts and
         pastes with them: reading them from the device would stall every step)."""
         if isinstance(batch, dict):
-            from realisid.data.batch import unpack_batch
-
             boxes = unpack_batch(batch).get("crop_box")
             if isinstance(boxes, torch.Tensor):
                 batch[HOST_BOXES] = boxes.tolist()
@@ -287,8 +286,6 @@ class RealisIDModule(L.LightningModule):
         return paths
 
     def pipeline(self):
-        from realisid.pipeline import RealisIDPipeline
-
         return RealisIDPipeline.from_module(self)
 
 

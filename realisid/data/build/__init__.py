@@ -3,7 +3,7 @@ RealisID face shards.
 
 ``build_shards`` keeps single-person photos (one face that is large, confident and not cut by the border;
 other faces much smaller) and writes them in the shard format of realisid/data/shards.py through
-:class:`~realisid.data.shards.FaceShardWriter`, with the identity embedding when the analyzer has one
+:class:`~realisid.data.shard_writer.FaceShardWriter`, with the identity embedding when the analyzer has one
 (``id.npy``) and a reference face (``ref.jpg``) cut from ANOTHER photo of the same identity, with that face's
 embedding (``ref_id.npy``: the analyzer's, on the donor photo, aligned with the donor face's detected key
 points) and its 5 key points in ``ref.jpg`` pixels (meta ``ref_kps``). Training conditions on the reference.
@@ -29,7 +29,7 @@ caption sidecar does not reject the photo: it is kept with an empty caption and 
 manifest's ``warnings`` as ``bad_sidecar``. ``min_face`` is measured in the analysed (downscaled) image.
 """
 from realisid.data.build.driver import build_shards, format_summary
-from realisid.data.build.journal import ANALYSIS_VERSION, JOURNAL_VERSION, AnalysisCache, Journal, Record
+from realisid.data.build.journal import ANALYSIS_VERSION, AnalysisCache, JOURNAL_VERSION, Journal, Record
 from realisid.data.build.selection import BORDER_TOLERANCE, border_overflow, downscale, face_long_side, sample_key, select_face
 from realisid.data.build.sources import (IMAGE_EXTS, TAR_IMAGE_EXTS, SourceItem, folder_items, read_sidecar, resolve_source,
                                          tar_items)

@@ -5,7 +5,7 @@
 2. writing: the reference crops of the needed donors (the largest face of each identity, and the second
    largest for the donor itself) are cut into a temporary folder (a donor that changed since it was
    analysed gives no reference), then every kept image is decoded again and written through
-   :class:`~realisid.data.shards.FaceShardWriter`; each finished shard goes to the journal. The manifest
+   :class:`~realisid.data.shard_writer.FaceShardWriter`; each finished shard goes to the journal. The manifest
    counts everything across runs.
 
 ``min_face`` is measured in the analysed (downscaled) image.
@@ -26,7 +26,8 @@ from realisid.data.build.journal import AnalysisCache, Journal, Record
 from realisid.data.build.selection import BORDER_TOLERANCE, sample_key
 from realisid.data.build.sources import SourceItem, folder_items, resolve_source, tar_items
 from realisid.data.build.workers import Runner, Settings, Worker
-from realisid.data.shards import SHARD_FORMAT, FaceShardWriter, face_meta
+from realisid.data.shards import SHARD_FORMAT, face_meta
+from realisid.data.shard_writer import FaceShardWriter
 from realisid.faces.analysis import FaceAnalyzer
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from realisid.data.build.selection import face_long_side
-from realisid.data.shards import FaceShardWriter
+from realisid.data.shard_writer import FaceShardWriter
 from realisid.io import atomic_write_json
 
 log = logging.getLogger(__name__)

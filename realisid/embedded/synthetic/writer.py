@@ -8,7 +8,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from realisid.data.shards import FaceShardWriter, face_meta
+from realisid.data.shards import face_meta
+from realisid.data.shard_writer import FaceShardWriter
 from realisid.images import identity_crop
 
 from .identity import BACKGROUNDS, make_identity, sample_face_size
