@@ -24,17 +24,8 @@ from realisid.metrics import (  # noqa: E402
     match_face,
     score_faces,
 )
+from metric_values import BINS, NAN, is_nan, val  # noqa: E402
 
-BINS = list(DEFAULT_BINS)  # tiny, small, medium, large
-NAN = float("nan")
-
-
-def val(result, key) -> float:
-    return float(result[key])
-
-
-def is_nan(x) -> bool:
-    return math.isnan(float(x))
 
 
 # ------------------------------------------------------------------------------------------- bins

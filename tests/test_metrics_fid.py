@@ -2,7 +2,6 @@
 subset), local Inception weights that never download, and exactness under a 2-process DDP run."""
 from __future__ import annotations
 
-import math
 import time
 from unittest import mock
 
@@ -16,17 +15,8 @@ from realisid.metrics import (
     IdentitySimilarity,
     LocationIoU,
 )
+from metric_values import NAN, is_nan, val
 
-BINS = list(DEFAULT_BINS)  # tiny, small, medium, large
-NAN = float("nan")
-
-
-def val(result, key) -> float:
-    return float(result[key])
-
-
-def is_nan(x) -> bool:
-    return math.isnan(float(x))
 
 
 # ------------------------------------------------------------------------------------------- FID

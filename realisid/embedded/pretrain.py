@@ -82,41 +82,19 @@ def pretrain(cfg: DictConfig) -> dict:
     log.info("pretrain: VAE reconstruction MSE %.4f (faces %.4f), latent scale %.3f", stats["recon_mse"]["image"],
              stats["recon_mse"]["face"], stats["latent_scale"])
 
-    # ---- 3. UNet + text encoder
+    # ---- 3. UNet + text encoder; 3b. optional refinement from phase 1's EMA weights, timesteps shifted toward high noise
+    u = p.unet
     base_dir = os.path.join(work, "tiny-sd")
-    stats = _stage_done(base_dir)
-    if stats is None:
-        t0 = time.perf_counter()
-        g = torch.Generator().manual_seed(seed + 1)
-        u = p.unet
-        stats = B.train_unet(bb, moments, data, steps=int(u.steps), batch_size=int(u.batch_size), lr=float(u.lr),
-                             weight_decay=float(u.weight_decay), ema_decay=float(u.ema_decay), min_snr_gamma=float(u.min_snr_gamma),
-                             caption_probs=OmegaConf.to_container(u.captions), generator=g,
-                             checkpoint=os.path.join(work, "unet-stage.pt"), checkpoint_every=int(u.checkpoint_every))
-        stats["seconds"] = round(time.perf_counter() - t0, 1)
-        save_backbone(bb, base_dir, half_unet=True)
-        _mark(base_dir, stats)
-    record["stages"]["unet"] = stats
+    record["stages"]["unet"] = _unet_stage(bb, moments, data, u, base_dir, seed=seed + 1, steps=int(u.steps), batch_size=int(u.batch_size),
+                                           lr=float(u.lr), checkpoint=os.path.join(work, "unet-stage.pt"))
     bb = load_pretrained_backbone(base_dir)  # what users load: the float16-stored UNet, read back as float32
-
-    # ---- 3b. UNet refinement: continue from the EMA weights with timesteps shifted toward high noise
     r = p.get("unet_refine")
     if r is not None and int(r.steps) > 0:
         base_dir = os.path.join(work, "tiny-sd-refined")
-        stats = _stage_done(base_dir)
-        if stats is None:
-            t0 = time.perf_counter()
-            g = torch.Generator().manual_seed(seed + 3)
-            u = p.unet
-            stats = B.train_unet(bb, moments, data, steps=int(r.steps), batch_size=int(r.batch_size), lr=float(r.lr),
-                                 weight_decay=float(u.weight_decay), ema_decay=float(u.ema_decay), min_snr_gamma=float(u.min_snr_gamma),
-                                 caption_probs=OmegaConf.to_container(u.captions), generator=g,
-                                 checkpoint=os.path.join(work, "unet-refine-stage.pt"), checkpoint_every=int(u.checkpoint_every),
-                                 timestep_shift=float(r.timestep_shift), what="base UNet refinement")
-            stats["seconds"] = round(time.perf_counter() - t0, 1)
-            save_backbone(bb, base_dir, half_unet=True)
-            _mark(base_dir, stats)
-        record["stages"]["unet_refine"] = stats
+        record["stages"]["unet_refine"] = _unet_stage(bb, moments, data, u, base_dir, seed=seed + 3, steps=int(r.steps),
+                                                      batch_size=int(r.batch_size), lr=float(r.lr),
+                                                      checkpoint=os.path.join(work, "unet-refine-stage.pt"),
+                                                      timestep_shift=float(r.timestep_shift), what="base UNet refinement")
         bb = load_pretrained_backbone(base_dir)
 
     # ---- 4. stand-in identity encoders
@@ -183,6 +161,24 @@ def pretrain(cfg: DictConfig) -> dict:
         json.dump(record, f, indent=2)
     log.info("pretrain: wrote %s (%.1f MB) in %.0f s", out, record["megabytes"], record["seconds_total_this_run"])
     return record
+
+
+def _unet_stage(bb, moments, data, u: DictConfig, out_dir: str, *, seed: int, steps: int, batch_size: int, lr: float,
+                checkpoint: str, timestep_shift: float = 1.0, what: str = "base UNet") -> dict:
+    """One cached UNet stage: train ``bb`` from the weights it holds (shared settings from ``pretrain.unet``), save
+    the EMA weights to ``out_dir`` with the UNet in float16; a finished stage is only read back."""
+    stats = _stage_done(out_dir)
+    if stats is not None:
+        return stats
+    t0 = time.perf_counter()
+    stats = B.train_unet(bb, moments, data, steps=steps, batch_size=batch_size, lr=lr, weight_decay=float(u.weight_decay),
+                         ema_decay=float(u.ema_decay), min_snr_gamma=float(u.min_snr_gamma),
+                         caption_probs=OmegaConf.to_container(u.captions), generator=torch.Generator().manual_seed(seed),
+                         checkpoint=checkpoint, checkpoint_every=int(u.checkpoint_every), timestep_shift=timestep_shift, what=what)
+    stats["seconds"] = round(time.perf_counter() - t0, 1)
+    save_backbone(bb, out_dir, half_unet=True)
+    _mark(out_dir, stats)
+    return stats
 
 
 @torch.no_grad()
