@@ -209,17 +209,16 @@ def test_conditioner_gives_what_the_old_methods_gave(joint):
             masks = cond.dropout_masks(64, g_new)
             _equal(masks, _old_dropout_masks(module, 64, g_old))
             _equal(cond.identity_free_mask(64, g_new), _old_identity_free_mask(module, 64, g_old))
-            _equal(module.dropout_masks(8, g_new), _old_dropout_masks(module, 8, g_old))
+            _equal(cond.dropout_masks(8, g_new), _old_dropout_masks(module, 8, g_old))
             _equal(cond.identity_features(batch), _old_identity_features(module, batch))
             for keep in (None, torch.tensor([True, False]), torch.tensor([False, True])):
                 _equal(cond.identity_tokens(batch, keep), _old_identity_tokens(module, batch, keep))
-                _equal(module.identity_tokens(batch, keep), _old_identity_tokens(module, batch, keep))
             for keep in (torch.tensor([True, True]), torch.tensor([True, False]), torch.tensor([False, True])):
                 for free in (None, torch.tensor([True, False]), torch.tensor([False, True])):
                     new, old = cond.text_conditioning(batch, keep, (64, 64), free), _old_text_conditioning(module, batch, keep, (64, 64), free)
                     _equal((new.embeds, new.added_cond_kwargs), (old.embeds, old.added_cond_kwargs))
             _equal(cond.null_text(), _old_null_text(module))
-            assert cond.null_text() is module.null_text()  # computed once, then cached
+            assert cond.null_text() is cond.null_text()  # computed once, then cached
 
 
 def test_sdxl_conditioning_with_pooled_embeddings_matches(tmp_path, shards):
@@ -239,7 +238,7 @@ def test_sdxl_conditioning_with_pooled_embeddings_matches(tmp_path, shards):
                 _equal(module.shared_step(batch, torch.Generator().manual_seed(seed)),
                        _old_shared_step(module, batch, torch.Generator().manual_seed(seed)))
             keep, free = torch.tensor([False, True]), torch.tensor([True, False])
-            new, old = module.text_conditioning(batch, keep, (64, 64), free), _old_text_conditioning(module, batch, keep, (64, 64), free)
+            new, old = module.conditioner.text_conditioning(batch, keep, (64, 64), free), _old_text_conditioning(module, batch, keep, (64, 64), free)
             _equal((new.embeds, new.added_cond_kwargs), (old.embeds, old.added_cond_kwargs))
 
 

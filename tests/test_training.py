@@ -177,12 +177,12 @@ def test_dropout_masks_are_disjoint_with_the_configured_rates(tiny_cfg):
     from realisid.modules import build_module
 
     module = build_module(tiny_cfg("local_branch", "model.dropout.image=0.1", "model.dropout.text=0.2", "model.dropout.both=0.3"))
-    keep_text, keep_id = module.dropout_masks(20000, torch.Generator().manual_seed(0))
+    keep_text, keep_id = module.conditioner.dropout_masks(20000, torch.Generator().manual_seed(0))
     only_id, only_text, both = keep_text & ~keep_id, ~keep_text & keep_id, ~keep_text & ~keep_id
     for part, rate in ((only_id, 0.1), (only_text, 0.2), (both, 0.3), (keep_text & keep_id, 0.4)):
         assert abs(part.float().mean().item() - rate) < 0.015, (rate, part.float().mean().item())
     # what a dropped sample receives: null identity tokens (zeros) and the empty prompt's embeddings
-    tokens = module.identity_tokens({"id_image": torch.zeros(2, 3, 32, 32), "id_mask": torch.ones(2, 1, 32, 32)},
+    tokens = module.conditioner.identity_tokens({"id_image": torch.zeros(2, 3, 32, 32), "id_mask": torch.ones(2, 1, 32, 32)},
                                     keep=torch.tensor([True, False]))
     assert tokens[1].abs().max() == 0 and tokens[0].abs().max() > 0
 

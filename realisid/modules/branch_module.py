@@ -72,25 +72,6 @@ class RealisIDModule(L.LightningModule):
         self._nonfinite: torch.Tensor | None = None       # non-finite losses since the last optimizer step (no host read)
         self._nonfinite_loss: torch.Tensor | None = None
 
-    # ---- conditioning (see Conditioner; these delegate, for callers of the module) ---------------------
-    def identity_features(self, batch: dict) -> torch.Tensor:
-        return self.conditioner.identity_features(batch)
-
-    def identity_tokens(self, batch: dict, keep: torch.Tensor | None = None) -> torch.Tensor:
-        return self.conditioner.identity_tokens(batch, keep)
-
-    def dropout_masks(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.conditioner.dropout_masks(n, generator)
-
-    def identity_free_mask(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.conditioner.identity_free_mask(n, generator)
-
-    def null_text(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.conditioner.null_text()
-
-    def text_conditioning(self, batch: dict, keep_text: torch.Tensor, image_hw: tuple[int, int], free: torch.Tensor | None = None):
-        return self.conditioner.text_conditioning(batch, keep_text, image_hw, free)
-
     def branch_residuals(self, noisy, t, tokens, batch, added=None):
         parts = []
         if self.local_branch is not None:
