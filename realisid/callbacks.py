@@ -117,6 +117,59 @@ class LossSummary(L.Callback):
         self._losses = list(state.get("losses", []))
 
 
+class HeldOutLoss(L.Callback):
+    """The validation loss before the first step and after every validation.
+
+    The training loss's first and last fifth compare different data, noise and timesteps (and every run with
+    the same seed draws the same ones), so on a frozen base whose loss barely moves they can rise while the
+    branches learn. The held-out loss compares the same validation samples under the same noise
+    (:meth:`RealisIDModule.held_out_loss`), so its change is the model's. The step-0 value is computed here,
+    before training, with the weights the run starts from; a resumed run keeps the one it had. Under DDP,
+    Lightning's validation splits the set over ranks (other batches, other noise seeds), so there the step-0 value
+    and the later ones are comparable only in expectation.
+    """
+
+    def __init__(self):
+        self.history: list[tuple[int, float]] = []  # (global step, loss)
+
+    @torch.no_grad()
+    def on_train_start(self, trainer: L.Trainer, module) -> None:
+        if self.history or trainer.global_step > 0 or trainer.datamodule is None:
+            return
+        was_training = module.training
+        module.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=module.device)  # loss x samples, samples
+        for i, batch in enumerate(trainer.datamodule.val_dataloader()):
+            batch = module.on_before_batch_transfer(batch, 0)
+            batch = module.on_after_batch_transfer(module.transfer_batch_to_device(batch, module.device, 0), 0)
+            n = len(batch["caption"])
+            total += torch.tensor([float(module.held_out_loss(batch, i)["loss"]) * n, n], dtype=torch.float64, device=module.device)
+        module.train(was_training)
+        if total[1] > 0:  # every rank reads the whole validation set here (no sampler), so all agree without a reduce
+            self.history.append((0, float(total[0] / total[1])))
+            log.info("held-out loss before training: %.4f (%d samples, fixed noise)", self.history[0][1], int(total[1]))
+
+    def on_validation_end(self, trainer: L.Trainer, module) -> None:
+        value = trainer.callback_metrics.get("val_loss")
+        if trainer.sanity_checking or value is None:
+            return
+        if self.history and self.history[-1][0] == trainer.global_step:
+            return
+        self.history.append((int(trainer.global_step), float(value)))
+
+    def summary(self) -> dict:
+        if len(self.history) < 2:
+            return {}
+        (s0, v0), (s1, v1) = self.history[0], self.history[-1]
+        return {"val_loss_first": v0, "val_loss_first_step": s0, "val_loss_last": v1, "val_loss_last_step": s1}
+
+    def state_dict(self) -> dict:
+        return {"history": [list(h) for h in self.history]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = [(int(s), float(v)) for s, v in state.get("history", [])]
+
+
 class DataPosition(L.Callback):
     """Tells the datamodule which batches training used, so checkpoints record the data position."""
 

@@ -11,15 +11,17 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import shutil
 
 from omegaconf import OmegaConf
 
 from realisid.bench import calibrated_plot, plot, run_bench, write_csv
 from realisid.config import ConfigError, EXPERIMENTS_DIR, load_config
-from realisid.data.cache_format import INFO_FILE
+from realisid.data.cache_format import INFO_FILE, cache_info
 from realisid.data.precompute import precompute
 from realisid.geometry import bins_from_config
 from realisid.metrics.calibrated import fmt, paired_difference
+from realisid.models.backbone import load_backbone
 from realisid.prepare import prepare_embedded_default
 from realisid.train import resume_config, train
 
@@ -145,14 +147,27 @@ def precomputed(sw, extra_overrides=()) -> str:
 
     folder = str(sw.precompute)
     info = os.path.join(folder, INFO_FILE)
-    if os.path.exists(info) and json.load(open(info)).get("complete"):
-        return folder
     first = next(iter(sw.runs.values()))
     cfg = load_config(str(first.exp), list(sw.get("train", [])) + list(extra_overrides))
+    if os.path.exists(info):
+        with open(info) as f:
+            old = json.load(f)
+        stale = stale_keys(old, cfg)
+        if old.get("complete") and not stale:
+            return folder
+        if stale:  # the sweep's own cache, made for other models (a new `make pretrain`, a checkout that touched them)
+            log.warning("sweep %s: %s was made for another setup (%s); precomputing it again", sw.name, folder, ", ".join(stale))
+            shutil.rmtree(folder)
     prepare_embedded_default(cfg)
     log.info("sweep %s: precomputing latents and text embeddings into %s (once for every run)", sw.name, folder)
     precompute(cfg, folder)
     return folder
+
+
+def stale_keys(info: dict, cfg) -> list[str]:
+    """The keys of a precomputed cache's record that differ from what ``cfg`` would write now."""
+    expected = cache_info(load_backbone(cfg.model, int(cfg.experiment.seed)), cfg)
+    return sorted(k for k, v in expected.items() if info.get(k) != v)
 
 
 def sweep_grid(out_dir: str, runs: list[str], sizes_px: list[int]) -> str | None:

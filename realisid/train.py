@@ -13,7 +13,7 @@ import time
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from realisid.callbacks import (BatchCounter, DataPosition, LossSummary, ProgressLog, SaveOnInterrupt, ScaleMetrics,
+from realisid.callbacks import (BatchCounter, DataPosition, HeldOutLoss, LossSummary, ProgressLog, SaveOnInterrupt, ScaleMetrics,
                                 ValidationImages)
 from realisid.config import apply_overrides, save_config
 from realisid.data.cache_format import cache_info
@@ -132,7 +132,7 @@ def train(cfg: DictConfig, run_dir: str | None = None, resume: str | None = None
     module = build_module(cfg)
     dm = build_datamodule(cfg, module)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
-    summary = LossSummary()
+    summary, held_out = LossSummary(), HeldOutLoss()
     interrupt = SaveOnInterrupt(os.path.join(ckpt_dir, "last.ckpt"))
     v = cfg.validation
     callbacks = [
@@ -144,6 +144,7 @@ def train(cfg: DictConfig, run_dir: str | None = None, resume: str | None = None
         ValidationImages(os.path.join(run_dir, "samples"), int(v.num_images), int(v.steps), float(v.guidance_text),
                          float(v.guidance_id), float(v.id_delay)),
         summary,
+        held_out,
     ]
     e = cfg.evaluation
     if int(e.every_n_validations) > 0:
@@ -162,7 +163,8 @@ def train(cfg: DictConfig, run_dir: str | None = None, resume: str | None = None
         else:
             os.environ[RUN_DIR_ENV] = previous
     result = {"run_dir": run_dir, "tensorboard": os.path.join(run_dir, "tb"), "checkpoint": os.path.join(ckpt_dir, "last.ckpt"),
-              "samples": os.path.join(run_dir, "samples"), "prepared": prepared, **summary.summary()}
+              "samples": os.path.join(run_dir, "samples"), "prepared": prepared, **summary.summary(),
+              **held_out.summary()}
     result["global_step"] = trainer.global_step
     if interrupt.interrupted:
         result["interrupted"] = f"{interrupt.interrupted} at step {trainer.global_step}; resume with `make train RESUME={run_dir}`"

@@ -124,3 +124,37 @@ runs:
     assert main(["sweep", str(sweep)]) == INTERRUPTED_EXIT
     assert benched == []
     assert not (tmp_path / "runs" / "sweeps" / "mini" / "local_only" / "DONE").exists()
+
+
+def test_a_sweep_precomputes_again_when_its_cache_was_made_for_other_models(face_shards, eval_standin, tmp_path, monkeypatch):
+    """A new `make pretrain` (or a checkout that rewrote the models) leaves the sweep's cache stale: the sweep must
+    rebuild it instead of training every run into a "made for another setup" error; a current cache is reused."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    import realisid.sweep
+    from realisid.config import load_config
+    from realisid.data.cache_format import INFO_FILE, cache_info
+    from realisid.models.backbone import load_backbone
+
+    folder = tmp_path / "cache"
+    sw = OmegaConf.create({"name": "mini", "precompute": str(folder), "train": _common(face_shards, eval_standin, tmp_path),
+                           "runs": {"local_only": {"exp": "local_branch"}}})
+    cfg = load_config("local_branch", list(sw.train))
+    current = {**cache_info(load_backbone(cfg.model, int(cfg.experiment.seed)), cfg), "complete": True, "shards": []}
+    made = []
+
+    def fake_precompute(cfg, out_dir):
+        made.append(out_dir)
+        os.makedirs(out_dir, exist_ok=True)
+        (folder / INFO_FILE).write_text(json.dumps(current))
+
+    monkeypatch.setattr(realisid.sweep, "precompute", fake_precompute)
+    monkeypatch.setattr(realisid.sweep, "prepare_embedded_default", lambda cfg: None)
+    folder.mkdir()
+    (folder / INFO_FILE).write_text(json.dumps({**current, "id_encoder": "standin:/elsewhere@0123"}))
+    (folder / "train-000000.tar").write_bytes(b"old")
+    assert realisid.sweep.precomputed(sw) == str(folder)
+    assert made == [str(folder)] and not (folder / "train-000000.tar").exists()  # the stale shards are gone
+    assert realisid.sweep.precomputed(sw) == str(folder) and len(made) == 1     # the current cache is reused

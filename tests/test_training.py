@@ -24,6 +24,7 @@ def test_few_step_training_run_and_export(tiny_cfg, face_shards, tmp_path):
         assert os.path.exists(os.path.join(run, sub)), sub
     assert any(f.startswith("events") for f in os.listdir(os.path.join(run, "tb")))
     assert res["steps"] == 6 and "loss_first_fifth" in res
+    assert res["val_loss_first_step"] == 0 and res["val_loss_last_step"] == 6  # held-out loss before training and at the end
     ckpt = torch.load(os.path.join(run, "checkpoints/last.ckpt"), map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 6
     assert not any(k.startswith("backbone.") for k in ckpt["state_dict"])  # frozen weights stay out of checkpoints
@@ -52,6 +53,21 @@ def test_few_step_training_run_and_export(tiny_cfg, face_shards, tmp_path):
     ia = pipe_a("a photo", [person], num_inference_steps=3, seed=1, output_type="pt").images
     ib = pipe_b("a photo", [person], num_inference_steps=3, seed=1, output_type="pt").images
     torch.testing.assert_close(ia, ib, rtol=0, atol=1e-5)
+
+
+def test_held_out_loss_before_training_uses_the_validation_noise(tiny_cfg, face_shards, tmp_path):
+    """With a learning rate of 0 the weights never move, so the step-0 held-out loss (computed by the callback
+    before training) must equal the one Lightning's validation reports at the end: same batches, same noise."""
+    from realisid.train import train
+
+    cfg = tiny_cfg("local_branch", f"data.train_shards={face_shards}/train-*.tar", f"data.val_shards={face_shards}/val-*.tar",
+                   "data.batch_size=2", "data.num_workers=0", "data.shuffle_buffer=4", "data.val_samples=3",
+                   "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.checkpoint_every_n_steps=2",
+                   "trainer.enable_progress_bar=false", "validation.num_images=0", "optim.lr=0", f"experiment.runs_dir={tmp_path}/runs")
+    res = train(cfg)
+    assert (res["val_loss_first_step"], res["val_loss_last_step"]) == (0, 2)
+    assert res["val_loss_first"] == pytest.approx(res["val_loss_last"], rel=1e-5, abs=1e-7)
+    assert res["val_loss_first"] > 0
 
 
 def _step_batch(module, shards, n=2, precomputed=True):

@@ -31,7 +31,10 @@ def cmd_train(args) -> int:
     ]
     if "loss_first_fifth" in res:
         lines.append(f"train loss    : first fifth of steps {res['loss_first_fifth']:.4f} -> last fifth {res['loss_last_fifth']:.4f} "
-                     f"({res['steps']} steps)")
+                     f"({res['steps']} steps; different data and noise each step)")
+    if "val_loss_first" in res:
+        lines.append(f"held-out loss : step {res['val_loss_first_step']} {res['val_loss_first']:.4f} -> step {res['val_loss_last_step']} "
+                     f"{res['val_loss_last']:.4f} (validation samples, the same noise each time)")
     lines.append(f"wall time     : {res['seconds']:.0f} s")
     sys.stdout.write("\n".join(lines) + "\n")
     return 0

@@ -167,9 +167,14 @@ class RealisIDModule(L.LightningModule):
             for p in group["params"]:
                 p.grad = None
 
+    def held_out_loss(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
+        """The loss on a validation batch with the same noise, timesteps and no dropout every time it is asked:
+        values at different steps compare the same draws, so a change is the model's, not the sampling's."""
+        g = torch.Generator().manual_seed(int(self.cfg.experiment.seed) * 7919 + batch_idx)
+        return self.shared_step(batch, generator=g, dropout=False)
+
     def validation_step(self, batch: dict, batch_idx: int):
-        g = torch.Generator().manual_seed(int(self.cfg.experiment.seed) * 7919 + batch_idx)  # same noise every validation
-        out = self.shared_step(batch, generator=g, dropout=False)
+        out = self.held_out_loss(batch, batch_idx)
         n = len(batch["caption"])
         self.log_dict({f"val/{k}": v for k, v in out.items()}, prog_bar=False, batch_size=n, sync_dist=True)
         self.log("val_loss", out["loss"], prog_bar=True, logger=False, batch_size=n, sync_dist=True)
