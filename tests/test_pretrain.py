@@ -15,7 +15,7 @@ def _shrunk(tmp_path):
             "prepare.synthetic.val_identities=2", "prepare.synthetic.shard_size=16", "prepare.synthetic.ref_choices=2",
             "prepare.standin.steps=3", f"pretrain.out_dir={assets}", f"pretrain.work_dir={tmp_path / 'work'}", "pretrain.vae.steps=3",
             "pretrain.vae.batch_size=4", "pretrain.unet.steps=3", "pretrain.unet.batch_size=4", "pretrain.unet.checkpoint_every=2",
-            "pretrain.unet_refine.steps=2", "pretrain.unet_refine.batch_size=4",
+            "pretrain.unet_refine.steps=2", "pretrain.unet_refine.batch_size=4", "pretrain.unet_heads.steps=2", "pretrain.unet_heads.batch_size=4",
             "pretrain.detector.steps=3", "pretrain.detector.batch_size=4", "pretrain.detector.vae_copies=4", "pretrain.check.samples=2",
             "pretrain.check.steps=2", "pretrain.max_megabytes=40"], assets
 
@@ -33,15 +33,17 @@ def test_pretrain_then_train_on_the_prepared_default(tmp_path):
         assert (assets / name).is_dir(), name
     assert (assets / "base_samples.png").exists()
     assert pretrained_record(str(assets)) == json.loads(json.dumps(rec))
-    assert set(rec["stages"]) == {"vae", "unet", "unet_refine", "standin-arcface", "standin-arcface-eval", "synthetic-face-analyzer"}
+    assert set(rec["stages"]) == {"vae", "unet", "unet_refine", "unet_heads", "standin-arcface", "standin-arcface-eval", "synthetic-face-analyzer"}
     assert rec["stages"]["unet_refine"]["timestep_shift"] == 3.0 and rec["stages"]["unet_refine"]["unet_steps"] == 2
-    # what ships is the refined UNet, which started from phase 1's weights and moved away from them
+    assert rec["stages"]["unet_heads"]["face_weight"] == 4.0 and "face_weight" not in rec["stages"]["unet_refine"]
+    # what ships is the last phase's UNet; each phase started from the previous one's weights and moved away from them
     from safetensors.torch import load_file
 
-    shipped, phase1, refined = (load_file(str(d / "unet" / "diffusion_pytorch_model.safetensors"))
-                                for d in (assets / "tiny-sd", tmp_path / "work" / "tiny-sd", tmp_path / "work" / "tiny-sd-refined"))
-    assert all(torch.equal(shipped[k], refined[k]) for k in refined)
+    shipped, phase1, refined, heads = (load_file(str(d / "unet" / "diffusion_pytorch_model.safetensors"))
+                                       for d in (assets / "tiny-sd", *(tmp_path / "work" / n for n in ("tiny-sd", "tiny-sd-refined", "tiny-sd-heads"))))
+    assert all(torch.equal(shipped[k], heads[k]) for k in heads)
     assert any(not torch.equal(phase1[k], refined[k]) for k in refined)
+    assert any(not torch.equal(refined[k], heads[k]) for k in heads)
     assert rec["base_check"]["samples"] == 2 and 0 <= rec["base_check"]["found"] <= 2
     acc = rec["stages"]["synthetic-face-analyzer"]["accuracy_held_out"]
     assert acc["all"]["n"] == 2 * 6 and 0.0 <= acc["all"]["recall"] <= 1.0
@@ -93,3 +95,20 @@ def test_timestep_shift_moves_training_toward_high_noise():
     assert abs(float((shifted >= 500).float().mean()) - 0.75) < 0.02  # s / (s + 1)
     with pytest.raises(ValueError, match="shift"):
         sample_timesteps(4, 1000, 0.0, g)
+
+
+def test_head_weights_cover_the_expanded_face_box_in_proportion():
+    from realisid.embedded.base import head_weights
+
+    # a 20 px face at 128 px, 16 latent pixels: box x 1.6 = 32 px = latent pixels 3..7 exactly (centre 50 px -> 4.25 .. 8.25)
+    boxes = torch.tensor([[40.0, 40.0, 60.0, 60.0], [0.0, 0.0, 4.0, 4.0]])
+    w = head_weights(boxes, 128, 16, 4.0)
+    assert w.shape == (2, 1, 16, 16)
+    torch.testing.assert_close(w.mean(dim=(1, 2, 3)), torch.ones(2))  # the loss keeps its scale
+    raw = w[0, 0] / w[0, 0].min()  # 1 outside the head, 1 + 4 x coverage inside
+    assert raw[5, 5] == pytest.approx(5.0) and raw[0, 0] == pytest.approx(1.0)
+    assert raw[4, 4] == pytest.approx(1 + 4 * 0.75 * 0.75)  # the head's edge covers 3/4 of that pixel each way
+    # a face smaller than a latent pixel weighs in proportion: head 6.4 px at the corner, 5.2 px inside = 0.65 of latent pixel (0, 0) each way
+    raw1 = w[1, 0] / w[1, 0].min()
+    assert raw1[0, 0] > 1.5 and raw1[0, 0] == pytest.approx(1 + 4 * (5.2 / 8) ** 2, rel=1e-5)
+    assert torch.equal(head_weights(boxes, 128, 16, 0.0), torch.ones(2, 1, 16, 16))

@@ -234,15 +234,31 @@ def sample_timesteps(n: int, num_train_timesteps: int, shift: float, generator: 
     return (shifted * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
 
 
+def head_weights(boxes: torch.Tensor, image_size: int, latent_size: int, face_weight: float, expand: float = 1.6) -> torch.Tensor:
+    """(N, 1, L, L) per-latent-pixel loss weights ``1 + face_weight * coverage``, where coverage is the fraction of
+    each latent pixel inside the face box scaled by ``expand`` about its centre (the head with its hair), so a face
+    smaller than a latent pixel still counts in proportion. Normalised to mean 1 per image, so the loss keeps its
+    scale and only its share moves toward the heads (the part of a picture a short schedule leaves as a blob)."""
+    b = boxes.float()
+    c, half = (b[:, :2] + b[:, 2:]) / 2, (b[:, 2:] - b[:, :2]) * expand / 2
+    lo, hi = (c - half) * latent_size / image_size, (c + half) * latent_size / image_size  # in latent pixels
+    grid = torch.arange(latent_size, dtype=torch.float32)
+    cover_x = ((torch.minimum(hi[:, None, 0], grid + 1) - torch.maximum(lo[:, None, 0], grid)).clamp(min=0))  # (N, L)
+    cover_y = ((torch.minimum(hi[:, None, 1], grid + 1) - torch.maximum(lo[:, None, 1], grid)).clamp(min=0))
+    w = 1 + face_weight * (cover_y[:, :, None] * cover_x[:, None, :])
+    return (w / w.mean(dim=(1, 2), keepdim=True))[:, None]
+
+
 def train_unet(bb, moments: torch.Tensor, data: ImageSet, *, steps: int, batch_size: int, lr: float, weight_decay: float,
                ema_decay: float, min_snr_gamma: float, caption_probs: Mapping[str, float], generator: torch.Generator,
-               checkpoint: str | None = None, checkpoint_every: int = 500, timestep_shift: float = 1.0,
+               checkpoint: str | None = None, checkpoint_every: int = 500, timestep_shift: float = 1.0, face_weight: float = 0.0,
                what: str = "base UNet") -> dict:
     """Noise prediction on in-memory latents; the UNet and the text encoder learn together, from whatever weights
     ``bb`` holds. Returns stats; the backbone holds the EMA weights afterwards.
 
     ``checkpoint``: a file the stage's state is saved to every ``checkpoint_every`` steps and resumed from.
-    ``timestep_shift``: see :func:`sample_timesteps`."""
+    ``timestep_shift``: see :func:`sample_timesteps`. ``face_weight``: extra loss weight on the heads, see
+    :func:`head_weights` (0: every latent pixel alike)."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
     from diffusers.training_utils import EMAModel
 
@@ -282,7 +298,10 @@ def train_unet(bb, moments: torch.Tensor, data: ImageSet, *, steps: int, batch_s
                            return_tensors="pt").input_ids
         pred = unet(noise_sched.add_noise(z, noise, t), t, encoder_hidden_states=te(ids)[0], return_dict=False)[0]
         target = noise if kind == "epsilon" else noise_sched.get_velocity(z, noise, t)
-        per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
+        err = F.mse_loss(pred, target, reduction="none")
+        if face_weight > 0:
+            err = err * head_weights(data.boxes[idx], data.images.shape[-1], z.shape[-1], face_weight)
+        per_sample = err.mean(dim=(1, 2, 3))
         loss = (per_sample * min_snr_weights(acp, t, min_snr_gamma, kind)).mean() if min_snr_gamma > 0 else per_sample.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -301,7 +320,8 @@ def train_unet(bb, moments: torch.Tensor, data: ImageSet, *, steps: int, batch_s
     te.eval().requires_grad_(False)
     first, last = prog.fifths()
     return {"unet_steps": int(steps), "unet_loss_first_fifth": round(first, 5), "unet_loss_last_fifth": round(last, 5),
-            "ema_decay": ema_decay, "min_snr_gamma": min_snr_gamma, "timestep_shift": timestep_shift}
+            "ema_decay": ema_decay, "min_snr_gamma": min_snr_gamma, "timestep_shift": timestep_shift,
+            **({"face_weight": face_weight} if face_weight > 0 else {})}
 
 
 def _warmup_cosine(steps: int, warmup_frac: float = 0.03, floor: float = 0.1) -> Callable[[int], float]:

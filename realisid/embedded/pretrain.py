@@ -4,9 +4,10 @@ Stages, each cached in ``pretrain.work_dir`` so an interrupted recipe resumes wh
 
 1. the synthetic face shards (the same ones ``make train`` draws: same generator, seed and sizes);
 2. the base model's VAE, its latent scale, the training latents;
-3. the base model's UNet and text encoder (EMA weights; resumable inside the stage), then a refinement phase
-   that continues from those weights with timesteps shifted toward high noise (``pretrain.unet_refine``;
-   ``steps: 0`` skips it);
+3. the base model's UNet and text encoder (EMA weights; resumable inside the stage), then two continuation
+   phases, each from the previous phase's EMA weights with a fresh optimizer and schedule: timesteps shifted
+   toward high noise (``pretrain.unet_refine``), then a loss weighted toward the heads (``pretrain.unet_heads``);
+   ``steps: 0`` skips a phase, and the last phase that ran is what ships;
 4. the two stand-in identity encoders (conditioning, and evaluation with another seed);
 5. the synthetic face analyzer (detector + 5 points), with its accuracy on held-out identities;
 6. the base check: samples from held-out captions, 30 DDIM steps, the analyzer counts the faces it finds.
@@ -39,6 +40,11 @@ from realisid.geometry import bins_from_config
 from realisid.models.backbone import build_tiny_backbone, load_pretrained_backbone, save_backbone
 
 log = logging.getLogger(__name__)
+
+
+# the UNet phases after phase 1, in order: config key, cached stage folder, checkpoint file, seed offset, log name
+CONTINUATIONS = (("unet_refine", "tiny-sd-refined", "unet-refine-stage.pt", 3, "base UNet refinement"),
+                 ("unet_heads", "tiny-sd-heads", "unet-heads-stage.pt", 11, "base UNet heads"))
 
 
 def pretrain(cfg: DictConfig) -> dict:
@@ -82,19 +88,20 @@ def pretrain(cfg: DictConfig) -> dict:
     log.info("pretrain: VAE reconstruction MSE %.4f (faces %.4f), latent scale %.3f", stats["recon_mse"]["image"],
              stats["recon_mse"]["face"], stats["latent_scale"])
 
-    # ---- 3. UNet + text encoder; 3b. optional refinement from phase 1's EMA weights, timesteps shifted toward high noise
+    # ---- 3. UNet + text encoder; then the continuation phases, each from the previous phase's EMA weights
     u = p.unet
     base_dir = os.path.join(work, "tiny-sd")
     record["stages"]["unet"] = _unet_stage(bb, moments, data, u, base_dir, seed=seed + 1, steps=int(u.steps), batch_size=int(u.batch_size),
                                            lr=float(u.lr), checkpoint=os.path.join(work, "unet-stage.pt"))
     bb = load_pretrained_backbone(base_dir)  # what users load: the float16-stored UNet, read back as float32
-    r = p.get("unet_refine")
-    if r is not None and int(r.steps) > 0:
-        base_dir = os.path.join(work, "tiny-sd-refined")
-        record["stages"]["unet_refine"] = _unet_stage(bb, moments, data, u, base_dir, seed=seed + 3, steps=int(r.steps),
-                                                      batch_size=int(r.batch_size), lr=float(r.lr),
-                                                      checkpoint=os.path.join(work, "unet-refine-stage.pt"),
-                                                      timestep_shift=float(r.timestep_shift), what="base UNet refinement")
+    for key, folder, stage_file, offset, what in CONTINUATIONS:
+        r = p.get(key)
+        if r is None or int(r.steps) <= 0:
+            continue
+        base_dir = os.path.join(work, folder)
+        record["stages"][key] = _unet_stage(bb, moments, data, u, base_dir, seed=seed + offset, steps=int(r.steps), batch_size=int(r.batch_size),
+                                            lr=float(r.lr), checkpoint=os.path.join(work, stage_file), timestep_shift=float(r.timestep_shift),
+                                            face_weight=float(r.face_weight), what=what)
         bb = load_pretrained_backbone(base_dir)
 
     # ---- 4. stand-in identity encoders
@@ -164,7 +171,7 @@ def pretrain(cfg: DictConfig) -> dict:
 
 
 def _unet_stage(bb, moments, data, u: DictConfig, out_dir: str, *, seed: int, steps: int, batch_size: int, lr: float,
-                checkpoint: str, timestep_shift: float = 1.0, what: str = "base UNet") -> dict:
+                checkpoint: str, timestep_shift: float = 1.0, face_weight: float = 0.0, what: str = "base UNet") -> dict:
     """One cached UNet stage: train ``bb`` from the weights it holds (shared settings from ``pretrain.unet``), save
     the EMA weights to ``out_dir`` with the UNet in float16; a finished stage is only read back."""
     stats = _stage_done(out_dir)
@@ -174,7 +181,8 @@ def _unet_stage(bb, moments, data, u: DictConfig, out_dir: str, *, seed: int, st
     stats = B.train_unet(bb, moments, data, steps=steps, batch_size=batch_size, lr=lr, weight_decay=float(u.weight_decay),
                          ema_decay=float(u.ema_decay), min_snr_gamma=float(u.min_snr_gamma),
                          caption_probs=OmegaConf.to_container(u.captions), generator=torch.Generator().manual_seed(seed),
-                         checkpoint=checkpoint, checkpoint_every=int(u.checkpoint_every), timestep_shift=timestep_shift, what=what)
+                         checkpoint=checkpoint, checkpoint_every=int(u.checkpoint_every), timestep_shift=timestep_shift,
+                         face_weight=face_weight, what=what)
     stats["seconds"] = round(time.perf_counter() - t0, 1)
     save_backbone(bb, out_dir, half_unet=True)
     _mark(out_dir, stats)
