@@ -65,3 +65,23 @@ def test_gpu_bench_matrix_runs_on_cpu_when_allowed(face_shards, tmp_path):
     assert res["compare"]["lightning_s"] > 0 and res["compare"]["precomputed_s"] > 0
     assert len(res["sampling"]["rows"]) == 3
     assert "| bf16 + accumulate 2 |" in (out / "table.md").read_text()
+
+
+def _load_script(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_base_found_rate_interval_and_bad_base(tmp_path):
+    mod = _load_script("base_found_rate")
+    lo, hi = mod.wilson(5, 10)
+    assert lo == pytest.approx(0.2366, abs=1e-4) and hi == pytest.approx(0.7634, abs=1e-4)  # the textbook Wilson interval
+    assert mod.wilson(0, 10)[0] == 0.0 and mod.wilson(10, 10)[1] == 1.0
+    lo, hi = mod.wilson(110, 120)
+    assert lo < 110 / 120 < hi and hi - lo < 0.11
+    with pytest.raises(SystemExit, match="not a diffusers folder"):
+        mod.main([str(tmp_path)])
