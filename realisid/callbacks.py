@@ -138,16 +138,16 @@ class HeldOutLoss(L.Callback):
             return
         was_training = module.training
         module.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=module.device)  # loss x samples, samples
+        total, count = 0.0, 0  # loss x samples, samples
         for i, batch in enumerate(trainer.datamodule.val_dataloader()):
             batch = module.on_before_batch_transfer(batch, 0)
             batch = module.on_after_batch_transfer(module.transfer_batch_to_device(batch, module.device, 0), 0)
             n = len(batch["caption"])
-            total += torch.tensor([float(module.held_out_loss(batch, i)["loss"]) * n, n], dtype=torch.float64, device=module.device)
+            total, count = total + float(module.held_out_loss(batch, i)["loss"]) * n, count + n
         module.train(was_training)
-        if total[1] > 0:  # every rank reads the whole validation set here (no sampler), so all agree without a reduce
-            self.history.append((0, float(total[0] / total[1])))
-            log.info("held-out loss before training: %.4f (%d samples, fixed noise)", self.history[0][1], int(total[1]))
+        if count:  # every rank reads the whole validation set here (no sampler), so all agree without a reduce
+            self.history.append((0, total / count))
+            log.info("held-out loss before training: %.4f (%d samples, fixed noise)", total / count, count)
 
     def on_validation_end(self, trainer: L.Trainer, module) -> None:
         value = trainer.callback_metrics.get("val_loss")

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from realisid.bench import calibrated_plot, plot, run_bench, write_csv
 from realisid.config import ConfigError, EXPERIMENTS_DIR, load_config
-from realisid.data.cache_format import INFO_FILE, cache_info
+from realisid.data.cache_format import INFO_FILE, cache_diff, cache_info
 from realisid.data.precompute import precompute
 from realisid.geometry import bins_from_config
 from realisid.metrics.calibrated import fmt, paired_difference
@@ -166,8 +166,7 @@ def precomputed(sw, extra_overrides=()) -> str:
 
 def stale_keys(info: dict, cfg) -> list[str]:
     """The keys of a precomputed cache's record that differ from what ``cfg`` would write now."""
-    expected = cache_info(load_backbone(cfg.model, int(cfg.experiment.seed)), cfg)
-    return sorted(k for k, v in expected.items() if info.get(k) != v)
+    return sorted(cache_diff(info, cache_info(load_backbone(cfg.model, int(cfg.experiment.seed)), cfg)))
 
 
 def sweep_grid(out_dir: str, runs: list[str], sizes_px: list[int]) -> str | None:

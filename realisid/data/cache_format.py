@@ -65,6 +65,11 @@ def cache_info(backbone, cfg) -> dict:
             "id_encoder": encoder_fingerprint(cfg.model.id_encoder), **backbone.fingerprint()}
 
 
+def cache_diff(info: Mapping[str, Any], expected: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """The keys of a cache's record that differ from ``expected``, each as (in the cache, now)."""
+    return {k: (info.get(k), v) for k, v in expected.items() if info.get(k) != v}
+
+
 def check_cache(path: str, expected: Mapping[str, Any]) -> list[str]:
     """The precomputed folder's shards, after checking it was made for this backbone and resolution."""
     info_path = os.path.join(path, INFO_FILE)
@@ -76,7 +81,7 @@ def check_cache(path: str, expected: Mapping[str, Any]) -> list[str]:
     if not info.get("complete"):
         raise ValueError(f"data.precomputed='{path}': its `realisid precompute` run did not finish; run it again (finished shards "
                          "are kept) or unset data.precomputed")
-    diff = {k: (info.get(k), v) for k, v in expected.items() if info.get(k) != v}
+    diff = cache_diff(info, expected)
     if diff:
         what = "; ".join(f"{k}: cache {a!r} vs now {b!r}" for k, (a, b) in diff.items())
         raise ValueError(f"data.precomputed='{path}' was made for another setup ({what}){_encoder_note(info, diff)}; re-run "

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from realisid.data.batch import collate
-from realisid.data.cache_format import INFO_FILE, MEMBER, cache_info
+from realisid.data.cache_format import INFO_FILE, MEMBER, cache_diff, cache_info
 from realisid.data.example import ExampleMaker
 from realisid.data.shards import check_shards_exist, expand_shards
 from realisid.data.stream import skip_bad_tar
@@ -71,7 +71,7 @@ def precompute(cfg, out_dir: str, batch_size: int = 32, dtype: str = "fp32") -> 
     if os.path.exists(info_path):  # a rerun continues only the same cache
         with open(info_path) as f:
             old = json.load(f)
-        diff = [f"{k}: {old.get(k)!r} vs now {v!r}" for k, v in info.items() if old.get(k) != v]
+        diff = [f"{k}: {a!r} vs now {b!r}" for k, (a, b) in cache_diff(old, info).items()]
         if diff:
             raise ValueError(f"'{out_dir}' holds a cache made for another setup ({'; '.join(diff)}); give another --out or delete it")
     elif any(n.endswith(".tar") for n in os.listdir(out_dir)):

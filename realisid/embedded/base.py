@@ -243,9 +243,8 @@ def head_weights(boxes: torch.Tensor, image_size: int, latent_size: int, face_we
     c, half = (b[:, :2] + b[:, 2:]) / 2, (b[:, 2:] - b[:, :2]) * expand / 2
     lo, hi = (c - half) * latent_size / image_size, (c + half) * latent_size / image_size  # in latent pixels
     grid = torch.arange(latent_size, dtype=torch.float32)
-    cover_x = ((torch.minimum(hi[:, None, 0], grid + 1) - torch.maximum(lo[:, None, 0], grid)).clamp(min=0))  # (N, L)
-    cover_y = ((torch.minimum(hi[:, None, 1], grid + 1) - torch.maximum(lo[:, None, 1], grid)).clamp(min=0))
-    w = 1 + face_weight * (cover_y[:, :, None] * cover_x[:, None, :])
+    cover = (torch.minimum(hi[:, :, None], grid + 1) - torch.maximum(lo[:, :, None], grid)).clamp(min=0)  # (N, x|y, L)
+    w = 1 + face_weight * (cover[:, 1, :, None] * cover[:, 0, None, :])
     return (w / w.mean(dim=(1, 2), keepdim=True))[:, None]
 
 
