@@ -11,9 +11,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from realisid.embedded.analyzer.analyzer import box_from_kps
-from realisid.embedded.standin import identity_crop, load_standin
-from realisid.faces.analysis import Face, as_rgb_uint8, l2_normalize
+from realisid.embedded.analyzer.analyzer import box_from_kps, embed_box
+from realisid.embedded.standin import load_standin
+from realisid.faces.analysis import Face, as_rgb_uint8
 from realisid.geometry import FRONTAL_KPS
 from realisid.metrics.identity import _check_box
 
@@ -47,25 +47,12 @@ class StandInFaceAnalyzer:
                              "at their target boxes, so location and found-rate are not measured by it)")
         self.embedding_dim = int(getattr(standin_model, "embed_dim"))
 
-    def _embed_box(self, image: np.ndarray, box: Sequence[float]) -> np.ndarray:
-        crop = identity_crop(image, [float(v) for v in box], int(self.model.image_size))
-        param = next(self.model.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                emb = self.model(crop.unsqueeze(0).to(device))[0]
-        finally:
-            self.model.train(was_training)
-        return l2_normalize(emb.float().cpu().numpy())
-
     def detect_in_box(self, image: np.ndarray, box: Sequence[float]) -> Face:
         """One face at ``box`` (not detected: taken as given) with template keypoints and its embedding."""
         image = as_rgb_uint8(image)
         b = _check_box(box, 0)
         kps = FRONTAL_KPS * np.array([b[2] - b[0], b[3] - b[1]], np.float32) + np.array([b[0], b[1]], np.float32)
-        return Face(bbox=np.array(b, np.float32), kps=kps, det_score=float("nan"), embedding=self._embed_box(image, b))
+        return Face(bbox=np.array(b, np.float32), kps=kps, det_score=float("nan"), embedding=embed_box(self.model, image, b))
 
     def detect(self, image: np.ndarray) -> list[Face]:
         raise NotImplementedError(f"{self.name} cannot detect faces; call detect_in_box(image, target_box) "
@@ -73,4 +60,4 @@ class StandInFaceAnalyzer:
 
     def embed(self, image: np.ndarray, kps: np.ndarray) -> np.ndarray:
         """Embedding of the face whose box is fitted to ``kps`` through the frontal template."""
-        return self._embed_box(as_rgb_uint8(image), box_from_kps(kps))
+        return embed_box(self.model, as_rgb_uint8(image), box_from_kps(kps))

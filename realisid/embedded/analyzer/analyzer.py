@@ -43,6 +43,22 @@ def box_from_kps(kps: np.ndarray) -> list[float]:
     return [round(float(v), 3) for v in (x0, y0, x0 + w, y0 + h)]
 
 
+def embed_box(model: torch.nn.Module, image: np.ndarray, box: Sequence[float]) -> np.ndarray:
+    """The unit-length embedding a stand-in identity network gives the :func:`identity_crop` of ``box``, on the
+    model's device and in eval mode (its mode is restored afterwards)."""
+    crop = identity_crop(image, [float(v) for v in box], int(model.image_size))
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            emb = model(crop.unsqueeze(0).to(device))[0]
+    finally:
+        model.train(was_training)
+    return l2_normalize(emb.float().cpu().numpy())
+
+
 class SyntheticFaceAnalyzer:
     """The embedded default's face analyzer: :class:`FaceCenterNet` finds faces and 5 points; the evaluation
     stand-in identity encoder embeds the face crop. A stand-in for insightface, for synthetic faces only."""
@@ -74,20 +90,15 @@ class SyntheticFaceAnalyzer:
         faces = []
         for f in found:
             bbox, kps = f["bbox"] / s, f["kps"] / s
-            emb = self._embed_box(image, bbox) if self.encoder is not None else None
+            emb = embed_box(self.encoder, image, bbox) if self.encoder is not None else None
             faces.append(Face(bbox=bbox, kps=kps, det_score=f["score"], embedding=emb))
         return faces
-
-    def _embed_box(self, image: np.ndarray, box: Sequence[float]) -> np.ndarray:
-        crop = identity_crop(image, [float(v) for v in box], int(self.encoder.image_size))
-        with torch.no_grad():
-            return l2_normalize(self.encoder(crop[None])[0].numpy())
 
     def embed(self, image: np.ndarray, kps: np.ndarray) -> np.ndarray:
         """Embedding of the face whose box the 5 points imply (frontal template fit)."""
         if self.encoder is None:
             raise ValueError(f"{self.name} has no identity encoder; set faces.recognizer to a stand-in encoder folder")
-        return self._embed_box(as_rgb_uint8(image), box_from_kps(kps))
+        return embed_box(self.encoder, as_rgb_uint8(image), box_from_kps(kps))
 
 
 def save_detector(model: FaceCenterNet, out_dir: str, *, input_size: int, threshold: float, stats: Mapping[str, Any]) -> None:
