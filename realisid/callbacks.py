@@ -118,19 +118,23 @@ class LossSummary(L.Callback):
 
 
 class HeldOutLoss(L.Callback):
-    """The validation loss before the first step and after every validation.
+    """The validation loss before the first step and after every validation, and the identity use beside it.
 
     The training loss's first and last fifth compare different data, noise and timesteps (and every run with
     the same seed draws the same ones), so on a frozen base whose loss barely moves they can rise while the
     branches learn. The held-out loss compares the same validation samples under the same noise
-    (:meth:`RealisIDModule.held_out_loss`), so its change is the model's. The step-0 value is computed here,
-    before training, with the weights the run starts from; a resumed run keeps the one it had. Under DDP,
-    Lightning's validation splits the set over ranks (other batches, other noise seeds), so there the step-0 value
+    (:meth:`RealisIDModule.held_out_loss`), so its change is the model's. The identity use
+    (:meth:`RealisIDModule.identity_use`) is how much worse the face loss gets when each held-out sample is given
+    another identity's reference: 0 for branches that ignore the identity tokens (and before training, where the
+    branches' zero convolutions add nothing), above 0 once they carry identity. The step-0 values are computed
+    here, before training, with the weights the run starts from; a resumed run keeps the ones it had. Under DDP,
+    Lightning's validation splits the set over ranks (other batches, other noise seeds), so there the step-0 values
     and the later ones are comparable only in expectation.
     """
 
     def __init__(self):
         self.history: list[tuple[int, float]] = []  # (global step, loss)
+        self.use: list[tuple[int, float, float]] = []  # (global step, face loss own reference, other identity's)
 
     @torch.no_grad()
     def on_train_start(self, trainer: L.Trainer, module) -> None:
@@ -139,35 +143,59 @@ class HeldOutLoss(L.Callback):
         was_training = module.training
         module.eval()
         total, count = 0.0, 0  # loss x samples, samples
+        own, other, use_count = 0.0, 0.0, 0
         for i, batch in enumerate(trainer.datamodule.val_dataloader()):
             batch = module.on_before_batch_transfer(batch, 0)
             batch = module.on_after_batch_transfer(module.transfer_batch_to_device(batch, module.device, 0), 0)
             n = len(batch["caption"])
             total, count = total + float(module.held_out_loss(batch, i)["loss"]) * n, count + n
+            use = module.identity_use(batch, i)
+            if use is not None:
+                own, other = own + float(use["face_mse_own_ref"]) * n, other + float(use["face_mse_other_ref"]) * n
+                use_count += n
         module.train(was_training)
         if count:  # every rank reads the whole validation set here (no sampler), so all agree without a reduce
             self.history.append((0, total / count))
             log.info("held-out loss before training: %.4f (%d samples, fixed noise)", total / count, count)
+        if use_count:
+            self.use.append((0, own / use_count, other / use_count))
 
     def on_validation_end(self, trainer: L.Trainer, module) -> None:
-        value = trainer.callback_metrics.get("val_loss")
+        metrics = trainer.callback_metrics
+        value = metrics.get("val_loss")
         if trainer.sanity_checking or value is None:
             return
         if self.history and self.history[-1][0] == trainer.global_step:
             return
-        self.history.append((int(trainer.global_step), float(value)))
+        step = int(trainer.global_step)
+        self.history.append((step, float(value)))
+        own, other = metrics.get("val/face_mse_own_ref"), metrics.get("val/face_mse_other_ref")
+        if own is not None and other is not None:
+            self.use.append((step, float(own), float(other)))
+            log.info("identity use at step %d: held-out face loss %.5f with the own reference, %.5f with another "
+                     "identity's (%+.1f%%)", step, float(own), float(other), 100 * identity_use(float(own), float(other)))
 
     def summary(self) -> dict:
-        if len(self.history) < 2:
-            return {}
-        (s0, v0), (s1, v1) = self.history[0], self.history[-1]
-        return {"val_loss_first": v0, "val_loss_first_step": s0, "val_loss_last": v1, "val_loss_last_step": s1}
+        out = {}
+        if len(self.history) >= 2:
+            (s0, v0), (s1, v1) = self.history[0], self.history[-1]
+            out.update(val_loss_first=v0, val_loss_first_step=s0, val_loss_last=v1, val_loss_last_step=s1)
+        if self.use:
+            step, own, other = self.use[-1]
+            out.update(id_use_step=step, id_use=identity_use(own, other), id_use_face_mse_own=own, id_use_face_mse_other=other)
+        return out
 
     def state_dict(self) -> dict:
-        return {"history": [list(h) for h in self.history]}
+        return {"history": [list(h) for h in self.history], "use": [list(u) for u in self.use]}
 
     def load_state_dict(self, state: dict) -> None:
         self.history = [(int(s), float(v)) for s, v in state.get("history", [])]
+        self.use = [(int(s), float(a), float(b)) for s, a, b in state.get("use", [])]
+
+
+def identity_use(own: float, other: float) -> float:
+    """The relative rise of the held-out face loss when the reference is another identity's: (other - own) / own."""
+    return (other - own) / own if own > 0 else float("nan")
 
 
 class DataPosition(L.Callback):

@@ -66,7 +66,7 @@ def _calibrated_from_csv(rows: list[dict]) -> dict[str, dict]:
 def run_sweep(name: str, extra_overrides=()) -> dict:
     sw = load_sweep(name)
     out_dir = str(sw.out_dir)
-    combined, per_run_rows, calibrated = [], {}, {}
+    combined, per_run_rows, calibrated, trained = [], {}, {}, {}
     bins = None
     cache = []
     if sw.get("precompute"):
@@ -95,6 +95,7 @@ def run_sweep(name: str, extra_overrides=()) -> dict:
             row["run"] = run_name
             combined.append(row)
         per_run_rows[run_name] = _read_csv(os.path.join(bench_dir, "results.csv"))
+        trained[run_name] = run_result(run_dir)
         calibrated[run_name] = _calibrated_from_csv(_read_csv(os.path.join(bench_dir, "calibrated.csv")))
     write_csv(os.path.join(out_dir, "summary.csv"), combined)
     title = f"sweep {sw.name}"
@@ -127,6 +128,7 @@ def run_sweep(name: str, extra_overrides=()) -> dict:
                     + " | ".join(bins + ["all"]) + " |\n|---|" + "---|" * (len(bins) + 1) + "\n")
             for label, per_bin in claims.items():
                 f.write(f"| {label} | " + " | ".join(fmt(per_bin[b]) if b in per_bin else "-" for b in bins + ["all"]) + " |\n")
+        f.write(training_table(trained))
         sizes = sorted({r["size_px"] for r in combined})
         for n in sorted({r["people"] for r in combined}):
             f.write(f"\n## margin by face size, {n} {'person' if n == 1 else 'people'}\n\n| run | " + " | ".join(f"{s} px" for s in sizes)
@@ -139,6 +141,26 @@ def run_sweep(name: str, extra_overrides=()) -> dict:
 
         json.dump(claims, f, indent=2)
     return {"out_dir": out_dir, "table": table, "plots": plots, "claims": claims, "calibrated": calibrated}
+
+
+def run_result(run_dir: str) -> dict:
+    """A sweep run's ``result.yaml`` (what ``train`` returned) as a dict; {} when the run has none."""
+    from omegaconf import OmegaConf
+
+    path = os.path.join(run_dir, "result.yaml")
+    return dict(OmegaConf.to_container(OmegaConf.load(path))) if os.path.exists(path) else {}
+
+
+def training_table(results: dict[str, dict]) -> str:
+    """Markdown: per run, its steps, held-out loss before and after, and the identity use (how much worse the
+    held-out face loss gets with another identity's reference; 0 = the reference is ignored)."""
+    out = ("\n## training (held-out samples, the same noise each time)\n\n| run | steps | held-out loss | identity use | "
+           "face loss own / other reference |\n|---|---|---|---|---|\n")
+    for name, r in results.items():
+        loss = (f"{r['val_loss_first']:.4f} -> {r['val_loss_last']:.4f}" if "val_loss_first" in r else "-")
+        use = (f"{r['id_use']:+.1%}", f"{r['id_use_face_mse_own']:.5f} / {r['id_use_face_mse_other']:.5f}") if "id_use" in r else ("-", "-")
+        out += f"| {name} | {r.get('global_step', '-')} | {loss} | {use[0]} | {use[1]} |\n"
+    return out
 
 
 def precomputed(sw, extra_overrides=()) -> str:

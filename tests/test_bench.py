@@ -96,6 +96,8 @@ runs:
 """)
     res = run_sweep(str(sweep))
     assert os.path.exists(res["table"]) and res["plots"]
+    table = open(res["table"]).read()  # each run's training: steps, held-out loss, identity use
+    assert "| local_only | 2 | " in table and "| no_upsample | 2 | " in table
     rows = list(csv.DictReader(open(tmp_path / "sweep" / "summary.csv")))
     assert {r["run"] for r in rows} == {"local_only", "no_upsample"}
     calls = []

@@ -169,6 +169,38 @@ def _equal(a, b):
 # ---- the step and its parts ------------------------------------------------------------------------------------
 
 
+def test_other_identity_order_pairs_each_sample_with_another_identity():
+    from realisid.modules.conditioner import other_identity_order
+
+    assert other_identity_order(["a", "b", "c"]) == [1, 2, 0]
+    assert other_identity_order(["a", "a", "b"]) == [2, 2, 0]
+    assert other_identity_order(["a", "a"]) is None and other_identity_order([]) is None
+
+
+def test_identity_use_compares_the_own_and_another_identitys_reference(joint):
+    from realisid.modules.conditioner import other_identity_order, with_references_of
+
+    module, _, live = joint
+    order = other_identity_order(live["identity"])
+    assert order is not None and all(live["identity"][i] != live["identity"][j] for i, j in enumerate(order))
+    swapped = with_references_of(live, order)
+    assert torch.equal(swapped["id_image"], live["id_image"][order]) and swapped["id_kps"].shape == live["id_kps"].shape
+    assert swapped["image"] is live["image"] and swapped["caption"] is live["caption"]  # only the references move
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    try:
+        with torch.no_grad():
+            before = module.identity_use(live, 0)
+            # the branches' zero convolutions add nothing at the start, so the reference cannot matter yet
+            assert before["face_mse_own_ref"] == before["face_mse_other_ref"]
+            for name, p in module.named_parameters():
+                if "controlnet_down_blocks" in name or "controlnet_mid_block" in name:
+                    p.normal_(0.0, 0.05)
+            after = module.identity_use(live, 0)
+    finally:
+        module.load_state_dict(state)
+    assert after["face_mse_own_ref"] != after["face_mse_other_ref"]  # now the swapped reference reaches the face loss
+
+
 @pytest.mark.parametrize("precomputed", [True, False])
 def test_shared_step_is_bit_identical_to_the_old_inline_step(joint, precomputed):
     module, pre, live = joint

@@ -25,6 +25,7 @@ def test_few_step_training_run_and_export(tiny_cfg, face_shards, tmp_path):
     assert any(f.startswith("events") for f in os.listdir(os.path.join(run, "tb")))
     assert res["steps"] == 6 and "loss_first_fifth" in res
     assert res["val_loss_first_step"] == 0 and res["val_loss_last_step"] == 6  # held-out loss before training and at the end
+    assert res["id_use_step"] == 6 and res["id_use_face_mse_own"] > 0  # identity use: 2 validation samples, 2 identities
     ckpt = torch.load(os.path.join(run, "checkpoints/last.ckpt"), map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 6
     assert not any(k.startswith("backbone.") for k in ckpt["state_dict"])  # frozen weights stay out of checkpoints

@@ -35,6 +35,9 @@ def cmd_train(args) -> int:
     if "val_loss_first" in res:
         lines.append(f"held-out loss : step {res['val_loss_first_step']} {res['val_loss_first']:.4f} -> step {res['val_loss_last_step']} "
                      f"{res['val_loss_last']:.4f} (validation samples, the same noise each time)")
+    if "id_use" in res:
+        lines.append(f"identity use  : face loss {res['id_use']:+.1%} with another identity's reference at step {res['id_use_step']} "
+                     f"({res['id_use_face_mse_own']:.5f} -> {res['id_use_face_mse_other']:.5f}; 0 = the reference is ignored)")
     lines.append(f"wall time     : {res['seconds']:.0f} s")
     sys.stdout.write("\n".join(lines) + "\n")
     return 0

@@ -24,7 +24,7 @@ from realisid.data.batch import ready_batch, unpack_batch
 from realisid.models.backbone import load_backbone
 from realisid.models.branches import GlobalBranch, LocalBranch, add_residuals
 from realisid.models.id_encoder import IdProjector, build_id_encoder
-from realisid.modules.conditioner import Conditioner
+from realisid.modules.conditioner import Conditioner, other_identity_order, with_references_of
 from realisid.modules.efficiency import apply_efficiency, check_precision
 from realisid.modules.losses import DiffusionLoss
 from realisid.pipeline import RealisIDPipeline
@@ -173,9 +173,27 @@ class RealisIDModule(L.LightningModule):
         g = torch.Generator().manual_seed(int(self.cfg.experiment.seed) * 7919 + batch_idx)
         return self.shared_step(batch, generator=g, dropout=False)
 
+    def identity_use(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor] | None:
+        """Whether the branches use the reference: the face loss under the held-out noise, with each sample's
+        identity-free caption, once with its own reference and once with another identity's reference
+        (:func:`other_identity_order`). A model that ignores the identity tokens scores both the same; one that
+        carries identity scores its own reference lower. None when the batch holds a single identity."""
+        order = other_identity_order(batch.get("identity"))
+        if order is None:
+            return None
+        free = {**batch, "caption": batch.get("caption_no_identity", batch["caption"])}
+        free.pop("text_embeds", None)  # the identity-free caption, encoded here (precomputed text is the full caption)
+        free.pop("text_pooled", None)
+        own = self.held_out_loss(free, batch_idx)["face_mse"]
+        other = self.held_out_loss(with_references_of(free, order), batch_idx)["face_mse"]
+        return {"face_mse_own_ref": own, "face_mse_other_ref": other}
+
     def validation_step(self, batch: dict, batch_idx: int):
         out = self.held_out_loss(batch, batch_idx)
         n = len(batch["caption"])
+        use = self.identity_use(batch, batch_idx)
+        if use is not None:
+            out.update(use)
         self.log_dict({f"val/{k}": v for k, v in out.items()}, prog_bar=False, batch_size=n, sync_dist=True)
         self.log("val_loss", out["loss"], prog_bar=True, logger=False, batch_size=n, sync_dist=True)
 

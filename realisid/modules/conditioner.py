@@ -109,3 +109,28 @@ class Conditioner:
             pooled = torch.where(drop[:, None], null_p.to(pooled.dtype), pooled)
         # SDXL's time ids carry each sample's original size and crop (batch keys from the data pipeline)
         return backbone.conditioning(embeds, pooled, image_hw, batch.get("original_size"), batch.get("crop_top_left"))
+
+
+# ---- swapping references (the identity-use measurement) -----------------------------------------------
+REFERENCE_KEYS = ("id_image", "id_mask", "id_kps", "id_features", "id_embed", "has_id_embed")
+
+
+def other_identity_order(identities) -> list[int] | None:
+    """For each sample, the index of the next sample (cyclically) of a DIFFERENT identity; None when the batch
+    holds fewer than two identities (nothing to swap with)."""
+    ids = [str(i) for i in (identities or [])]
+    if len(set(ids)) < 2:
+        return None
+    n = len(ids)
+    return [next((i + k) % n for k in range(1, n) if ids[(i + k) % n] != ids[i]) for i in range(n)]
+
+
+def with_references_of(batch: dict, order: list[int]) -> dict:
+    """A shallow copy of ``batch`` whose sample i carries the reference of sample ``order[i]`` (image, mask, key
+    points, cached features, stored embedding); everything else (target image, box, caption) stays."""
+    out = dict(batch)
+    for key in REFERENCE_KEYS:
+        value = batch.get(key)
+        if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == len(order):
+            out[key] = value.index_select(0, torch.as_tensor(order, device=value.device))
+    return out
