@@ -26,8 +26,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from realisid.callbacks import identity_use  # noqa: E402
 from realisid.modules import build_module  # noqa: E402
-from realisid.train import build_datamodule  # noqa: E402
+from realisid.modules.conditioner import REFERENCE_KEYS, other_identity_order, with_identity_free_captions  # noqa: E402
+from realisid.train import build_datamodule, run_result  # noqa: E402
 
 
 def measure(run_dir: str, samples: int) -> dict:
@@ -48,19 +50,16 @@ def measure(run_dir: str, samples: int) -> dict:
     module.eval()
     dm = build_datamodule(cfg, module)
     dm.setup("validate")
-    batches = list(dm.val_dataloader())
+    batches = [module.on_after_batch_transfer(module.on_before_batch_transfer(b)) for b in dm.val_dataloader()]
     # pair each sample with the next one of another identity, as a validation batch does
-    from realisid.modules.conditioner import REFERENCE_KEYS, other_identity_order
-
     order = other_identity_order([b["identity"][0] for b in batches])
     if order is None:
         raise SystemExit(f"the validation samples of {run_dir} hold one identity; identity use needs at least two")
     own, other = [], []
     with torch.no_grad():
         for i, b in enumerate(batches):
-            b = module.on_after_batch_transfer(module.on_before_batch_transfer(b))
-            b = {**b, "caption": b.get("caption_no_identity", b["caption"])}
-            swap = module.on_after_batch_transfer(module.on_before_batch_transfer(batches[order[i]]))
+            b = with_identity_free_captions(b)
+            swap = batches[order[i]]
             mixed = {**b, **{k: swap[k] for k in REFERENCE_KEYS if k in swap}}  # another identity's reference
             own.append(float(module.held_out_loss(b, i)["face_mse"]))
             other.append(float(module.held_out_loss(mixed, i)["face_mse"]))
@@ -68,8 +67,8 @@ def measure(run_dir: str, samples: int) -> dict:
     rng = np.random.default_rng(0)
     idx = rng.integers(0, len(own_a), size=(2000, len(own_a)))
     boot = (other_a[idx].mean(1) - own_a[idx].mean(1)) / own_a[idx].mean(1)
-    use = (other_a.mean() - own_a.mean()) / own_a.mean()
-    r = OmegaConf.load(os.path.join(run_dir, "result.yaml")) if os.path.exists(os.path.join(run_dir, "result.yaml")) else {}
+    use = identity_use(float(own_a.mean()), float(other_a.mean()))
+    r = run_result(run_dir)
     return {"run": run_dir, "module": str(cfg.experiment.module), "steps": int(r.get("global_step", state.get("global_step", -1))),
             "lr": float(cfg.optim.lr), "face_lambda": float(cfg.model.loss.face_lambda),
             "identity_free_captions": float(cfg.data.identity_free_captions), "samples": len(own),

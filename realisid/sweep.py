@@ -23,7 +23,7 @@ from realisid.geometry import bins_from_config
 from realisid.metrics.calibrated import fmt, paired_difference
 from realisid.models.backbone import load_backbone
 from realisid.prepare import prepare_embedded_default
-from realisid.train import resume_config, train
+from realisid.train import resume_config, run_result, train
 
 log = logging.getLogger(__name__)
 SWEEP_KEYS = {"name", "out_dir", "train", "bench", "runs", "precompute"}
@@ -141,14 +141,6 @@ def run_sweep(name: str, extra_overrides=()) -> dict:
 
         json.dump(claims, f, indent=2)
     return {"out_dir": out_dir, "table": table, "plots": plots, "claims": claims, "calibrated": calibrated}
-
-
-def run_result(run_dir: str) -> dict:
-    """A sweep run's ``result.yaml`` (what ``train`` returned) as a dict; {} when the run has none."""
-    from omegaconf import OmegaConf
-
-    path = os.path.join(run_dir, "result.yaml")
-    return dict(OmegaConf.to_container(OmegaConf.load(path))) if os.path.exists(path) else {}
 
 
 def training_table(results: dict[str, dict]) -> str:

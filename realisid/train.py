@@ -69,6 +69,15 @@ def build_datamodule(cfg: DictConfig, module):
                           precomputed_for=cache_info(module.backbone, cfg) if cfg.data.get("precomputed") else None)
 
 
+RESULT_FILE = "result.yaml"  # what train() returned, beside the run's config
+
+
+def run_result(run_dir: str) -> dict:
+    """A run's ``result.yaml`` (what :func:`train` returned) as a dict; {} when the run has none."""
+    path = os.path.join(run_dir, RESULT_FILE)
+    return dict(OmegaConf.to_container(OmegaConf.load(path))) if os.path.exists(path) else {}
+
+
 def resume_config(run_dir: str, overrides=()) -> DictConfig:
     """The saved config of ``run_dir`` (plus overrides, e.g. a larger trainer.max_steps) for resuming it."""
 
@@ -173,5 +182,5 @@ def train(cfg: DictConfig, run_dir: str | None = None, resume: str | None = None
         module.export(result["export"])
     result["seconds"] = round(time.time() - t0, 1)
     if trainer.is_global_zero:
-        OmegaConf.save(OmegaConf.create({k: v for k, v in result.items() if k != "prepared"}), os.path.join(run_dir, "result.yaml"))
+        OmegaConf.save(OmegaConf.create({k: v for k, v in result.items() if k != "prepared"}), os.path.join(run_dir, RESULT_FILE))
     return result

@@ -24,7 +24,7 @@ from realisid.data.batch import ready_batch, unpack_batch
 from realisid.models.backbone import load_backbone
 from realisid.models.branches import GlobalBranch, LocalBranch, add_residuals
 from realisid.models.id_encoder import IdProjector, build_id_encoder
-from realisid.modules.conditioner import Conditioner, other_identity_order, with_references_of
+from realisid.modules.conditioner import Conditioner, other_identity_order, with_identity_free_captions, with_references_of
 from realisid.modules.efficiency import apply_efficiency, check_precision
 from realisid.modules.losses import DiffusionLoss
 from realisid.pipeline import RealisIDPipeline
@@ -181,9 +181,7 @@ class RealisIDModule(L.LightningModule):
         order = other_identity_order(batch.get("identity"))
         if order is None:
             return None
-        free = {**batch, "caption": batch.get("caption_no_identity", batch["caption"])}
-        free.pop("text_embeds", None)  # the identity-free caption, encoded here (precomputed text is the full caption)
-        free.pop("text_pooled", None)
+        free = with_identity_free_captions(batch)
         own = self.held_out_loss(free, batch_idx)["face_mse"]
         other = self.held_out_loss(with_references_of(free, order), batch_idx)["face_mse"]
         return {"face_mse_own_ref": own, "face_mse_other_ref": other}

@@ -125,6 +125,14 @@ def other_identity_order(identities) -> list[int] | None:
     return [next((i + k) % n for k in range(1, n) if ids[(i + k) % n] != ids[i]) for i in range(n)]
 
 
+def with_identity_free_captions(batch: dict) -> dict:
+    """A shallow copy of ``batch`` with each sample's identity-free caption (its caption where it has none) and
+    without precomputed text embeddings of the full caption, so the text is encoded from the caption given."""
+    out = {k: v for k, v in batch.items() if k not in ("text_embeds", "text_pooled")}
+    out["caption"] = batch.get("caption_no_identity", batch["caption"])
+    return out
+
+
 def with_references_of(batch: dict, order: list[int]) -> dict:
     """A shallow copy of ``batch`` whose sample i carries the reference of sample ``order[i]`` (image, mask, key
     points, cached features, stored embedding); everything else (target image, box, caption) stays."""
