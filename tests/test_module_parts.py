@@ -99,8 +99,10 @@ def _old_shared_step(m, batch, generator=None, dropout=True):
                            down_block_additional_residuals=res[0] if res else None,
                            mid_block_additional_residual=res[1] if res else None, return_dict=False)[0]
     mask = latent_mask(batch["loc_map"], tuple(latents.shape[-2:]))
-    loss, full, face = face_weighted_mse(pred, target, mask, float(m.cfg.model.loss.face_lambda))
-    return {"loss": loss, "mse": full, "face_mse": face}
+    loss, full, face = face_weighted_mse(pred, target, mask, float(m.cfg.model.loss.face_lambda), m.cfg.model.loss.face_norm)
+    if m.cfg.model.loss.face_norm == "image":
+        return {"loss": loss, "mse": full, "face_mse": face}
+    return {"loss": loss, "mse": full, "face_mse": face_weighted_mse(pred, target, mask, 0.0, "image")[2], "face_mse_per_face": face}
 
 
 # ---- fixtures ------------------------------------------------------------------------------------------------
@@ -229,6 +231,11 @@ def test_diffusion_loss_draws_and_scores_as_the_old_step(prediction_type):
     pred, loc = torch.randn(3, 4, 8, 8), (torch.rand(3, 1, 32, 32) > 0.5).float()
     want = face_weighted_mse(pred, target, latent_mask(loc, (8, 8)), 2.5)
     _equal(loss_fn(pred, got.target, loc), dict(zip(("loss", "mse", "face_mse"), want)))
+    # face_norm=face trains on each face's own mean; face_mse stays the paper's term (logged, compared across runs)
+    by_face = DiffusionLoss(1000, prediction_type, 2.5, "face")(pred, got.target, loc)
+    loss, full, per_face = face_weighted_mse(pred, target, latent_mask(loc, (8, 8)), 2.5, "face")
+    _equal(by_face, {"loss": loss, "mse": full, "face_mse": want[2], "face_mse_per_face": per_face})
+    assert not torch.equal(per_face, want[2])
 
 
 def test_conditioner_gives_what_the_old_methods_gave(joint):

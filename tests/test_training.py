@@ -189,6 +189,29 @@ def test_face_weighted_loss_exact_numbers():
     torch.testing.assert_close(m, torch.tensor([[[[1.0, 0.5], [0.0, 0.0]]]]))
 
 
+def test_face_norm_face_weighs_every_face_size_the_same():
+    """face_norm=face: the face term is each face's own mean error, so a small and a large face with the same error
+    weigh the same; face_norm=image (the paper's) weighs them by their area. A bad value names the key."""
+    from realisid.modules.losses import DiffusionLoss, face_weighted_mse
+
+    pred = torch.zeros(3, 2, 4, 4)
+    target = torch.full((3, 2, 4, 4), 2.0)            # error 4 everywhere
+    mask = torch.zeros(3, 1, 4, 4)
+    mask[0, 0, 0, 0] = 0.5                            # a face covering a quarter of one latent pixel
+    mask[1, 0, :2, :3] = 1.0                          # a 2x3-pixel face; sample 2 has no face and adds 0
+    _, _, face = face_weighted_mse(pred[:2], target[:2], mask[:2], 3.0, "face")
+    assert face.item() == 4.0                         # both faces: mean error 4
+    loss, full, face = face_weighted_mse(pred, target, mask, 3.0, "face")
+    assert full.item() == 4.0 and face.item() == pytest.approx(8.0 / 3) and loss.item() == pytest.approx(4.0 + 3.0 * 8.0 / 3)
+    _, _, small = face_weighted_mse(pred[:1], target[:1], mask[:1], 3.0, "image")
+    _, _, large = face_weighted_mse(pred[1:2], target[1:2], mask[1:2], 3.0, "image")
+    assert large.item() / small.item() == 6.0 / 0.25   # by area (mask^2)
+    with pytest.raises(ValueError, match="model.loss.face_norm='area'.*image"):
+        face_weighted_mse(pred, target, mask, 3.0, "area")
+    with pytest.raises(ValueError, match="model.loss.face_norm"):
+        DiffusionLoss(1000, "epsilon", 1.0, "area")
+
+
 def test_dropout_masks_are_disjoint_with_the_configured_rates(tiny_cfg):
     """CFG dropout per sample: identity only, text only, or both, never overlapping, at the configured rates."""
     from realisid.modules import build_module
