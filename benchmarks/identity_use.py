@@ -71,6 +71,7 @@ def measure(run_dir: str, samples: int) -> dict:
     r = run_result(run_dir)
     return {"run": run_dir, "module": str(cfg.experiment.module), "steps": int(r.get("global_step", state.get("global_step", -1))),
             "lr": float(cfg.optim.lr), "face_lambda": float(cfg.model.loss.face_lambda),
+            "face_norm": str(cfg.model.loss.get("face_norm", "image")),
             "identity_free_captions": float(cfg.data.identity_free_captions), "samples": len(own),
             "face_mse_own": float(own_a.mean()), "face_mse_other": float(other_a.mean()), "identity_use": float(use),
             "ci95": [float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))],
@@ -95,10 +96,10 @@ def main(argv=None) -> int:
              "and with another held-out identity's; identity use = (other - own) / own, 95% bootstrap interval over samples. "
              "0 = the branches ignore the reference. Stand-ins throughout (tiny base trained on synthetic faces, "
              "standin-arcface-synthetic conditioning encoder).\n",
-             "| run | module | steps | lr | face_lambda | identity-free captions | samples | face loss own / other | identity use [95%] | samples lower with own |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| run | module | steps | lr | face_lambda | face_norm | identity-free captions | samples | face loss own / other | identity use [95%] | samples lower with own |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['run']} | {r['module']} | {r['steps']} | {r['lr']:g} | {r['face_lambda']:g} | {r['identity_free_captions']:g} | "
+        lines.append(f"| {r['run']} | {r['module']} | {r['steps']} | {r['lr']:g} | {r['face_lambda']:g} | {r['face_norm']} | {r['identity_free_captions']:g} | "
                      f"{r['samples']} | {r['face_mse_own']:.5f} / {r['face_mse_other']:.5f} | {r['identity_use']:+.1%} "
                      f"[{r['ci95'][0]:+.1%}, {r['ci95'][1]:+.1%}] | {r['samples_lower_with_own']:.2f} |")
     with open(os.path.join(args.out, "table.md"), "w") as f:

@@ -242,3 +242,17 @@ def test_a_checkpoint_with_nonfinite_weights_is_refused(tiny_cfg):
         p.view(-1)[0] = float("nan")
     with pytest.raises(FloatingPointError, match=f"local.{name} has NaN/Inf weights; the previous checkpoint is kept"):
         module.on_save_checkpoint({"state_dict": module.state_dict()})
+
+
+def test_face_norm_reaches_the_loss_and_old_runs_keep_the_papers_term(tiny_cfg):
+    """The configured face_norm is the one the module trains with; a run's config.yaml saved before the key existed
+    (trained with the paper's term) builds with face_norm=image, not with today's default."""
+    from omegaconf import OmegaConf
+
+    from realisid.modules import build_module
+
+    cfg = tiny_cfg("local_branch", "model.loss.face_norm=face")
+    assert build_module(cfg).loss_fn.face_norm == "face"
+    old = OmegaConf.create(OmegaConf.to_container(cfg))
+    del old.model.loss["face_norm"]
+    assert build_module(old).loss_fn.face_norm == "image"

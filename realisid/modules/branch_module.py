@@ -63,8 +63,9 @@ class RealisIDModule(L.LightningModule):
         self.noise_scheduler = self.backbone.noise_scheduler()
         self.register_buffer("alphas_cumprod", self.noise_scheduler.alphas_cumprod.clone().float(), persistent=False)
         sched = self.noise_scheduler.config
+        # a run saved before face_norm existed trained with the paper's term: its config.yaml has no key
         self.loss_fn = DiffusionLoss(sched.num_train_timesteps, sched.prediction_type, float(m.loss.face_lambda),
-                                     str(m.loss.face_norm))
+                                     str(m.loss.get("face_norm", "image")))
         self.conditioner = Conditioner(self)  # a plain object: the parts stay registered here (same state-dict keys)
         check_precision(m.backbone_dtype, cfg.trainer.precision, cfg.trainer.accelerator)
         self.ema: WeightEMA | None = None
