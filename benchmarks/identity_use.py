@@ -71,7 +71,7 @@ def measure(run_dir: str, samples: int) -> dict:
     r = run_result(run_dir)
     return {"run": run_dir, "module": str(cfg.experiment.module), "steps": int(r.get("global_step", state.get("global_step", -1))),
             "lr": float(cfg.optim.lr), "face_lambda": float(cfg.model.loss.face_lambda),
-            "face_norm": str(cfg.model.loss.get("face_norm", "image")),
+            "face_norm": module.loss_fn.face_norm,
             "identity_free_captions": float(cfg.data.identity_free_captions), "samples": len(own),
             "face_mse_own": float(own_a.mean()), "face_mse_other": float(other_a.mean()), "identity_use": float(use),
             "ci95": [float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))],

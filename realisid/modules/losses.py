@@ -10,31 +10,36 @@ import torch.nn.functional as F
 FACE_NORMS = ("image", "face")
 
 
-def face_weighted_mse(pred: torch.Tensor, target: torch.Tensor, face_mask: torch.Tensor, face_lambda: float,
-                      norm: str = "image") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``||eps_hat - eps||^2 + lambda * face term``, the first as a mean over all elements.
-
-    ``face_mask`` is (B, 1, h, w) at latent resolution (fractional coverage at the box border).
-    ``norm`` says what the face term is a mean over:
-
-    - ``image`` (the paper's ``||(eps_hat - eps) * c_loc||^2``): over all elements, so a face's weight grows with its
-      area; at 128 px a 24 px face (at 512 scale) covers 0.2% of the latent and a 192 px one 14%, a 70x spread;
-    - ``face``: per sample over the face's own (mask^2-weighted) elements, then over the batch, so every face weighs
-      the same whatever its size (a sample without a face adds 0).
-
-    Returns (total, full-image term, face term).
-    """
+def check_face_norm(norm: str) -> str:
     if norm not in FACE_NORMS:
         raise ValueError(f"model.loss.face_norm={norm!r}; use one of {FACE_NORMS}")
+    return norm
+
+
+def face_term(err: torch.Tensor, face_mask: torch.Tensor, norm: str = "image") -> torch.Tensor:
+    """The face term of a squared error ``err`` (B, C, h, w) under ``face_mask`` (B, 1, h, w, fractional coverage at
+    the box border), as a mean over:
+
+    - ``image`` (the paper's ``||(eps_hat - eps) * c_loc||^2``): all elements, so a face's weight grows with its
+      area; at 128 px a 24 px face (at 512 scale) covers 0.2% of the latent and a 192 px one 14%, a 70x spread;
+    - ``face``: per sample the face's own (mask^2-weighted) elements, then the batch, so every face weighs the same
+      whatever its size (a sample without a face adds 0).
+    """
+    w = face_mask.float() ** 2
+    if check_face_norm(norm) == "image":
+        return (err * w).mean()
+    per_sample = (err * w).flatten(1).sum(1)
+    area = w.flatten(1).sum(1) * err.shape[1]          # the mask broadcasts over the channels
+    return (per_sample / area.clamp_min(1e-8)).mean()
+
+
+def face_weighted_mse(pred: torch.Tensor, target: torch.Tensor, face_mask: torch.Tensor, face_lambda: float,
+                      norm: str = "image") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``||eps_hat - eps||^2 + lambda * face term`` (:func:`face_term` under ``norm``), the first as a mean over all
+    elements. ``face_mask`` is (B, 1, h, w) at latent resolution. Returns (total, full-image term, face term)."""
     err = (pred.float() - target.float()) ** 2
     full = err.mean()
-    w = face_mask.float() ** 2
-    if norm == "image":
-        face = (err * w).mean()
-    else:
-        per_sample = (err * w).flatten(1).sum(1)
-        area = w.flatten(1).sum(1) * err.shape[1]          # the mask broadcasts over the channels
-        face = (per_sample / area.clamp_min(1e-8)).mean()
+    face = face_term(err, face_mask, norm)
     return full + face_lambda * face, full, face
 
 
@@ -75,16 +80,15 @@ class DiffusionLoss:
 
     :meth:`inputs` draws the noise, then the timesteps, from ``generator`` on ``device`` (in that order: a
     resumed run draws the same) and builds x_t and the target in fp32 (:func:`diffusion_inputs`); calling the
-    object scores a prediction with :func:`face_weighted_mse` over the location map at latent resolution.
+    object scores a prediction as :func:`face_weighted_mse` does, over the location map at latent resolution
+    (tests hold the two equal).
     """
 
     def __init__(self, num_train_timesteps: int, prediction_type: str, face_lambda: float, face_norm: str = "image"):
-        if face_norm not in FACE_NORMS:
-            raise ValueError(f"model.loss.face_norm={face_norm!r}; use one of {FACE_NORMS}")
+        self.face_norm = check_face_norm(face_norm)  # a bad value fails when the module is built
         self.num_train_timesteps = int(num_train_timesteps)
         self.prediction_type = prediction_type
         self.face_lambda = float(face_lambda)
-        self.face_norm = face_norm
 
     def inputs(self, latents: torch.Tensor, alphas_cumprod: torch.Tensor, generator: torch.Generator | None = None,
                device: torch.device | str | None = None) -> DiffusionInputs:
@@ -101,8 +105,10 @@ class DiffusionLoss:
         the logged values and the identity use (which compares it across runs) keep one meaning. With
         ``face_norm=face`` the term the loss uses is added as ``face_mse_per_face``."""
         mask = latent_mask(loc_map, tuple(target.shape[-2:]))
-        loss, full, face = face_weighted_mse(pred, target, mask, self.face_lambda, self.face_norm)
+        err = (pred.float() - target.float()) ** 2     # as face_weighted_mse, computed once for both face terms
+        full = err.mean()
+        face = face_term(err, mask, self.face_norm)
+        out = {"loss": full + self.face_lambda * face, "mse": full}
         if self.face_norm == "image":
-            return {"loss": loss, "mse": full, "face_mse": face}
-        return {"loss": loss, "mse": full, "face_mse": face_weighted_mse(pred, target, mask, 0.0, "image")[2],
-                "face_mse_per_face": face}
+            return {**out, "face_mse": face}
+        return {**out, "face_mse": face_term(err, mask, "image"), "face_mse_per_face": face}
