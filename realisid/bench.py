@@ -52,10 +52,11 @@ def row_boxes(n: int, side: float, R: int) -> list[list[float]] | None:
     return [[round(x + i * (side + gap), 2), round(y, 2), round(x + i * (side + gap) + side, 2), round(y + side, 2)] for i in range(n)]
 
 
-def reference_faces(examples: Sequence[dict], count: int, id_image_size: int) -> list[dict]:
+def reference_faces(examples: Sequence[dict], count: int, id_image_size: int, offset: int = 0) -> list[dict]:
     """One reference per identity of the held-out set, for ``count`` identities: the face crop of that identity's
     photo with the largest face (cut as training cuts references). ``key`` names the photo it was cut from, which
-    the ceiling then leaves out."""
+    the ceiling then leaves out. ``offset`` skips the first identities (sorted by name): choosing sampling
+    settings on ``offset=count`` leaves the benchmark's own identities (offset 0) untouched."""
     from PIL import Image
 
     best: dict[str, dict] = {}
@@ -63,9 +64,11 @@ def reference_faces(examples: Sequence[dict], count: int, id_image_size: int) ->
         ident = ex["identity"]
         if ident not in best or ex["face_size"] > best[ident]["face_size"]:
             best[ident] = ex
-    chosen = [best[k] for k in sorted(best)][:count]
+    if offset < 0:
+        raise ValueError(f"bench.reference_offset={offset}: give 0 or more (identities to skip before choosing references)")
+    chosen = [best[k] for k in sorted(best)][offset:offset + count]
     if len(chosen) < count:
-        log.warning("only %d reference identities available (asked for %d)", len(chosen), count)
+        log.warning("only %d reference identities available after skipping %d (asked for %d)", len(chosen), offset, count)
     refs = []
     for ex in chosen:
         crop, mask = identity_crop(Image.fromarray(to_uint8(ex["image"])), [float(v) for v in ex["face_box"]], id_image_size)
@@ -285,7 +288,7 @@ def run_bench(cfg, run_dir: str, out_dir: str, *, settings: Mapping[str, Mapping
                          local_latent_size=int(cfg.model.local.latent_size), crop_expand=float(cfg.model.local.crop_expand),
                          id_image_size=int(cfg.model.id_encoder.image_size))
     examples = load_examples(resolve_shards(cfg.data.val_shards, "data.val_shards"), maker, int(b.real_images))
-    refs = reference_faces(examples, int(b.references), int(cfg.model.id_encoder.image_size))
+    refs = reference_faces(examples, int(b.references), int(cfg.model.id_encoder.image_size), int(b.get("reference_offset", 0)))
     if len(refs) < 2:
         raise ValueError(f"the benchmark needs references of at least 2 held-out identities (sim_other); data.val_shards has {len(refs)}")
     cases, skipped = build_cases(b, refs, int(cfg.data.resolution))
@@ -309,7 +312,8 @@ def run_bench(cfg, run_dir: str, out_dir: str, *, settings: Mapping[str, Mapping
             done[0] += 1
 
     sample_kwargs = {"num_inference_steps": int(b.steps), "guidance_text": float(cfg.sampling.guidance_text),
-                     "guidance_id": float(cfg.sampling.guidance_id), "id_delay": float(cfg.sampling.id_delay)}
+                     "guidance_id": float(cfg.sampling.guidance_id), "id_delay": float(cfg.sampling.id_delay),
+                     "guidance_rescale": float(cfg.sampling.get("guidance_rescale", 0.0))}
     for name, flags in settings.items():
         metrics = ev.new_metrics()
         ev.add_real(metrics, [e["image"] for e in examples], [e["face_box"].tolist() for e in examples])
@@ -326,8 +330,10 @@ def run_bench(cfg, run_dir: str, out_dir: str, *, settings: Mapping[str, Mapping
     summary = summarize(rows)
     header = {"run": run_dir, "date": _dt.date.today().isoformat(), "machine": machine(),
               "device": f"{pipe.device}, frozen parts {str(pipe.backbone.unet.dtype).removeprefix('torch.')}", "cases": str(len(cases)),
-              "prompts": json.dumps(list(b.prompts)), "sampling": json.dumps(sample_kwargs), **ev.describe(),
-              "real photos (ceiling)": f"{len(real)} held-out photos of the {len(refs)} reference identities"}
+              "prompts": json.dumps(list(b.prompts)), "sampling": json.dumps(sample_kwargs),
+              "settings (override sampling)": json.dumps(settings), **ev.describe(),
+              "real photos (ceiling)": f"{len(real)} held-out photos of the {len(refs)} reference identities",
+              "reference identities": f"{', '.join(r['identity'] for r in refs)} (held-out, sorted, offset {int(b.get('reference_offset', 0))})"}
     write_csv(os.path.join(out_dir, "results.csv"), rows)
     write_csv(os.path.join(out_dir, "real.csv"), real)
     write_csv(os.path.join(out_dir, "summary.csv"), summary)

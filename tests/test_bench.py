@@ -160,3 +160,23 @@ def test_a_sweep_precomputes_again_when_its_cache_was_made_for_other_models(face
     assert realisid.sweep.precomputed(sw) == str(folder)
     assert made == [str(folder)] and not (folder / "train-000000.tar").exists()  # the stale shards are gone
     assert realisid.sweep.precomputed(sw) == str(folder) and len(made) == 1     # the current cache is reused
+
+
+def test_reference_offset_chooses_other_identities_and_the_largest_face_of_each():
+    import numpy as np
+    import torch
+
+    from realisid.bench import reference_faces
+
+    g = torch.Generator().manual_seed(0)
+    examples = [{"identity": f"id{i}", "key": f"id{i}-{j}", "face_size": size, "image": torch.rand(3, 64, 64, generator=g) * 2 - 1,
+                 "face_box": np.array([16.0, 16.0, 16.0 + 64 * size, 16.0 + 64 * size])}
+                for i in (3, 0, 2, 1) for j, size in enumerate((0.2, 0.5, 0.3))]
+    first = reference_faces(examples, 2, 32)
+    rest = reference_faces(examples, 2, 32, offset=2)
+    assert [r["identity"] for r in first] == ["id0", "id1"] and [r["identity"] for r in rest] == ["id2", "id3"]
+    assert {r["key"] for r in first + rest} == {"id0-1", "id1-1", "id2-1", "id3-1"}  # each identity's largest face
+    assert rest[0]["id_image"].shape == (3, 32, 32)
+    assert [r["identity"] for r in reference_faces(examples, 2, 32, offset=3)] == ["id3"]  # fewer left: a warning, not a crash
+    with pytest.raises(ValueError, match="reference_offset=-1"):
+        reference_faces(examples, 2, 32, offset=-1)

@@ -112,6 +112,29 @@ def test_seed_determinism_and_identity_delay(joint):
     assert (e1 - e2).abs().max() > 1e-3  # without the delay, identity guidance changes the sample
 
 
+def test_guidance_rescale_matches_the_conditioned_spread_and_blends_by_phi():
+    from realisid.pipeline import rescale_guidance
+
+    g = torch.Generator().manual_seed(0)
+    cond = torch.randn(2, 4, 8, 8, generator=g)
+    guided = 3.0 * cond + torch.randn(2, 4, 8, 8, generator=g)  # large guidance inflates the spread
+    assert rescale_guidance(guided, cond, 0.0) is guided
+    full = rescale_guidance(guided, cond, 1.0)
+    torch.testing.assert_close(full.std(dim=(1, 2, 3)), cond.std(dim=(1, 2, 3)))  # each sample's own spread
+    torch.testing.assert_close(full / guided, (full / guided)[:, :1, :1, :1].expand_as(full))  # a per-sample scale only
+    torch.testing.assert_close(rescale_guidance(guided, cond, 0.7), 0.7 * full + 0.3 * guided)
+
+
+def test_guidance_rescale_changes_the_sample_and_refuses_values_outside_0_1(joint):
+    pipe = joint.pipeline()
+    people = [person((8, 8, 32, 32))]
+    plain, rescaled = sample(pipe, people, guidance_rescale=0.0), sample(pipe, people, guidance_rescale=0.7)
+    torch.testing.assert_close(plain, sample(pipe, people))  # 0 is the old behaviour
+    assert (plain - rescaled).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="guidance_rescale=1.5"):
+        sample(pipe, people, guidance_rescale=1.5)
+
+
 def test_export_reload_gives_same_sample(joint, tmp_path):
     joint.export(str(tmp_path / "export"))
     reloaded = RealisIDPipeline.from_export(str(tmp_path / "export"), backbone=joint.backbone)

@@ -45,11 +45,12 @@ def cmd_generate(args) -> int:
     settings = {"steps": args.steps or int(s.steps), "scheduler": args.scheduler or s.scheduler,
                 "guidance_text": float(s.guidance_text if args.guidance_text is None else args.guidance_text),
                 "guidance_id": float(s.guidance_id if args.guidance_id is None else args.guidance_id),
-                "id_delay": float(s.id_delay if args.id_delay is None else args.id_delay)}
+                "id_delay": float(s.id_delay if args.id_delay is None else args.id_delay),
+                "guidance_rescale": float(s.get("guidance_rescale", 0.0) if args.guidance_rescale is None else args.guidance_rescale)}
     with torch.no_grad():
         out = pipe(args.prompt, people, negative_prompt=args.negative_prompt, num_inference_steps=settings["steps"],
                    scheduler=settings["scheduler"], guidance_text=settings["guidance_text"], guidance_id=settings["guidance_id"],
-                   id_delay=settings["id_delay"], seed=args.seed)
+                   id_delay=settings["id_delay"], guidance_rescale=settings["guidance_rescale"], seed=args.seed)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     out.images[0].save(args.out)
     record = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": args.seed, "run": args.run, **settings,
@@ -127,6 +128,8 @@ def add_generate_parser(sub) -> None:
     g.add_argument("--scheduler", choices=["ddim", "dpm", "euler"], default=None)
     g.add_argument("--guidance-text", type=float, default=None)
     g.add_argument("--guidance-id", type=float, default=None)
+    g.add_argument("--guidance-rescale", type=float, default=None, help="0..1: pull the guided prediction's spread back to the "
+                   "conditioned one's (default: sampling.guidance_rescale)")
     g.add_argument("--id-delay", type=float, default=None, help="fraction of steps before identity conditioning starts")
     g.add_argument("--analyzer", default=None, help="face analyzer for the references: yunet-sface, dlib, insightface (with "
                                                     "--model-dir), synthetic, or none (each photo is the face crop); "
