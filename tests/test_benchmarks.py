@@ -102,3 +102,38 @@ def test_sampling_settings_parses_sets_and_refuses_the_benchmarks_own_identities
         mod.main([str(run), "--set", "5,5,0.1", "--offset", "6"])
     with pytest.raises(SystemExit, match="has no export"):
         mod.main([str(tmp_path), "--set", "5,5,0.1"])
+
+
+def test_compare_benches_gives_the_sweeps_claims_and_needs_a_setting_when_a_folder_has_several(tmp_path):
+    import csv
+    import json
+    import shutil
+
+    mod = _load_script("compare_benches")
+    sweep = os.path.join(ROOT, "benchmarks", "results", "sweep-branches")
+    runs = {n: (os.path.join(sweep, n), None) for n in ("global_only", "joint", "local_only")}
+    table, claims = mod.compare(runs, "global_only")
+    want = json.load(open(os.path.join(sweep, "claims.json")))
+    for label in ("joint - global_only", "local_only - global_only"):
+        for b in ("tiny", "small", "medium", "large", "all"):
+            assert claims[label][b] == pytest.approx(want[label][b], abs=1e-9), (label, b)
+    assert "| joint - global_only | 0.103 [0.037, 0.186]" in table
+    # a folder with two settings: the copy's rows under another name, with the margins shifted
+    two = tmp_path / "two"
+    shutil.copytree(runs["joint"][0], two)
+    for f in ("calibrated.csv", "bins.csv", "results.csv"):
+        rows = list(csv.DictReader(open(two / f)))
+        extra = [{**r, "setting": "other", **({"margin": str(float(r["margin"]) + 0.5)} if f == "results.csv" and r["margin"] else {})}
+                 for r in rows]
+        with open(two / f, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows + extra)
+    with pytest.raises(SystemExit, match="holds the settings trained, other; pick one"):
+        mod.compare({"joint": (str(two), None), "global_only": runs["global_only"]}, "global_only")
+    _, same = mod.compare({"joint": (str(two), "trained"), "global_only": runs["global_only"]}, "global_only")
+    assert same["joint - global_only"]["tiny"] == pytest.approx(want["joint - global_only"]["tiny"], abs=1e-9)
+    with pytest.raises(SystemExit, match="no setting 'nope'"):
+        mod.compare({"joint": (str(two), "nope"), "global_only": runs["global_only"]}, "global_only")
+    with pytest.raises(SystemExit, match="has no calibrated.csv"):
+        mod.parse_run(f"x={tmp_path}")

@@ -1,0 +1,91 @@
+"""Compare finished scale benchmarks: margin per bin and the paired difference against a baseline on the same cases.
+
+    python benchmarks/compare_benches.py global_only=DIR joint=DIR[@SETTING] local_only=DIR [--baseline global_only] [--out FILE]
+
+Each DIR is a benchmark output folder (``calibrated.csv``, ``bins.csv``, ``results.csv``), e.g. one run's folder of
+``make sweep`` or of ``make bench``; ``@SETTING`` picks one inference setting of a folder that holds several (``make
+bench`` on a joint run writes joint, local_only and global_only). The benchmarks must share their cases (references, sizes, seeds, prompts): the
+paired difference ``name - baseline`` compares the same reference, box and seed, with a 95% interval resampling
+identities, as the sweep's claims.json does. Writes a markdown table (stdout, and ``--out`` with a claims.json beside it).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from realisid.metrics.calibrated import fmt, paired_difference  # noqa: E402
+from realisid.sweep import _calibrated_from_csv, _read_csv  # noqa: E402
+
+BINS = ["tiny", "small", "medium", "large"]
+
+
+def parse_run(text: str) -> tuple[str, tuple[str, str | None]]:
+    name, sep, folder = text.partition("=")
+    folder, _, setting = folder.partition("@")
+    if not sep or not name or not folder:
+        raise SystemExit(f"{text!r}: give NAME=BENCH_DIR[@SETTING], e.g. joint=benchmarks/results/sweep-branches/joint")
+    for f in ("calibrated.csv", "bins.csv", "results.csv"):
+        if not os.path.exists(os.path.join(folder, f)):
+            raise SystemExit(f"{name}: '{folder}' has no {f}; give a finished benchmark's output folder")
+    return name, (folder, setting or None)
+
+
+def one_setting(rows: list[dict], setting: str | None, where: str) -> list[dict]:
+    """The rows of one inference setting; a folder with several needs ``@SETTING``."""
+    have = list(dict.fromkeys(r["setting"] for r in rows))
+    if setting is None and len(have) > 1:
+        raise SystemExit(f"'{where}' holds the settings {', '.join(have)}; pick one with {where}@SETTING")
+    if setting is not None and setting not in have:
+        raise SystemExit(f"'{where}' has no setting {setting!r}; it has {', '.join(have)}")
+    return [r for r in rows if r["setting"] == (setting or have[0])]
+
+
+def compare(runs: dict[str, tuple[str, str | None]], baseline: str) -> tuple[str, dict]:
+    if baseline not in runs:
+        raise SystemExit(f"--baseline {baseline!r} is not one of the runs given ({', '.join(runs)})")
+    lines = ["| run | margin tiny | small | medium | large | all | found-rate tiny / all | retention medium / large | location IoU medium / large |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    rows = {}
+    for name, (folder, setting) in runs.items():
+        cal = _calibrated_from_csv(one_setting(_read_csv(os.path.join(folder, "calibrated.csv")), setting, folder))
+        iou = {r["bin"]: float(r["loc_iou"]) for r in one_setting(list(csv.DictReader(open(os.path.join(folder, "bins.csv")))), setting, folder)}
+        rows[name] = one_setting(_read_csv(os.path.join(folder, "results.csv")), setting, folder)
+        lines.append(f"| {name} | " + " | ".join(fmt(cal[b]["margin"]) for b in BINS + ["all"])
+                     + f" | {cal['tiny']['found_rate'][0]:.2f} / {cal['all']['found_rate'][0]:.2f}"
+                     + f" | {cal['medium']['retention'][0]:.2f} / {cal['large']['retention'][0]:.2f}"
+                     + f" | {iou['medium']:.2f} / {iou['large']:.2f} |")
+    lines += ["", "| paired difference (same cases) | " + " | ".join(BINS + ["all"]) + " |", "|---|" + "---|" * (len(BINS) + 1)]
+    claims = {}
+    for name in runs:
+        if name == baseline:
+            continue
+        d = paired_difference(rows[name], rows[baseline], BINS, seed=0)
+        claims[f"{name} - {baseline}"] = d
+        lines.append(f"| {name} - {baseline} | " + " | ".join(fmt(d[b]) for b in BINS + ["all"]) + " |")
+    return "\n".join(lines) + "\n", claims
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+", help="NAME=BENCH_DIR")
+    ap.add_argument("--baseline", default="global_only")
+    ap.add_argument("--out", default=None, help="markdown file to write (claims.json goes beside it)")
+    args = ap.parse_args(argv)
+    table, claims = compare(dict(map(parse_run, args.runs)), args.baseline)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(table)
+        with open(os.path.join(os.path.dirname(os.path.abspath(args.out)), "claims.json"), "w") as f:
+            json.dump(claims, f, indent=2)
+    sys.stdout.write(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
