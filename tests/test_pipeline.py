@@ -192,6 +192,7 @@ def test_generate_cli_two_people(run_dir, tmp_path, capsys):
     (["--box", "50,50,80,80"], "outside the 64x64"),
     (["--box", "10,10,13,13"], "too small to crop"),
     (["--box", "2,10,26,34", "--ref", "REF", "--box", "4,12,28,36"], "overlap with IoU"),
+    (["--box", "2,10,26,34", "--guidance-rescale", "1.5"], "guidance_rescale=1.5: give a value in [0, 1]"),
 ])
 def test_generate_cli_bad_boxes_one_line(run_dir, tmp_path, capsys, args, needle):
     from realisid.cli import main

@@ -29,6 +29,9 @@ def cmd_generate(args) -> int:
     boxes = [parse_box(b) for b in args.box]
     R = int(cfg.data.resolution)
     check_boxes(boxes, R, min_box=float(s.min_box), max_overlap=float(s.max_overlap), vae_scale_factor=vae_scale_factor_of(cfg.model))
+    rescale = float(s.get("guidance_rescale", 0.0) if args.guidance_rescale is None else args.guidance_rescale)
+    if not 0.0 <= rescale <= 1.0:  # refused before any model is loaded
+        raise ValueError(f"guidance_rescale={rescale}: give a value in [0, 1] (--guidance-rescale or sampling.guidance_rescale; 0 = plain guidance)")
     from realisid.faces import analyzer_config, load_face_analyzer
 
     # the run's face analyzer (faces.*), or --analyzer; with neither usable, the real one that ships in packages
@@ -46,7 +49,7 @@ def cmd_generate(args) -> int:
                 "guidance_text": float(s.guidance_text if args.guidance_text is None else args.guidance_text),
                 "guidance_id": float(s.guidance_id if args.guidance_id is None else args.guidance_id),
                 "id_delay": float(s.id_delay if args.id_delay is None else args.id_delay),
-                "guidance_rescale": float(s.get("guidance_rescale", 0.0) if args.guidance_rescale is None else args.guidance_rescale)}
+                "guidance_rescale": rescale}
     with torch.no_grad():
         out = pipe(args.prompt, people, negative_prompt=args.negative_prompt, num_inference_steps=settings["steps"],
                    scheduler=settings["scheduler"], guidance_text=settings["guidance_text"], guidance_id=settings["guidance_id"],
