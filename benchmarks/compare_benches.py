@@ -11,7 +11,6 @@ identities, as the sweep's claims.json does. Writes a markdown table (stdout, an
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
@@ -53,7 +52,7 @@ def compare(runs: dict[str, tuple[str, str | None]], baseline: str) -> tuple[str
     rows = {}
     for name, (folder, setting) in runs.items():
         cal = _calibrated_from_csv(one_setting(_read_csv(os.path.join(folder, "calibrated.csv")), setting, folder))
-        iou = {r["bin"]: float(r["loc_iou"]) for r in one_setting(list(csv.DictReader(open(os.path.join(folder, "bins.csv")))), setting, folder)}
+        iou = {r["bin"]: float(r["loc_iou"]) for r in one_setting(_read_csv(os.path.join(folder, "bins.csv")), setting, folder)}
         rows[name] = one_setting(_read_csv(os.path.join(folder, "results.csv")), setting, folder)
         lines.append(f"| {name} | " + " | ".join(fmt(cal[b]["margin"]) for b in BINS + ["all"])
                      + f" | {cal['tiny']['found_rate'][0]:.2f} / {cal['all']['found_rate'][0]:.2f}"

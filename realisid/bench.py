@@ -288,7 +288,8 @@ def run_bench(cfg, run_dir: str, out_dir: str, *, settings: Mapping[str, Mapping
                          local_latent_size=int(cfg.model.local.latent_size), crop_expand=float(cfg.model.local.crop_expand),
                          id_image_size=int(cfg.model.id_encoder.image_size))
     examples = load_examples(resolve_shards(cfg.data.val_shards, "data.val_shards"), maker, int(b.real_images))
-    refs = reference_faces(examples, int(b.references), int(cfg.model.id_encoder.image_size), int(b.get("reference_offset", 0)))
+    offset = int(b.get("reference_offset", 0))
+    refs = reference_faces(examples, int(b.references), int(cfg.model.id_encoder.image_size), offset)
     if len(refs) < 2:
         raise ValueError(f"the benchmark needs references of at least 2 held-out identities (sim_other); data.val_shards has {len(refs)}")
     cases, skipped = build_cases(b, refs, int(cfg.data.resolution))
@@ -333,7 +334,7 @@ def run_bench(cfg, run_dir: str, out_dir: str, *, settings: Mapping[str, Mapping
               "prompts": json.dumps(list(b.prompts)), "sampling": json.dumps(sample_kwargs),
               "settings (override sampling)": json.dumps(settings), **ev.describe(),
               "real photos (ceiling)": f"{len(real)} held-out photos of the {len(refs)} reference identities",
-              "reference identities": f"{', '.join(r['identity'] for r in refs)} (held-out, sorted, offset {int(b.get('reference_offset', 0))})"}
+              "reference identities": f"{', '.join(r['identity'] for r in refs)} (held-out, sorted, offset {offset})"}
     write_csv(os.path.join(out_dir, "results.csv"), rows)
     write_csv(os.path.join(out_dir, "real.csv"), real)
     write_csv(os.path.join(out_dir, "summary.csv"), summary)

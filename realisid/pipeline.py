@@ -201,9 +201,7 @@ class RealisIDPipeline:
                  scheduler: str = "ddim", guidance_text: float = 7.5, guidance_id: float = 5.0, id_delay: float = 0.1,
                  seed: int = 0, use_local: bool = True, use_global: bool = True, output_type: str = "pil",
                  guidance_rescale: float = 0.0) -> RealisIDOutput:
-        if not 0.0 <= guidance_rescale <= 1.0:
-            raise ValueError(f"guidance_rescale={guidance_rescale}: give a value in [0, 1] (0 = plain guidance; 0.7 in the "
-                             "paper that introduced it)")
+        check_guidance_rescale(guidance_rescale)
         with self.autocast():
             return self._sample(prompt, people, negative_prompt, num_inference_steps, scheduler, guidance_text, guidance_id,
                                 id_delay, seed, use_local, use_global, output_type, guidance_rescale)
@@ -244,6 +242,14 @@ class RealisIDPipeline:
         if output_type == "pt":
             return RealisIDOutput(image, meta, latents)  # type: ignore[arg-type]
         return RealisIDOutput(tensor_to_pil(image), meta, latents)
+
+
+def check_guidance_rescale(phi: float) -> float:
+    """The guidance rescale phi must lie in [0, 1]; the generate CLI checks it before loading any model."""
+    if not 0.0 <= phi <= 1.0:
+        raise ValueError(f"guidance_rescale={phi}: give a value in [0, 1] (--guidance-rescale or sampling.guidance_rescale; "
+                         "0 = plain guidance, 0.7 in the paper that introduced it)")
+    return phi
 
 
 def rescale_guidance(guided: torch.Tensor, conditioned: torch.Tensor, phi: float) -> torch.Tensor:

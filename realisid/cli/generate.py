@@ -17,7 +17,7 @@ def cmd_generate(args) -> int:
 
     from realisid.geometry import parse_box
     from realisid.models.backbone import vae_scale_factor_of
-    from realisid.pipeline import RealisIDPipeline, check_boxes, reference_person
+    from realisid.pipeline import RealisIDPipeline, check_boxes, check_guidance_rescale, reference_person
 
     if len(args.ref) != len(args.box):
         raise ValueError(f"give one --box per --ref: got {len(args.ref)} references and {len(args.box)} boxes")
@@ -29,9 +29,7 @@ def cmd_generate(args) -> int:
     boxes = [parse_box(b) for b in args.box]
     R = int(cfg.data.resolution)
     check_boxes(boxes, R, min_box=float(s.min_box), max_overlap=float(s.max_overlap), vae_scale_factor=vae_scale_factor_of(cfg.model))
-    rescale = float(s.get("guidance_rescale", 0.0) if args.guidance_rescale is None else args.guidance_rescale)
-    if not 0.0 <= rescale <= 1.0:  # refused before any model is loaded
-        raise ValueError(f"guidance_rescale={rescale}: give a value in [0, 1] (--guidance-rescale or sampling.guidance_rescale; 0 = plain guidance)")
+    rescale = check_guidance_rescale(float(s.get("guidance_rescale", 0.0) if args.guidance_rescale is None else args.guidance_rescale))
     from realisid.faces import analyzer_config, load_face_analyzer
 
     # the run's face analyzer (faces.*), or --analyzer; with neither usable, the real one that ships in packages
