@@ -6,7 +6,9 @@
   and on the same images through the base VAE;
 - the stand-in encoders' held-out verification accuracy;
 - the identity ceiling: the calibrated margin of real held-out photos per bin (what a perfect generator
-  would score), with the evaluation encoder through the analyzer.
+  would score), with the evaluation encoder through the analyzer; and the same photos through the base VAE
+  (encode, decode), against the same real references: what a perfect UNet could score with this autoencoder,
+  which splits a generated face's missing identity into the autoencoder's share and the generation's.
 
 It also writes two held-out references with their face sidecars (``data/examples/ref_a.jpg``, ``ref_b.jpg``)
 for the README's two-person example.
@@ -92,10 +94,12 @@ def check_embedded(cfg: DictConfig, out_dir: str, examples_dir: str | None = os.
         stats = load_standin(str(path)).stats
         results["encoders"][what] = {k: stats.get(k) for k in ("verification_accuracy", "auc", "mean_same_cos", "mean_diff_cos")}
 
-    # the identity ceiling on real held-out photos (every held-out identity)
+    # the identity ceiling on real held-out photos (every held-out identity), and on the same photos through the VAE
     ceiling = _ceiling(cfg, analyzer, val, bins)
-    results["ceiling"] = {b: {q: ceiling[b][q] for q in ("margin", "sim_ref", "sim_other", "found_rate")} | {"n": ceiling[b]["n"]}
-                          for b in ceiling}
+    through_vae = _ceiling(cfg, analyzer, val, bins, images=B.vae_round_trip(bb, val.images))
+    keep = ("margin", "sim_ref", "sim_other", "found_rate")
+    results["ceiling"] = {b: {q: ceiling[b][q] for q in keep} | {"n": ceiling[b]["n"]} for b in ceiling}
+    results["ceiling_through_vae"] = {b: {q: through_vae[b][q] for q in keep} | {"n": through_vae[b]["n"]} for b in through_vae}
 
     lines = ["# The embedded default's stand-ins, measured on held-out identities", "",
              f"- base: {cfg.model.pretrained} (tiny base trained on synthetic faces, a stand-in for SD1.5)",
@@ -124,6 +128,13 @@ def check_embedded(cfg: DictConfig, out_dir: str, examples_dir: str | None = os.
               "| bin | photos | found-rate | sim_ref | sim_other | margin |", "|---|---|---|---|---|---|"]
     for b, e in ceiling.items():
         lines.append(f"| {b} | {e['n']} | {fmt(e['found_rate'], 2)} | {e['sim_ref'][0]:.3f} | {e['sim_other'][0]:.3f} | {fmt(e['margin'])} |")
+    lines += ["", "The same photos through the base VAE (encoded to the posterior mean and decoded; references still the real photos):",
+              "the most a perfect UNet could reach with this autoencoder. Share = margin through the VAE / margin of the real photos.", "",
+              "| bin | photos | found-rate | sim_ref | sim_other | margin | share of the real ceiling |", "|---|---|---|---|---|---|---|"]
+    for b, e in through_vae.items():
+        share = e["margin"][0] / ceiling[b]["margin"][0] if ceiling[b]["margin"][0] else float("nan")
+        lines.append(f"| {b} | {e['n']} | {fmt(e['found_rate'], 2)} | {e['sim_ref'][0]:.3f} | {e['sim_other'][0]:.3f} | {fmt(e['margin'])} | "
+                     f"{share:.2f} |")
     table = os.path.join(out_dir, "table.md")
     with open(table, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -134,8 +145,10 @@ def check_embedded(cfg: DictConfig, out_dir: str, examples_dir: str | None = os.
     return {"table": table, "results": results}
 
 
-def _ceiling(cfg, analyzer, val, bins) -> dict:
-    """Calibrated margin of every held-out photo against its identity's reference (the largest face, left out)."""
+def _ceiling(cfg, analyzer, val, bins, images: torch.Tensor | None = None) -> dict:
+    """Calibrated margin of every held-out photo against its identity's reference (the largest face, cut from the
+    real photo and left out of the rows). ``images``: what is scored in place of the real photos (uint8, one per
+    photo of ``val``, e.g. the photos through the VAE); the references stay the real ones."""
     ev = Evaluator(analyzer, cfg.bins, None, "-", "-")
     examples = _examples(val)
     best: dict[str, dict] = {}
@@ -148,6 +161,10 @@ def _ceiling(cfg, analyzer, val, bins) -> dict:
     refs = {k: to_tensor(identity_crop(Image.fromarray(to_uint8(e["image"])), e["face_box"].tolist(), int(cfg.model.id_encoder.image_size))[0])
             for k, e in best.items()}
     bank = ev.reference_bank(refs)
+    if images is not None:
+        if len(images) != len(examples):
+            raise ValueError(f"{len(images)} images to score for {len(examples)} held-out photos: give one per photo")
+        examples = [dict(ex, image=signed_from_uint8(im)) for ex, im in zip(examples, images)]
     rows = ev.real_rows(examples, bank, exclude={e["key"] for e in best.values()})
     return calibrated_identity(rows, rows, list(bins), n_boot=int(cfg.bench.bootstrap), seed=int(cfg.bench.seed))
 
