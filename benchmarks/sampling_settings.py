@@ -1,8 +1,8 @@
 """Choose sampling settings (guidance scales, identity delay) on held-out identities the benchmark does not use.
 
-    python benchmarks/sampling_settings.py RUN_DIR --set 7.5,5,0.1 --set 5,5,0.1,0.7 [--offset 12] [--out DIR]
+    python benchmarks/sampling_settings.py RUN_DIR --set 7.5,5,0.1 --set 5,5,0.1,0.7 --set 7.5,5,0.1,0,0.5 [--offset 12] [--out DIR]
 
-Each ``--set`` is ``guidance_text,guidance_id,id_delay[,guidance_rescale]``. The run is benchmarked once per setting exactly as the
+Each ``--set`` is ``guidance_text,guidance_id,id_delay[,guidance_rescale[,id_guidance_until]]`` (defaults 0 and 1). The run is benchmarked once per setting exactly as the
 branch sweep benchmarks it (12 references, one person, the sweep's 9 face sizes, 20 DDIM steps, the identity-free
 prompt), except that the references are the held-out identities after the first ``--offset`` (sorted by name):
 the benchmark's own identities are the first 12, so settings chosen here are not tuned on the numbers they are
@@ -26,25 +26,32 @@ from realisid.metrics.calibrated import fmt  # noqa: E402
 SWEEP_BENCH = ["bench.references=12", "bench.people=[1]", "bench.steps=20"]
 
 
+KEYS = ("guidance_text", "guidance_id", "id_delay", "guidance_rescale", "id_guidance_until")
+DEFAULTS = (0.0, 1.0)  # guidance_rescale, id_guidance_until when a --set leaves them out
+
+
 def parse_setting(text: str) -> dict:
     try:
         values = [float(v) for v in text.split(",")]
-        if len(values) not in (3, 4):
+        if not 3 <= len(values) <= 5:
             raise ValueError
     except ValueError:
-        raise SystemExit(f"--set {text!r}: give guidance_text,guidance_id,id_delay[,guidance_rescale], e.g. --set 7.5,5,0.1") from None
-    return dict(zip(("guidance_text", "guidance_id", "id_delay", "guidance_rescale"), values + [0.0][: 4 - len(values)]))
+        raise SystemExit(f"--set {text!r}: give guidance_text,guidance_id,id_delay[,guidance_rescale[,id_guidance_until]], "
+                         "e.g. --set 7.5,5,0.1") from None
+    return dict(zip(KEYS, values + list(DEFAULTS[len(values) - 3:])))
 
 
 def setting_name(s: dict) -> str:
     name = f"text{s['guidance_text']:g}-id{s['guidance_id']:g}-delay{s['id_delay']:g}"
-    return name + (f"-rescale{s['guidance_rescale']:g}" if s["guidance_rescale"] else "")
+    name += f"-rescale{s['guidance_rescale']:g}" if s["guidance_rescale"] else ""
+    return name + (f"-until{s['id_guidance_until']:g}" if s["id_guidance_until"] != 1.0 else "")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run", help="training run directory with an export/ (e.g. runs/sweeps/branches/joint)")
-    ap.add_argument("--set", action="append", required=True, help="guidance_text,guidance_id,id_delay[,guidance_rescale] (repeat)")
+    ap.add_argument("--set", action="append", required=True,
+                    help="guidance_text,guidance_id,id_delay[,guidance_rescale[,id_guidance_until]] (repeat)")
     ap.add_argument("--exp", default="joint", help="experiment whose bench settings to use (default: joint)")
     ap.add_argument("--offset", type=int, default=12, help="held-out identities to skip (the benchmark uses the first 12)")
     ap.add_argument("--out", default=os.path.join("benchmarks", "results", f"{dt.date.today().isoformat()}-sampling-settings"))

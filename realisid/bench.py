@@ -314,7 +314,8 @@ def run_bench(cfg, run_dir: str, out_dir: str, *, settings: Mapping[str, Mapping
 
     sample_kwargs = {"num_inference_steps": int(b.steps), "guidance_text": float(cfg.sampling.guidance_text),
                      "guidance_id": float(cfg.sampling.guidance_id), "id_delay": float(cfg.sampling.id_delay),
-                     "guidance_rescale": float(cfg.sampling.get("guidance_rescale", 0.0))}
+                     "guidance_rescale": float(cfg.sampling.get("guidance_rescale", 0.0)),
+                     "id_guidance_until": float(cfg.sampling.get("id_guidance_until", 1.0))}
     for name, flags in settings.items():
         metrics = ev.new_metrics()
         ev.add_real(metrics, [e["image"] for e in examples], [e["face_box"].tolist() for e in examples])

@@ -5,7 +5,9 @@ tokens, and one local-branch pass on that person's latent crop (both batched ove
 conditions). Local residuals are relocated to each person's box and SUMMED over people; global residuals
 are AVERAGED over people; the frozen UNet runs once on the sum. Guidance:
 ``eps = eps_none + g_text * (eps_t - eps_none) + g_id * (eps_ti - eps_t)``, with identity conditioning
-delayed for the first ``id_delay`` fraction of steps. ``guidance_rescale`` (phi) then pulls the guided
+delayed for the first ``id_delay`` fraction of steps, and ``g_id`` applied only until the ``id_guidance_until`` fraction
+of steps (after it the identity still conditions, ``g_id`` = 1: a guidance interval, Kynkaanniemi et al. 2024, so the
+low-noise steps that draw the face's detail are not pushed by the amplified identity term). ``guidance_rescale`` (phi) then pulls the guided
 prediction's spread back toward the fully conditioned one's (:func:`rescale_guidance`), against the over-saturation
 that large guidance scales cause with a v-prediction, zero-terminal-SNR backbone.
 """
@@ -200,11 +202,12 @@ class RealisIDPipeline:
     def __call__(self, prompt: str, people: Sequence[Person], negative_prompt: str = "", num_inference_steps: int = 30,
                  scheduler: str = "ddim", guidance_text: float = 7.5, guidance_id: float = 5.0, id_delay: float = 0.1,
                  seed: int = 0, use_local: bool = True, use_global: bool = True, output_type: str = "pil",
-                 guidance_rescale: float = 0.0) -> RealisIDOutput:
+                 guidance_rescale: float = 0.0, id_guidance_until: float = 1.0) -> RealisIDOutput:
         check_guidance_rescale(guidance_rescale)
+        check_id_guidance_until(id_guidance_until)
         with self.autocast():
             return self._sample(prompt, people, negative_prompt, num_inference_steps, scheduler, guidance_text, guidance_id,
-                                id_delay, seed, use_local, use_global, output_type, guidance_rescale)
+                                id_delay, seed, use_local, use_global, output_type, guidance_rescale, id_guidance_until)
 
     def autocast(self):
         """With a half-precision backbone (model.backbone_dtype) and fp32 branches, run every pass under autocast."""
@@ -214,7 +217,7 @@ class RealisIDPipeline:
         return torch.autocast(self.device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
 
     def _sample(self, prompt, people, negative_prompt, num_inference_steps, scheduler, guidance_text, guidance_id, id_delay, seed,
-                use_local, use_global, output_type, guidance_rescale=0.0) -> RealisIDOutput:
+                use_local, use_global, output_type, guidance_rescale=0.0, id_guidance_until=1.0) -> RealisIDOutput:
         if not people:
             raise ValueError("give at least one person (a reference face and a target box)")
         R, f = self.resolution, self.backbone.vae_scale_factor
@@ -227,6 +230,7 @@ class RealisIDPipeline:
         # the sampler's state stays in fp32 across steps; only each pass's input is cast to the UNet's dtype
         latents = (torch.randn(shape, generator=g) * sched.init_noise_sigma).to(self.device, torch.float32)
         delay_steps = int(round(id_delay * num_inference_steps))
+        until_steps = int(round(id_guidance_until * num_inference_steps))
         for i, t in enumerate(sched.timesteps):
             x = sched.scale_model_input(torch.cat([latents] * 3), t).to(self.backbone.unet.dtype)
             tt = t.expand(3) if t.ndim else t.repeat(3)
@@ -235,7 +239,8 @@ class RealisIDPipeline:
                                      down_block_additional_residuals=res[0] if res else None,
                                      mid_block_additional_residual=res[1] if res else None, return_dict=False)[0]
             e_none, e_t, e_ti = eps.float().chunk(3)
-            eps = rescale_guidance(e_none + guidance_text * (e_t - e_none) + guidance_id * (e_ti - e_t), e_ti, guidance_rescale)
+            g_id = guidance_id if i < until_steps else 1.0
+            eps = rescale_guidance(e_none + guidance_text * (e_t - e_none) + g_id * (e_ti - e_t), e_ti, guidance_rescale)
             latents = sched.step(eps, t, latents).prev_sample
         image = self.backbone.decode_latents(latents)
         meta = [{k: v for k, v in p.items() if k in ("box", "crop_box", "face_size", "bin", "kps")} for p in inputs]
@@ -250,6 +255,15 @@ def check_guidance_rescale(phi: float) -> float:
         raise ValueError(f"guidance_rescale={phi}: give a value in [0, 1] (--guidance-rescale or sampling.guidance_rescale; "
                          "0 = plain guidance, 0.7 in the paper that introduced it)")
     return phi
+
+
+def check_id_guidance_until(fraction: float) -> float:
+    """The fraction of steps the identity guidance scale applies for must lie in [0, 1]; the generate CLI checks it
+    before loading any model."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"id_guidance_until={fraction}: give a fraction of the steps in [0, 1] (--id-guidance-until or "
+                         "sampling.id_guidance_until; 1 = identity guidance on every step, 0.5 = the first half only)")
+    return fraction
 
 
 def rescale_guidance(guided: torch.Tensor, conditioned: torch.Tensor, phi: float) -> torch.Tensor:

@@ -90,10 +90,13 @@ def test_base_found_rate_interval_and_bad_base(tmp_path):
 def test_sampling_settings_parses_sets_and_refuses_the_benchmarks_own_identities(tmp_path):
     mod = _load_script("sampling_settings")
     s = mod.parse_setting("5,3,0.1")
-    assert s == {"guidance_text": 5.0, "guidance_id": 3.0, "id_delay": 0.1, "guidance_rescale": 0.0}
+    assert s == {"guidance_text": 5.0, "guidance_id": 3.0, "id_delay": 0.1, "guidance_rescale": 0.0, "id_guidance_until": 1.0}
     assert mod.setting_name(s) == "text5-id3-delay0.1"
     assert mod.setting_name(mod.parse_setting("7.5,5,0.1,0.7")) == "text7.5-id5-delay0.1-rescale0.7"
-    for bad in ("5,3", "5,3,0.1,0.7,1", "a,b,c"):
+    until = mod.parse_setting("7.5,5,0.1,0,0.5")
+    assert until["id_guidance_until"] == 0.5 and until["guidance_rescale"] == 0.0
+    assert mod.setting_name(until) == "text7.5-id5-delay0.1-until0.5"
+    for bad in ("5,3", "5,3,0.1,0.7,1,2", "a,b,c"):
         with pytest.raises(SystemExit, match="guidance_text,guidance_id,id_delay"):
             mod.parse_setting(bad)
     run = tmp_path / "run"

@@ -112,6 +112,24 @@ def test_seed_determinism_and_identity_delay(joint):
     assert (e1 - e2).abs().max() > 1e-3  # without the delay, identity guidance changes the sample
 
 
+def test_identity_guidance_until_stops_the_identity_scale_after_that_fraction_of_steps(joint):
+    pipe = joint.pipeline()
+    people = [person((8, 8, 32, 32))]
+    torch.testing.assert_close(sample(pipe, people, id_guidance_until=1.0), sample(pipe, people))  # 1: the old behaviour
+    # until 0: g_id is 1 on every step, so the identity scale has no effect (identity still conditions, unamplified)
+    a = sample(pipe, people, id_guidance_until=0.0, guidance_id=0.0)
+    b = sample(pipe, people, id_guidance_until=0.0, guidance_id=9.0)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+    ones = sample(pipe, people, guidance_id=1.0)
+    torch.testing.assert_close(a, ones, rtol=0, atol=1e-4)
+    # until 0.5 on 4 steps: the scale acts on the first 2 steps only, so the sample differs from both ends
+    half = sample(pipe, people, id_guidance_until=0.5, guidance_id=9.0, num_inference_steps=4)
+    assert (half - sample(pipe, people, guidance_id=1.0, num_inference_steps=4)).abs().max() > 1e-3
+    assert (half - sample(pipe, people, guidance_id=9.0, num_inference_steps=4)).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="id_guidance_until=1.5"):
+        sample(pipe, people, id_guidance_until=1.5)
+
+
 def test_guidance_rescale_matches_the_conditioned_spread_and_blends_by_phi():
     from realisid.pipeline import rescale_guidance
 
@@ -193,6 +211,7 @@ def test_generate_cli_two_people(run_dir, tmp_path, capsys):
     (["--box", "10,10,13,13"], "too small to crop"),
     (["--box", "2,10,26,34", "--ref", "REF", "--box", "4,12,28,36"], "overlap with IoU"),
     (["--box", "2,10,26,34", "--guidance-rescale", "1.5"], "guidance_rescale=1.5: give a value in [0, 1]"),
+    (["--box", "2,10,26,34", "--id-guidance-until", "-0.2"], "id_guidance_until=-0.2: give a fraction of the steps in"),
 ])
 def test_generate_cli_bad_boxes_one_line(run_dir, tmp_path, capsys, args, needle):
     from realisid.cli import main

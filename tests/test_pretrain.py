@@ -16,6 +16,7 @@ def _shrunk(tmp_path):
             "prepare.standin.steps=3", f"pretrain.out_dir={assets}", f"pretrain.work_dir={tmp_path / 'work'}", "pretrain.vae.steps=3",
             "pretrain.vae.batch_size=4", "pretrain.unet.steps=3", "pretrain.unet.batch_size=4", "pretrain.unet.checkpoint_every=2",
             "pretrain.unet_refine.steps=2", "pretrain.unet_refine.batch_size=4", "pretrain.unet_heads.steps=2", "pretrain.unet_heads.batch_size=4",
+            "pretrain.unet_more.steps=2", "pretrain.unet_more.batch_size=4",
             "pretrain.detector.steps=3", "pretrain.detector.batch_size=4", "pretrain.detector.vae_copies=4", "pretrain.check.samples=2",
             "pretrain.check.steps=2", "pretrain.max_megabytes=40"], assets
 
@@ -33,17 +34,20 @@ def test_pretrain_then_train_on_the_prepared_default(tmp_path):
         assert (assets / name).is_dir(), name
     assert (assets / "base_samples.png").exists()
     assert pretrained_record(str(assets)) == json.loads(json.dumps(rec))
-    assert set(rec["stages"]) == {"vae", "unet", "unet_refine", "unet_heads", "standin-arcface", "standin-arcface-eval", "synthetic-face-analyzer"}
+    assert set(rec["stages"]) == {"vae", "unet", "unet_refine", "unet_heads", "unet_more", "standin-arcface", "standin-arcface-eval",
+                                  "synthetic-face-analyzer"}
     assert rec["stages"]["unet_refine"]["timestep_shift"] == 3.0 and rec["stages"]["unet_refine"]["unet_steps"] == 2
     assert rec["stages"]["unet_heads"]["face_weight"] == 4.0 and "face_weight" not in rec["stages"]["unet_refine"]
     # what ships is the last phase's UNet; each phase started from the previous one's weights and moved away from them
     from safetensors.torch import load_file
 
-    shipped, phase1, refined, heads = (load_file(str(d / "unet" / "diffusion_pytorch_model.safetensors"))
-                                       for d in (assets / "tiny-sd", *(tmp_path / "work" / n for n in ("tiny-sd", "tiny-sd-refined", "tiny-sd-heads"))))
-    assert all(torch.equal(shipped[k], heads[k]) for k in heads)
+    shipped, phase1, refined, heads, more = (load_file(str(d / "unet" / "diffusion_pytorch_model.safetensors"))
+                                             for d in (assets / "tiny-sd", *(tmp_path / "work" / n for n in
+                                                                             ("tiny-sd", "tiny-sd-refined", "tiny-sd-heads", "tiny-sd-more"))))
+    assert all(torch.equal(shipped[k], more[k]) for k in more)
     assert any(not torch.equal(phase1[k], refined[k]) for k in refined)
     assert any(not torch.equal(refined[k], heads[k]) for k in heads)
+    assert any(not torch.equal(heads[k], more[k]) for k in more)
     assert rec["base_check"]["samples"] == 2 and 0 <= rec["base_check"]["found"] <= 2
     acc = rec["stages"]["synthetic-face-analyzer"]["accuracy_held_out"]
     assert acc["all"]["n"] == 2 * 6 and 0.0 <= acc["all"]["recall"] <= 1.0

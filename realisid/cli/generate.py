@@ -17,7 +17,7 @@ def cmd_generate(args) -> int:
 
     from realisid.geometry import parse_box
     from realisid.models.backbone import vae_scale_factor_of
-    from realisid.pipeline import RealisIDPipeline, check_boxes, check_guidance_rescale, reference_person
+    from realisid.pipeline import RealisIDPipeline, check_boxes, check_guidance_rescale, check_id_guidance_until, reference_person
 
     if len(args.ref) != len(args.box):
         raise ValueError(f"give one --box per --ref: got {len(args.ref)} references and {len(args.box)} boxes")
@@ -30,6 +30,7 @@ def cmd_generate(args) -> int:
     R = int(cfg.data.resolution)
     check_boxes(boxes, R, min_box=float(s.min_box), max_overlap=float(s.max_overlap), vae_scale_factor=vae_scale_factor_of(cfg.model))
     rescale = check_guidance_rescale(float(s.get("guidance_rescale", 0.0) if args.guidance_rescale is None else args.guidance_rescale))
+    until = check_id_guidance_until(float(s.get("id_guidance_until", 1.0) if args.id_guidance_until is None else args.id_guidance_until))
     from realisid.faces import analyzer_config, load_face_analyzer
 
     # the run's face analyzer (faces.*), or --analyzer; with neither usable, the real one that ships in packages
@@ -47,11 +48,12 @@ def cmd_generate(args) -> int:
                 "guidance_text": float(s.guidance_text if args.guidance_text is None else args.guidance_text),
                 "guidance_id": float(s.guidance_id if args.guidance_id is None else args.guidance_id),
                 "id_delay": float(s.id_delay if args.id_delay is None else args.id_delay),
-                "guidance_rescale": rescale}
+                "guidance_rescale": rescale, "id_guidance_until": until}
     with torch.no_grad():
         out = pipe(args.prompt, people, negative_prompt=args.negative_prompt, num_inference_steps=settings["steps"],
                    scheduler=settings["scheduler"], guidance_text=settings["guidance_text"], guidance_id=settings["guidance_id"],
-                   id_delay=settings["id_delay"], guidance_rescale=settings["guidance_rescale"], seed=args.seed)
+                   id_delay=settings["id_delay"], guidance_rescale=settings["guidance_rescale"],
+                   id_guidance_until=settings["id_guidance_until"], seed=args.seed)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     out.images[0].save(args.out)
     record = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": args.seed, "run": args.run, **settings,
@@ -132,6 +134,8 @@ def add_generate_parser(sub) -> None:
     g.add_argument("--guidance-rescale", type=float, default=None, help="0..1: pull the guided prediction's spread back to the "
                    "conditioned one's (default: sampling.guidance_rescale)")
     g.add_argument("--id-delay", type=float, default=None, help="fraction of steps before identity conditioning starts")
+    g.add_argument("--id-guidance-until", type=float, default=None, help="0..1: --guidance-id applies on this first fraction of "
+                   "steps, then 1 (default: sampling.id_guidance_until)")
     g.add_argument("--analyzer", default=None, help="face analyzer for the references: yunet-sface, dlib, insightface (with "
                                                     "--model-dir), synthetic, or none (each photo is the face crop); "
                                                     "default: the run's faces.*, else yunet-sface")

@@ -6,7 +6,8 @@ Stages, each cached in ``pretrain.work_dir`` so an interrupted recipe resumes wh
 2. the base model's VAE, its latent scale, the training latents;
 3. the base model's UNet and text encoder (EMA weights; resumable inside the stage), then two continuation
    phases, each from the previous phase's EMA weights with a fresh optimizer and schedule: timesteps shifted
-   toward high noise (``pretrain.unet_refine``), then a loss weighted toward the heads (``pretrain.unet_heads``);
+   toward high noise (``pretrain.unet_refine``), then a loss weighted toward the heads (``pretrain.unet_heads``), then
+   optionally a longer run of the heads recipe (``pretrain.unet_more``, off by default: hours on a CPU, minutes on a GPU);
    ``steps: 0`` skips a phase, and the last phase that ran is what ships;
 4. the two stand-in identity encoders (conditioning, and evaluation with another seed);
 5. the synthetic face analyzer (detector + 5 points), with its accuracy on held-out identities;
@@ -44,7 +45,8 @@ log = logging.getLogger(__name__)
 
 # the UNet phases after phase 1, in order: config key, cached stage folder, checkpoint file, seed offset, log name
 CONTINUATIONS = (("unet_refine", "tiny-sd-refined", "unet-refine-stage.pt", 3, "base UNet refinement"),
-                 ("unet_heads", "tiny-sd-heads", "unet-heads-stage.pt", 11, "base UNet heads"))
+                 ("unet_heads", "tiny-sd-heads", "unet-heads-stage.pt", 11, "base UNet heads"),
+                 ("unet_more", "tiny-sd-more", "unet-more-stage.pt", 17, "base UNet more heads"))
 
 
 def pretrain(cfg: DictConfig) -> dict:
