@@ -18,7 +18,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from realisid.metrics.calibrated import fmt, paired_difference  # noqa: E402
-from realisid.sweep import _calibrated_from_csv, _read_csv  # noqa: E402
+from realisid.sweep import calibrated_from_csv, read_csv  # noqa: E402
 
 BINS = ["tiny", "small", "medium", "large"]
 
@@ -51,9 +51,9 @@ def compare(runs: dict[str, tuple[str, str | None]], baseline: str) -> tuple[str
              "|---|---|---|---|---|---|---|---|---|"]
     rows = {}
     for name, (folder, setting) in runs.items():
-        cal = _calibrated_from_csv(one_setting(_read_csv(os.path.join(folder, "calibrated.csv")), setting, folder))
-        iou = {r["bin"]: float(r["loc_iou"]) for r in one_setting(_read_csv(os.path.join(folder, "bins.csv")), setting, folder)}
-        rows[name] = one_setting(_read_csv(os.path.join(folder, "results.csv")), setting, folder)
+        cal = calibrated_from_csv(one_setting(read_csv(os.path.join(folder, "calibrated.csv")), setting, folder))
+        iou = {r["bin"]: float(r["loc_iou"]) for r in one_setting(read_csv(os.path.join(folder, "bins.csv")), setting, folder)}
+        rows[name] = one_setting(read_csv(os.path.join(folder, "results.csv")), setting, folder)
         lines.append(f"| {name} | " + " | ".join(fmt(cal[b]["margin"]) for b in BINS + ["all"])
                      + f" | {cal['tiny']['found_rate'][0]:.2f} / {cal['all']['found_rate'][0]:.2f}"
                      + f" | {cal['medium']['retention'][0]:.2f} / {cal['large']['retention'][0]:.2f}"

@@ -44,7 +44,9 @@ def load_sweep(name: str):
     return sw
 
 
-def _read_csv(path: str) -> list[dict]:
+def read_csv(path: str) -> list[dict]:
+    """A benchmark CSV (summary.csv, results.csv, calibrated.csv, bins.csv) as dicts, numbers and booleans typed."""
+
     def value(v: str):
         for cast in (int, float):
             try:
@@ -57,7 +59,9 @@ def _read_csv(path: str) -> list[dict]:
         return [{k: value(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
-def _calibrated_from_csv(rows: list[dict]) -> dict[str, dict]:
+def calibrated_from_csv(rows: list[dict]) -> dict[str, dict]:
+    """calibrated.csv rows back into :func:`realisid.metrics.calibrated.calibrated_identity`'s per-bin form
+    (each quantity a (value, low, high) triple)."""
     return {r["bin"]: {"n": r["n"], "identities": r["identities"], "real_n": r["real_n"],
                        **{q: (r[q], r[q + "_lo"], r[q + "_hi"]) for q in ("found_rate", "sim_ref", "sim_other", "margin", "ceiling", "retention")}}
             for r in rows}
@@ -91,12 +95,12 @@ def run_sweep(name: str, extra_overrides=()) -> dict:
                 raise KeyboardInterrupt(f"sweep {sw.name}: {run_name} {res['interrupted']}; rerun the sweep to resume it")
             run_bench(cfg, run_dir, bench_dir, settings={"trained": {}})
             open(os.path.join(run_dir, "DONE"), "w").write("ok\n")
-        for row in _read_csv(os.path.join(bench_dir, "summary.csv")):
+        for row in read_csv(os.path.join(bench_dir, "summary.csv")):
             row["run"] = run_name
             combined.append(row)
-        per_run_rows[run_name] = _read_csv(os.path.join(bench_dir, "results.csv"))
+        per_run_rows[run_name] = read_csv(os.path.join(bench_dir, "results.csv"))
         trained[run_name] = run_result(run_dir)
-        calibrated[run_name] = _calibrated_from_csv(_read_csv(os.path.join(bench_dir, "calibrated.csv")))
+        calibrated[run_name] = calibrated_from_csv(read_csv(os.path.join(bench_dir, "calibrated.csv")))
     write_csv(os.path.join(out_dir, "summary.csv"), combined)
     title = f"sweep {sw.name}"
     plots = plot(combined, out_dir, label_key="run", title=title, measured=("similarity", "margin"))
