@@ -116,3 +116,19 @@ def test_head_weights_cover_the_expanded_face_box_in_proportion():
     raw1 = w[1, 0] / w[1, 0].min()
     assert raw1[0, 0] > 1.5 and raw1[0, 0] == pytest.approx(1 + 4 * (5.2 / 8) ** 2, rel=1e-5)
     assert torch.equal(head_weights(boxes, 128, 16, 0.0), torch.ones(2, 1, 16, 16))
+
+
+def test_progress_lines_count_seconds_per_step_from_the_resumed_step(caplog):
+    import logging
+    import time
+
+    from realisid.embedded.base import Progress
+
+    prog = Progress("stage", 20, every=10, start=5)  # resumed at step 5: the first line covers steps 6-10, not 1-10
+    prog.t_last = time.perf_counter() - 5.0
+    with caplog.at_level(logging.INFO, logger="realisid.embedded.base"):
+        prog.step(9, 0.5)
+    line = caplog.records[-1].getMessage()
+    assert line.startswith("stage: 10/20 loss 0.5000")
+    seconds = float(line.split("(")[1].split(" s each")[0])
+    assert 0.9 < seconds < 1.2, line  # 5 s over 5 steps; counting from 0 would report 0.5

@@ -93,11 +93,11 @@ class Progress:
     """Sparse progress lines (every ``every`` steps, 20 in all by default): the mean loss since the last line, when
     there is one, and seconds per step. One line each, so logs and pipes stay readable."""
 
-    def __init__(self, what: str, total: int, every: int | None = None):
+    def __init__(self, what: str, total: int, every: int | None = None, start: int = 0):
         self.what, self.total = what, int(total)
         self.every = max(1, int(every or max(1, self.total // 20)))
         self.t_last = time.perf_counter()
-        self.i_last = 0
+        self.i_last = int(start)  # a resumed stage: seconds per step count from the step it resumed at
         self.losses: list[float] = []
 
     def step(self, i: int, loss: float | None = None) -> None:
@@ -284,7 +284,7 @@ def train_unet(bb, moments: torch.Tensor, data: ImageSet, *, steps: int, batch_s
         start, losses = int(state["step"]), list(state["losses"])
         log.info("%s: resumed from %s at step %d", what, checkpoint, start)
     n = len(data)
-    prog = Progress(what, steps)
+    prog = Progress(what, steps, start=start)
     prog.losses = losses
     for i in range(start, int(steps)):
         idx = torch.randint(0, n, (batch_size,), generator=generator)
