@@ -2,7 +2,9 @@
 
     python benchmarks/sampling_settings.py RUN_DIR --set 7.5,5,0.1 --set 5,5,0.1,0.7 --set 7.5,5,0.1,0,0.5 [--offset 12] [--out DIR]
 
-Each ``--set`` is ``guidance_text,guidance_id,id_delay[,guidance_rescale[,id_guidance_until]]`` (defaults 0 and 1). The run is benchmarked once per setting exactly as the
+Each ``--set`` is ``guidance_text,guidance_id,id_delay[,guidance_rescale[,id_guidance_until]]`` (defaults 0 and 1), then
+optionally ``BIN=SCALE`` items for an identity guidance per face-size bin (``--set 7.5,5,0.1,large=3``:
+``sampling.guidance_id_by_bin``; bins left out take guidance_id). The run is benchmarked once per setting exactly as the
 branch sweep benchmarks it (12 references, one person, the sweep's 9 face sizes, 20 DDIM steps, the identity-free
 prompt), except that the references are the held-out identities after the first ``--offset`` (sorted by name):
 the benchmark's own identities are the first 12, so settings chosen here are not tuned on the numbers they are
@@ -31,27 +33,32 @@ DEFAULTS = (0.0, 1.0)  # guidance_rescale, id_guidance_until when a --set leaves
 
 
 def parse_setting(text: str) -> dict:
+    items = text.split(",")
+    per_bin = [t for t in items if "=" in t]
     try:
-        values = [float(v) for v in text.split(",")]
+        values = [float(v) for v in items if "=" not in v]
         if not 3 <= len(values) <= 5:
             raise ValueError
+        by_bin = {k.strip(): float(v) for k, _, v in (t.partition("=") for t in per_bin)}
     except ValueError:
-        raise SystemExit(f"--set {text!r}: give guidance_text,guidance_id,id_delay[,guidance_rescale[,id_guidance_until]], "
-                         "e.g. --set 7.5,5,0.1") from None
-    return dict(zip(KEYS, values + list(DEFAULTS[len(values) - 3:])))
+        raise SystemExit(f"--set {text!r}: give guidance_text,guidance_id,id_delay[,guidance_rescale[,id_guidance_until]] "
+                         "and optionally BIN=SCALE items, e.g. --set 7.5,5,0.1 or --set 7.5,5,0.1,large=3") from None
+    setting = dict(zip(KEYS, values + list(DEFAULTS[len(values) - 3:])))
+    return {**setting, "guidance_id_by_bin": by_bin} if by_bin else setting
 
 
 def setting_name(s: dict) -> str:
     name = f"text{s['guidance_text']:g}-id{s['guidance_id']:g}-delay{s['id_delay']:g}"
     name += f"-rescale{s['guidance_rescale']:g}" if s["guidance_rescale"] else ""
-    return name + (f"-until{s['id_guidance_until']:g}" if s["id_guidance_until"] != 1.0 else "")
+    name += f"-until{s['id_guidance_until']:g}" if s["id_guidance_until"] != 1.0 else ""
+    return name + "".join(f"-{b}{v:g}" for b, v in s.get("guidance_id_by_bin", {}).items())
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run", help="training run directory with an export/ (e.g. runs/sweeps/branches/joint)")
     ap.add_argument("--set", action="append", required=True,
-                    help="guidance_text,guidance_id,id_delay[,guidance_rescale[,id_guidance_until]] (repeat)")
+                    help="guidance_text,guidance_id,id_delay[,guidance_rescale[,id_guidance_until]][,BIN=SCALE...] (repeat)")
     ap.add_argument("--exp", default="joint", help="experiment whose bench settings to use (default: joint)")
     ap.add_argument("--offset", type=int, default=12, help="held-out identities to skip (the benchmark uses the first 12)")
     ap.add_argument("--out", default=os.path.join("benchmarks", "results", f"{dt.date.today().isoformat()}-sampling-settings"))

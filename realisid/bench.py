@@ -30,7 +30,7 @@ from realisid.embedded.base import Progress
 from realisid.evaluation import Case, build_evaluator, compute_all, to_uint8
 from realisid.images import identity_crop, to_tensor
 from realisid.metrics.calibrated import calibrated_identity, fmt
-from realisid.pipeline import RealisIDPipeline, tensor_to_pil
+from realisid.pipeline import RealisIDPipeline, guidance_id_by_bin, tensor_to_pil
 
 log = logging.getLogger(__name__)
 PLOT_METRICS = ("similarity", "found", "loc_iou", "pose_err")  # per face size; the calibrated metrics are plotted per bin
@@ -315,7 +315,8 @@ def run_bench(cfg, run_dir: str, out_dir: str, *, settings: Mapping[str, Mapping
     sample_kwargs = {"num_inference_steps": int(b.steps), "guidance_text": float(cfg.sampling.guidance_text),
                      "guidance_id": float(cfg.sampling.guidance_id), "id_delay": float(cfg.sampling.id_delay),
                      "guidance_rescale": float(cfg.sampling.get("guidance_rescale", 0.0)),
-                     "id_guidance_until": float(cfg.sampling.get("id_guidance_until", 1.0))}
+                     "id_guidance_until": float(cfg.sampling.get("id_guidance_until", 1.0)),
+                     "guidance_id_by_bin": guidance_id_by_bin(cfg.sampling)}
     for name, flags in settings.items():
         metrics = ev.new_metrics()
         ev.add_real(metrics, [e["image"] for e in examples], [e["face_box"].tolist() for e in examples])

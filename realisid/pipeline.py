@@ -7,7 +7,9 @@ are AVERAGED over people; the frozen UNet runs once on the sum. Guidance:
 ``eps = eps_none + g_text * (eps_t - eps_none) + g_id * (eps_ti - eps_t)``, with identity conditioning
 delayed for the first ``id_delay`` fraction of steps, and ``g_id`` applied only until the ``id_guidance_until`` fraction
 of steps (after it the identity still conditions, ``g_id`` = 1: a guidance interval, Kynkaanniemi et al. 2024, so the
-low-noise steps that draw the face's detail are not pushed by the amplified identity term). ``guidance_rescale`` (phi) then pulls the guided
+low-noise steps that draw the face's detail are not pushed by the amplified identity term). ``guidance_id_by_bin`` gives
+``g_id`` per face-size bin instead ({"tiny": 5, "large": 3}): each person's scale applies inside that person's crop
+box and the people's mean outside them (:func:`identity_guidance_map`), so with one person the whole picture takes it. ``guidance_rescale`` (phi) then pulls the guided
 prediction's spread back toward the fully conditioned one's (:func:`rescale_guidance`), against the over-saturation
 that large guidance scales cause with a v-prediction, zero-terminal-SNR backbone.
 """
@@ -25,7 +27,7 @@ from PIL import Image
 
 from realisid.data.guidance import contour_map, location_map
 from realisid.data.shards import SampleError, decode_image
-from realisid.geometry import DEFAULT_BINS, FRONTAL_KPS, box_iou, expand_square_box, face_size, scale_bin
+from realisid.geometry import DEFAULT_BINS, FRONTAL_KPS, bins_from_config, box_iou, expand_square_box, face_size, scale_bin
 from realisid.images import centred_mask, hwc_uint8, identity_crop, identity_crop_kps, to_tensor
 from realisid.models.backbone import DTYPES, load_backbone
 from realisid.models.branches import GlobalBranch, LocalBranch, add_residuals
@@ -69,7 +71,7 @@ class RealisIDPipeline:
         c = module.cfg
         return cls(module.backbone, module.id_encoder, module.projector, module.local_branch, module.global_branch,
                    resolution=c.data.resolution, crop_expand=c.model.local.crop_expand, local_latent_size=c.model.local.latent_size,
-                   soft_location=c.model["global"].soft_location)
+                   soft_location=c.model["global"].soft_location, bins=bins_from_config(c.get("bins")))
 
     @classmethod
     def from_export(cls, export_dir: str, backbone=None, device: str | torch.device | None = "cpu",
@@ -93,7 +95,8 @@ class RealisIDPipeline:
             if m is not None:
                 m.eval().requires_grad_(False)
         pipe = cls(backbone, enc, proj, local, glob_, resolution=c.data.resolution, crop_expand=c.model.local.crop_expand,
-                   local_latent_size=c.model.local.latent_size, soft_location=c.model["global"].soft_location)
+                   local_latent_size=c.model.local.latent_size, soft_location=c.model["global"].soft_location,
+                   bins=bins_from_config(c.get("bins")))
         return pipe.to(device, dtype)
 
     def to(self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> "RealisIDPipeline":
@@ -202,12 +205,14 @@ class RealisIDPipeline:
     def __call__(self, prompt: str, people: Sequence[Person], negative_prompt: str = "", num_inference_steps: int = 30,
                  scheduler: str = "ddim", guidance_text: float = 7.5, guidance_id: float = 5.0, id_delay: float = 0.1,
                  seed: int = 0, use_local: bool = True, use_global: bool = True, output_type: str = "pil",
-                 guidance_rescale: float = 0.0, id_guidance_until: float = 1.0) -> RealisIDOutput:
+                 guidance_rescale: float = 0.0, id_guidance_until: float = 1.0,
+                 guidance_id_by_bin: Mapping[str, float] | None = None) -> RealisIDOutput:
         check_guidance_rescale(guidance_rescale)
         check_id_guidance_until(id_guidance_until)
+        by_bin = check_guidance_id_by_bin(guidance_id_by_bin, self.bins)
         with self.autocast():
             return self._sample(prompt, people, negative_prompt, num_inference_steps, scheduler, guidance_text, guidance_id,
-                                id_delay, seed, use_local, use_global, output_type, guidance_rescale, id_guidance_until)
+                                id_delay, seed, use_local, use_global, output_type, guidance_rescale, id_guidance_until, by_bin)
 
     def autocast(self):
         """With a half-precision backbone (model.backbone_dtype) and fp32 branches, run every pass under autocast."""
@@ -217,7 +222,7 @@ class RealisIDPipeline:
         return torch.autocast(self.device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
 
     def _sample(self, prompt, people, negative_prompt, num_inference_steps, scheduler, guidance_text, guidance_id, id_delay, seed,
-                use_local, use_global, output_type, guidance_rescale=0.0, id_guidance_until=1.0) -> RealisIDOutput:
+                use_local, use_global, output_type, guidance_rescale=0.0, id_guidance_until=1.0, by_bin=None) -> RealisIDOutput:
         if not people:
             raise ValueError("give at least one person (a reference face and a target box)")
         R, f = self.resolution, self.backbone.vae_scale_factor
@@ -231,6 +236,8 @@ class RealisIDPipeline:
         latents = (torch.randn(shape, generator=g) * sched.init_noise_sigma).to(self.device, torch.float32)
         delay_steps = int(round(id_delay * num_inference_steps))
         until_steps = int(round(id_guidance_until * num_inference_steps))
+        g_map = identity_guidance_map(inputs, guidance_id, by_bin, shape[-2:], f)
+        g_map = g_map.to(self.device) if torch.is_tensor(g_map) else g_map
         for i, t in enumerate(sched.timesteps):
             x = sched.scale_model_input(torch.cat([latents] * 3), t).to(self.backbone.unet.dtype)
             tt = t.expand(3) if t.ndim else t.repeat(3)
@@ -239,7 +246,7 @@ class RealisIDPipeline:
                                      down_block_additional_residuals=res[0] if res else None,
                                      mid_block_additional_residual=res[1] if res else None, return_dict=False)[0]
             e_none, e_t, e_ti = eps.float().chunk(3)
-            g_id = guidance_id if i < until_steps else 1.0
+            g_id = g_map if i < until_steps else 1.0
             eps = rescale_guidance(e_none + guidance_text * (e_t - e_none) + g_id * (e_ti - e_t), e_ti, guidance_rescale)
             latents = sched.step(eps, t, latents).prev_sample
         image = self.backbone.decode_latents(latents)
@@ -264,6 +271,55 @@ def check_id_guidance_until(fraction: float) -> float:
         raise ValueError(f"id_guidance_until={fraction}: give a fraction of the steps in [0, 1] (--id-guidance-until or "
                          "sampling.id_guidance_until; 1 = identity guidance on every step, 0.5 = the first half only)")
     return fraction
+
+
+def check_guidance_id_by_bin(by_bin: Mapping[str, float] | None, bins: Mapping[str, Any]) -> dict[str, float] | None:
+    """Identity guidance scales per face-size bin: every key a bin name, every value a finite scale >= 0; None or an
+    empty mapping means one scale (guidance_id) for every face. The generate CLI checks it before loading any model."""
+    if not by_bin:
+        return None
+    out = {}
+    for name, value in dict(by_bin).items():
+        if str(name) not in bins:
+            raise ValueError(f"guidance_id_by_bin: '{name}' is not a face-size bin; use the bins {list(bins)} "
+                             "(--guidance-id-by-bin tiny=5,large=3 or sampling.guidance_id_by_bin)")
+        try:
+            scale = float(value)
+        except (TypeError, ValueError):
+            scale = float("nan")
+        if not (np.isfinite(scale) and scale >= 0):
+            raise ValueError(f"guidance_id_by_bin: {name}={value} is not a guidance scale; give a number >= 0 "
+                             "(1 = no identity guidance, 5 = the default guidance_id)")
+        out[str(name)] = scale
+    return out
+
+
+def guidance_id_by_bin(sampling: Mapping[str, Any]) -> dict[str, Any] | None:
+    """``sampling.guidance_id_by_bin`` of a config as a plain dict (None when unset or empty); checked by the pipeline."""
+    value = sampling.get("guidance_id_by_bin")
+    if not value:
+        return None
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value, resolve=True)
+    if not isinstance(value, Mapping):
+        raise ValueError(f"sampling.guidance_id_by_bin={value!r}: give a mapping of face-size bin to scale, e.g. "
+                         "{tiny: 5, large: 3}, or null")
+    return {str(k): v for k, v in value.items()}
+
+
+def identity_guidance_map(people: Sequence[Mapping[str, Any]], guidance_id: float, by_bin: Mapping[str, float] | None,
+                          latent_hw: Sequence[int], vae_scale_factor: int) -> float | torch.Tensor:
+    """The identity guidance scale g_id of one step: ``guidance_id`` for every face without ``by_bin``; with it, a
+    (1, 1, h, w) latent map holding each person's bin scale (``guidance_id`` for a bin it leaves out) inside that
+    person's crop box (a later person over an earlier one where crops overlap) and the people's mean elsewhere."""
+    if not by_bin:
+        return float(guidance_id)
+    scales = [float(by_bin.get(p["bin"], guidance_id)) for p in people]
+    g = torch.full((1, 1, int(latent_hw[0]), int(latent_hw[1])), float(np.mean(scales)))
+    for p, scale in zip(people, scales):
+        x0, y0, x1, y1 = (int(v) // vae_scale_factor for v in p["crop_box"])
+        g[..., y0:y1, x0:x1] = scale
+    return g
 
 
 def rescale_guidance(guided: torch.Tensor, conditioned: torch.Tensor, phi: float) -> torch.Tensor:

@@ -96,7 +96,10 @@ def test_sampling_settings_parses_sets_and_refuses_the_benchmarks_own_identities
     until = mod.parse_setting("7.5,5,0.1,0,0.5")
     assert until["id_guidance_until"] == 0.5 and until["guidance_rescale"] == 0.0
     assert mod.setting_name(until) == "text7.5-id5-delay0.1-until0.5"
-    for bad in ("5,3", "5,3,0.1,0.7,1,2", "a,b,c"):
+    by_bin = mod.parse_setting("7.5,5,0.1,tiny=6,large=3")
+    assert by_bin["guidance_id_by_bin"] == {"tiny": 6.0, "large": 3.0} and by_bin["guidance_id"] == 5.0
+    assert mod.setting_name(by_bin) == "text7.5-id5-delay0.1-tiny6-large3"
+    for bad in ("5,3", "5,3,0.1,0.7,1,2", "a,b,c", "5,3,0.1,large=x", "large=3"):
         with pytest.raises(SystemExit, match="guidance_text,guidance_id,id_delay"):
             mod.parse_setting(bad)
     run = tmp_path / "run"

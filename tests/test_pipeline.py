@@ -130,6 +130,34 @@ def test_identity_guidance_until_stops_the_identity_scale_after_that_fraction_of
         sample(pipe, people, id_guidance_until=1.5)
 
 
+def test_identity_guidance_by_bin_gives_each_face_size_its_own_scale(joint):
+    from realisid.geometry import bins_from_config
+    from realisid.pipeline import identity_guidance_map
+
+    pipe = joint.pipeline()
+    assert pipe.bins == bins_from_config(joint.cfg.bins)  # the run's bins, not the defaults
+    people = [person((8, 8, 32, 32))]  # 24 px of 64: the large bin
+    default = sample(pipe, people)
+    torch.testing.assert_close(sample(pipe, people, guidance_id_by_bin={}), default)  # empty: off
+    # one person: the whole picture takes its bin's scale, so it equals that scalar guidance_id
+    torch.testing.assert_close(sample(pipe, people, guidance_id_by_bin={"large": 9}), sample(pipe, people, guidance_id=9.0),
+                               rtol=0, atol=1e-5)
+    # a bin the mapping leaves out keeps guidance_id
+    torch.testing.assert_close(sample(pipe, people, guidance_id_by_bin={"tiny": 9}), default, rtol=0, atol=1e-5)
+    assert (sample(pipe, people, guidance_id_by_bin={"large": 9}) - default).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="'huge' is not a face-size bin; use the bins"):
+        sample(pipe, people, guidance_id_by_bin={"huge": 3})
+    with pytest.raises(ValueError, match="large=-1 is not a guidance scale"):
+        sample(pipe, people, guidance_id_by_bin={"large": -1})
+    # two people in different bins: each one's scale inside its crop box (latent pixels), their mean elsewhere
+    two = [{"bin": "tiny", "crop_box": [0, 0, 16, 16]}, {"bin": "large", "crop_box": [32, 32, 64, 64]}]
+    g = identity_guidance_map(two, 5.0, {"tiny": 7, "large": 3}, (8, 8), 8)
+    assert g.shape == (1, 1, 8, 8)
+    assert torch.all(g[..., 0:2, 0:2] == 7) and torch.all(g[..., 4:8, 4:8] == 3)
+    assert g[0, 0, 0, 7] == 5 and g[0, 0, 3, 3] == 5 and (g == 5).sum() == 64 - 4 - 16
+    assert identity_guidance_map(two, 5.0, None, (8, 8), 8) == 5.0
+
+
 def test_guidance_rescale_matches_the_conditioned_spread_and_blends_by_phi():
     from realisid.pipeline import rescale_guidance
 
@@ -194,11 +222,13 @@ def test_generate_cli_two_people(run_dir, tmp_path, capsys):
     json.dump({"bbox": [8, 8, 40, 40], "kps": [[18, 20], [30, 20], [24, 27], [19, 34], [29, 34]]}, open(tmp_path / "ref0.json", "w"))
     out = tmp_path / "out" / "two.png"
     rc = main(["generate", "--run", str(run_dir), "--prompt", "a photo of two people", "--ref", a, "--box", "2,10,26,34",
-               "--ref", b, "--box", "36,10,60,34", "--out", str(out), "--seed", "5", "--steps", "2", "--analyzer", "none"])
+               "--ref", b, "--box", "36,10,60,34", "--out", str(out), "--seed", "5", "--steps", "2", "--analyzer", "none",
+               "--guidance-id-by-bin", "large=3,tiny=6"])
     assert rc == 0
     assert Image.open(out).size == (64, 64)
     rec = json.load(open(tmp_path / "out" / "two.json"))
     assert rec["seed"] == 5 and rec["steps"] == 2 and len(rec["people"]) == 2 and rec["branches"] == ["local", "global"]
+    assert rec["guidance_id_by_bin"] == {"large": 3.0, "tiny": 6.0} and rec["people"][0]["bin"] == "large"
     assert rec["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")
     assert rec["people"][0]["box"] == [2, 10, 26, 34] and "ref0.json" in rec["people"][0]["reference_face"]
     assert rec["people"][1]["reference_face"].startswith("whole image")
@@ -212,6 +242,8 @@ def test_generate_cli_two_people(run_dir, tmp_path, capsys):
     (["--box", "2,10,26,34", "--ref", "REF", "--box", "4,12,28,36"], "overlap with IoU"),
     (["--box", "2,10,26,34", "--guidance-rescale", "1.5"], "guidance_rescale=1.5: give a value in [0, 1]"),
     (["--box", "2,10,26,34", "--id-guidance-until", "-0.2"], "id_guidance_until=-0.2: give a fraction of the steps in"),
+    (["--box", "2,10,26,34", "--guidance-id-by-bin", "huge=3"], "'huge' is not a face-size bin; use the bins"),
+    (["--box", "2,10,26,34", "--guidance-id-by-bin", "large"], "give BIN=SCALE pairs separated by commas"),
 ])
 def test_generate_cli_bad_boxes_one_line(run_dir, tmp_path, capsys, args, needle):
     from realisid.cli import main

@@ -17,7 +17,9 @@ def cmd_generate(args) -> int:
 
     from realisid.geometry import parse_box
     from realisid.models.backbone import vae_scale_factor_of
-    from realisid.pipeline import RealisIDPipeline, check_boxes, check_guidance_rescale, check_id_guidance_until, reference_person
+    from realisid.geometry import bins_from_config
+    from realisid.pipeline import (RealisIDPipeline, check_boxes, check_guidance_id_by_bin, check_guidance_rescale,
+                                   check_id_guidance_until, guidance_id_by_bin, reference_person)
 
     if len(args.ref) != len(args.box):
         raise ValueError(f"give one --box per --ref: got {len(args.ref)} references and {len(args.box)} boxes")
@@ -31,6 +33,8 @@ def cmd_generate(args) -> int:
     check_boxes(boxes, R, min_box=float(s.min_box), max_overlap=float(s.max_overlap), vae_scale_factor=vae_scale_factor_of(cfg.model))
     rescale = check_guidance_rescale(float(s.get("guidance_rescale", 0.0) if args.guidance_rescale is None else args.guidance_rescale))
     until = check_id_guidance_until(float(s.get("id_guidance_until", 1.0) if args.id_guidance_until is None else args.id_guidance_until))
+    by_bin = check_guidance_id_by_bin(guidance_id_by_bin(s) if args.guidance_id_by_bin is None
+                                      else parse_by_bin(args.guidance_id_by_bin), bins_from_config(cfg.get("bins")))
     from realisid.faces import analyzer_config, load_face_analyzer
 
     # the run's face analyzer (faces.*), or --analyzer; with neither usable, the real one that ships in packages
@@ -48,12 +52,12 @@ def cmd_generate(args) -> int:
                 "guidance_text": float(s.guidance_text if args.guidance_text is None else args.guidance_text),
                 "guidance_id": float(s.guidance_id if args.guidance_id is None else args.guidance_id),
                 "id_delay": float(s.id_delay if args.id_delay is None else args.id_delay),
-                "guidance_rescale": rescale, "id_guidance_until": until}
+                "guidance_rescale": rescale, "id_guidance_until": until, "guidance_id_by_bin": by_bin}
     with torch.no_grad():
         out = pipe(args.prompt, people, negative_prompt=args.negative_prompt, num_inference_steps=settings["steps"],
                    scheduler=settings["scheduler"], guidance_text=settings["guidance_text"], guidance_id=settings["guidance_id"],
                    id_delay=settings["id_delay"], guidance_rescale=settings["guidance_rescale"],
-                   id_guidance_until=settings["id_guidance_until"], seed=args.seed)
+                   id_guidance_until=settings["id_guidance_until"], guidance_id_by_bin=by_bin, seed=args.seed)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     out.images[0].save(args.out)
     record = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": args.seed, "run": args.run, **settings,
@@ -68,6 +72,17 @@ def cmd_generate(args) -> int:
         json.dump(record, f, indent=2)
     sys.stdout.write(f"wrote {args.out} and {meta_path} ({len(people)} people, identity encoder {pipe.id_encoder.name})\n")
     return 0
+
+
+def parse_by_bin(text: str) -> dict[str, str]:
+    """``tiny=5,large=3`` -> {"tiny": "5", "large": "3"} (values checked by check_guidance_id_by_bin); "" -> {} (off)."""
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"--guidance-id-by-bin {text!r}: give BIN=SCALE pairs separated by commas, e.g. tiny=5,large=3")
+        out[name.strip()] = value.strip()
+    return out
 
 
 def write_panel(references: list[str], sample, path: str) -> str:
@@ -136,6 +151,8 @@ def add_generate_parser(sub) -> None:
     g.add_argument("--id-delay", type=float, default=None, help="fraction of steps before identity conditioning starts")
     g.add_argument("--id-guidance-until", type=float, default=None, help="0..1: --guidance-id applies on this first fraction of "
                    "steps, then 1 (default: sampling.id_guidance_until)")
+    g.add_argument("--guidance-id-by-bin", default=None, help="BIN=SCALE,...: --guidance-id per face-size bin, e.g. tiny=5,large=3, "
+                   "each person's inside its crop box (default: sampling.guidance_id_by_bin; \"\" turns it off)")
     g.add_argument("--analyzer", default=None, help="face analyzer for the references: yunet-sface, dlib, insightface (with "
                                                     "--model-dir), synthetic, or none (each photo is the face crop); "
                                                     "default: the run's faces.*, else yunet-sface")
