@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from realisid.bench import run_bench  # noqa: E402
 from realisid.config import load_config  # noqa: E402
 from realisid.metrics.calibrated import fmt  # noqa: E402
+from realisid.pipeline import parse_by_bin  # noqa: E402
 
 SWEEP_BENCH = ["bench.references=12", "bench.people=[1]", "bench.steps=20"]
 
@@ -39,7 +40,7 @@ def parse_setting(text: str) -> dict:
         values = [float(v) for v in items if "=" not in v]
         if not 3 <= len(values) <= 5:
             raise ValueError
-        by_bin = {k.strip(): float(v) for k, _, v in (t.partition("=") for t in per_bin)}
+        by_bin = {k: float(v) for k, v in parse_by_bin(",".join(per_bin)).items()}
     except ValueError:
         raise SystemExit(f"--set {text!r}: give guidance_text,guidance_id,id_delay[,guidance_rescale[,id_guidance_until]] "
                          "and optionally BIN=SCALE items, e.g. --set 7.5,5,0.1 or --set 7.5,5,0.1,large=3") from None

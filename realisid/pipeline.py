@@ -294,6 +294,17 @@ def check_guidance_id_by_bin(by_bin: Mapping[str, float] | None, bins: Mapping[s
     return out
 
 
+def parse_by_bin(text: str) -> dict[str, str]:
+    """``tiny=5,large=3`` -> {"tiny": "5", "large": "3"} (values checked by check_guidance_id_by_bin); "" -> {} (off)."""
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"guidance_id_by_bin {text!r}: give BIN=SCALE pairs separated by commas, e.g. --guidance-id-by-bin tiny=5,large=3")
+        out[name.strip()] = value.strip()
+    return out
+
+
 def guidance_id_by_bin(sampling: Mapping[str, Any]) -> dict[str, Any] | None:
     """``sampling.guidance_id_by_bin`` of a config as a plain dict (None when unset or empty); checked by the pipeline."""
     value = sampling.get("guidance_id_by_bin")
@@ -309,7 +320,7 @@ def guidance_id_by_bin(sampling: Mapping[str, Any]) -> dict[str, Any] | None:
 
 def identity_guidance_map(people: Sequence[Mapping[str, Any]], guidance_id: float, by_bin: Mapping[str, float] | None,
                           latent_hw: Sequence[int], vae_scale_factor: int) -> float | torch.Tensor:
-    """The identity guidance scale g_id of one step: ``guidance_id`` for every face without ``by_bin``; with it, a
+    """The identity guidance scale g_id (computed once per sample): ``guidance_id`` for every face without ``by_bin``; with it, a
     (1, 1, h, w) latent map holding each person's bin scale (``guidance_id`` for a bin it leaves out) inside that
     person's crop box (a later person over an earlier one where crops overlap) and the people's mean elsewhere."""
     if not by_bin:

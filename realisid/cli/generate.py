@@ -15,11 +15,10 @@ def cmd_generate(args) -> int:
     import torch
     from omegaconf import OmegaConf
 
-    from realisid.geometry import parse_box
+    from realisid.geometry import bins_from_config, parse_box
     from realisid.models.backbone import vae_scale_factor_of
-    from realisid.geometry import bins_from_config
     from realisid.pipeline import (RealisIDPipeline, check_boxes, check_guidance_id_by_bin, check_guidance_rescale,
-                                   check_id_guidance_until, guidance_id_by_bin, reference_person)
+                                   check_id_guidance_until, guidance_id_by_bin, parse_by_bin, reference_person)
 
     if len(args.ref) != len(args.box):
         raise ValueError(f"give one --box per --ref: got {len(args.ref)} references and {len(args.box)} boxes")
@@ -72,17 +71,6 @@ def cmd_generate(args) -> int:
         json.dump(record, f, indent=2)
     sys.stdout.write(f"wrote {args.out} and {meta_path} ({len(people)} people, identity encoder {pipe.id_encoder.name})\n")
     return 0
-
-
-def parse_by_bin(text: str) -> dict[str, str]:
-    """``tiny=5,large=3`` -> {"tiny": "5", "large": "3"} (values checked by check_guidance_id_by_bin); "" -> {} (off)."""
-    out = {}
-    for item in filter(None, (t.strip() for t in text.split(","))):
-        name, sep, value = item.partition("=")
-        if not sep or not name.strip():
-            raise ValueError(f"--guidance-id-by-bin {text!r}: give BIN=SCALE pairs separated by commas, e.g. tiny=5,large=3")
-        out[name.strip()] = value.strip()
-    return out
 
 
 def write_panel(references: list[str], sample, path: str) -> str:
