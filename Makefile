@@ -46,7 +46,7 @@ reproduce:
 	$(PY) -m realisid check-embedded
 	$(PY) -m realisid sweep branches
 	$(PY) -m realisid sweep long
-	$(PY) -m realisid generate --run runs/sweeps/branches/joint --prompt "a photo of two people" \
+	$(PY) -m realisid generate --run runs/sweeps/long/joint --prompt "a photo of two people" \
 	    --ref data/examples/ref_a.jpg --box 14,44,46,76 --ref data/examples/ref_b.jpg --box 82,44,114,76 \
 	    --out data/examples/two_people.png --seed 1 --panel
 

@@ -5,6 +5,11 @@ and plots in the sweep's ``out_dir``. ``precompute: FOLDER`` runs ``realisid pre
 text embeddings of the train shards) and trains every run from it. The runner trains it (with the sweep's ``train``
 overrides), benchmarks it with the branches it trained (the sweep's ``bench`` overrides), marks it DONE,
 and finally writes one combined table and plot. Rerunning skips DONE runs and resumes interrupted ones.
+
+A run may continue another sweep's finished run instead of starting from scratch: ``continue: branches/joint``
+copies ``runs/sweeps/branches/joint/checkpoints/last.ckpt`` into the new run and trains on from its step to this
+sweep's ``trainer.max_steps``. The two configs must agree on everything but the step count, checkpointing,
+sampling and benchmark settings (:data:`CONTINUE_MAY_DIFFER`); anything else is refused with the differing keys.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ import shutil
 from omegaconf import OmegaConf
 
 from realisid.bench import calibrated_plot, plot, run_bench, write_csv
-from realisid.config import ConfigError, EXPERIMENTS_DIR, load_config
+from realisid.config import ConfigError, EXPERIMENTS_DIR, load_config, save_config
 from realisid.data.cache_format import INFO_FILE, cache_diff, cache_info
 from realisid.data.precompute import precompute
 from realisid.geometry import bins_from_config
@@ -27,6 +32,10 @@ from realisid.train import resume_config, run_result, train
 
 log = logging.getLogger(__name__)
 SWEEP_KEYS = {"name", "out_dir", "train", "bench", "runs", "precompute"}
+RUN_KEYS = {"exp", "overrides", "continue"}
+# what a continued run may change from the run it continues (prefixes of dotted config keys)
+CONTINUE_MAY_DIFFER = ("trainer.max_steps", "trainer.val_check_interval", "trainer.checkpoint_every_n_steps", "sampling.",
+                       "bench.", "evaluation.", "validation.")
 
 
 def load_sweep(name: str):
@@ -41,7 +50,58 @@ def load_sweep(name: str):
     for run, spec in sw.runs.items():
         if "exp" not in spec:
             raise ConfigError(f"sweep run '{run}' in {path} needs an 'exp' (an experiment name such as joint)")
+        unknown = set(spec.keys()) - RUN_KEYS
+        if unknown:
+            raise ConfigError(f"unknown key(s) {sorted(unknown)} in sweep run '{run}' of {path}; valid: {sorted(RUN_KEYS)}")
+        if "continue" in spec and len(str(spec["continue"]).strip("/").split("/")) != 2:
+            raise ConfigError(f"sweep run '{run}' in {path}: continue: {spec['continue']!r} must name <sweep>/<run>, e.g. branches/joint")
     return sw
+
+
+def flat_config(cfg) -> dict:
+    """A config as {dotted.key: value} (values resolved)."""
+    out = {}
+
+    def walk(node, prefix):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            out[prefix[:-1]] = node
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return out
+
+
+def start_from(source_dir: str, cfg, run_dir: str) -> int:
+    """Set ``run_dir`` up to continue ``source_dir`` (another sweep's finished run) with ``cfg``: its config is
+    written first, then the source's last checkpoint is copied in (atomically), so an interruption at any point
+    leaves either nothing to resume or a run that resumes. Returns the step the run continues from."""
+    import torch
+
+    ckpt = os.path.join(source_dir, "checkpoints", "last.ckpt")
+    if not os.path.exists(os.path.join(source_dir, "DONE")) or not os.path.exists(ckpt):
+        sweep = os.path.basename(os.path.dirname(os.path.normpath(source_dir)))
+        raise ConfigError(f"{run_dir} continues {source_dir}, which is not a finished sweep run (no DONE or no "
+                          f"checkpoints/last.ckpt there): run `make sweep SWEEP={sweep}` first")
+    source_cfg = OmegaConf.load(os.path.join(source_dir, "config.yaml"))
+    old, new = flat_config(source_cfg), flat_config(cfg)
+    differ = sorted(k for k in set(old) | set(new) if old.get(k, "<missing>") != new.get(k, "<missing>")
+                    and not k.startswith(CONTINUE_MAY_DIFFER))
+    if differ:
+        shown = ", ".join(f"{k}: {old.get(k, '<missing>')!r} -> {new.get(k, '<missing>')!r}" for k in differ[:8])
+        raise ConfigError(f"{run_dir} cannot continue {source_dir}: the configs differ in {shown}"
+                          f"{' ...' if len(differ) > 8 else ''}; a continued run may change only {', '.join(CONTINUE_MAY_DIFFER)}")
+    step = int(torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"])
+    if step >= int(cfg.trainer.max_steps):
+        raise ConfigError(f"{run_dir} continues {source_dir} at step {step}, but trainer.max_steps={cfg.trainer.max_steps}; "
+                          "raise the sweep's trainer.max_steps above it")
+    save_config(cfg, os.path.join(run_dir, "config.yaml"))
+    os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+    tmp = os.path.join(run_dir, "checkpoints", "last.ckpt.part")
+    shutil.copyfile(ckpt, tmp)
+    os.replace(tmp, os.path.join(run_dir, "checkpoints", "last.ckpt"))
+    return step
 
 
 def read_csv(path: str) -> list[dict]:
@@ -88,6 +148,11 @@ def run_sweep(name: str, extra_overrides=()) -> dict:
             if os.path.exists(os.path.join(run_dir, "checkpoints", "last.ckpt")) and not os.path.isdir(os.path.join(run_dir, "export")):
                 log.info("sweep %s: resuming %s", sw.name, run_name)
                 res = train(resume_config(run_dir), resume=run_dir)
+            elif not os.path.isdir(os.path.join(run_dir, "export")) and spec.get("continue"):
+                source = os.path.join(cfg.experiment.runs_dir, "sweeps", *str(spec["continue"]).strip("/").split("/"))
+                step = start_from(source, cfg, run_dir)
+                log.info("sweep %s: training %s on from %s (step %d) to step %s", sw.name, run_name, source, step, cfg.trainer.max_steps)
+                res = train(cfg, resume=run_dir)
             elif not os.path.isdir(os.path.join(run_dir, "export")):
                 log.info("sweep %s: training %s (%s %s)", sw.name, run_name, spec.exp, " ".join(overrides))
                 res = train(cfg, run_dir=run_dir)

@@ -100,6 +100,30 @@ runs:
     assert "| local_only | 2 | " in table and "| no_upsample | 2 | " in table
     rows = list(csv.DictReader(open(tmp_path / "sweep" / "summary.csv")))
     assert {r["run"] for r in rows} == {"local_only", "no_upsample"}
+    # another sweep trains mini's finished local_only run on from its step 2 to step 4
+    from realisid.config import ConfigError
+    from realisid.train import run_result
+
+    def more(name, runs, steps=4):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(sweep.read_text().replace("name: mini", f"name: {name}").replace("/sweep\n", f"/{name}\n")
+                        .replace("trainer.max_steps=2,", f"trainer.max_steps={steps},").split("runs:")[0] + "runs:\n" + runs)
+        return str(path)
+
+    res = run_sweep(more("more", "  local_only: {exp: local_branch, continue: mini/local_only}\n"))
+    continued = tmp_path / "runs" / "sweeps" / "more" / "local_only"
+    assert run_result(str(continued))["global_step"] == 4 and (continued / "DONE").exists()
+    assert "| local_only | 4 | " in open(res["table"]).read()
+    with pytest.raises(ConfigError, match=r"model\.local\.upsample: True -> False"):  # not the same model: refused, nothing written
+        run_sweep(more("changed", "  x: {exp: local_branch, overrides: [model.local.upsample=false], continue: mini/local_only}\n"))
+    assert not (tmp_path / "runs" / "sweeps" / "changed" / "x" / "checkpoints").exists()
+    with pytest.raises(ConfigError, match="make sweep SWEEP=mini"):  # the source never finished
+        run_sweep(more("early", "  x: {exp: local_branch, continue: mini/joint}\n"))
+    with pytest.raises(ConfigError, match="raise the sweep's trainer.max_steps"):
+        run_sweep(more("short", "  x: {exp: local_branch, continue: mini/local_only}\n", steps=2))
+    with pytest.raises(ConfigError, match="<sweep>/<run>"):
+        run_sweep(more("bad", "  x: {exp: local_branch, continue: local_only}\n"))
+
     calls = []
     monkeypatch.setattr(realisid.sweep, "train", lambda *a, **k: calls.append(a))
     run_sweep(str(sweep))
