@@ -9,7 +9,8 @@ and finally writes one combined table and plot. Rerunning skips DONE runs and re
 A run may continue another sweep's finished run instead of starting from scratch: ``continue: branches/joint``
 copies ``runs/sweeps/branches/joint/checkpoints/last.ckpt`` into the new run and trains on from its step to this
 sweep's ``trainer.max_steps``. The two configs must agree on everything but the step count, checkpointing,
-sampling and benchmark settings (:data:`CONTINUE_MAY_DIFFER`); anything else is refused with the differing keys.
+sampling, validation, evaluation and benchmark settings (:data:`CONTINUE_MAY_DIFFER`); anything else is refused
+with the differing keys.
 """
 from __future__ import annotations
 
