@@ -54,9 +54,15 @@ def load_sweep(name: str):
         unknown = set(spec.keys()) - RUN_KEYS
         if unknown:
             raise ConfigError(f"unknown key(s) {sorted(unknown)} in sweep run '{run}' of {path}; valid: {sorted(RUN_KEYS)}")
-        if "continue" in spec and len(str(spec["continue"]).strip("/").split("/")) != 2:
+        if "continue" in spec and len(continued_run(spec)) != 2:
             raise ConfigError(f"sweep run '{run}' in {path}: continue: {spec['continue']!r} must name <sweep>/<run>, e.g. branches/joint")
     return sw
+
+
+def continued_run(spec) -> list[str]:
+    """A sweep run's ``continue: <sweep>/<run>`` as its parts ([] when the run has no ``continue``; load_sweep
+    refuses any other count than two, an empty value included)."""
+    return str(spec["continue"]).strip("/").split("/") if "continue" in spec else []
 
 
 def flat_config(cfg) -> dict:
@@ -149,14 +155,15 @@ def run_sweep(name: str, extra_overrides=()) -> dict:
             if os.path.exists(os.path.join(run_dir, "checkpoints", "last.ckpt")) and not os.path.isdir(os.path.join(run_dir, "export")):
                 log.info("sweep %s: resuming %s", sw.name, run_name)
                 res = train(resume_config(run_dir), resume=run_dir)
-            elif not os.path.isdir(os.path.join(run_dir, "export")) and spec.get("continue"):
-                source = os.path.join(cfg.experiment.runs_dir, "sweeps", *str(spec["continue"]).strip("/").split("/"))
-                step = start_from(source, cfg, run_dir)
-                log.info("sweep %s: training %s on from %s (step %d) to step %s", sw.name, run_name, source, step, cfg.trainer.max_steps)
-                res = train(cfg, resume=run_dir)
             elif not os.path.isdir(os.path.join(run_dir, "export")):
-                log.info("sweep %s: training %s (%s %s)", sw.name, run_name, spec.exp, " ".join(overrides))
-                res = train(cfg, run_dir=run_dir)
+                if continued_run(spec):
+                    source = os.path.join(cfg.experiment.runs_dir, "sweeps", *continued_run(spec))
+                    step = start_from(source, cfg, run_dir)
+                    log.info("sweep %s: training %s on from %s (step %d) to step %s", sw.name, run_name, source, step, cfg.trainer.max_steps)
+                    res = train(cfg, resume=run_dir)
+                else:
+                    log.info("sweep %s: training %s (%s %s)", sw.name, run_name, spec.exp, " ".join(overrides))
+                    res = train(cfg, run_dir=run_dir)
             if res.get("interrupted"):  # SIGTERM / Ctrl-C: the run is saved; benchmarking it half-trained would be wrong
                 raise KeyboardInterrupt(f"sweep {sw.name}: {run_name} {res['interrupted']}; rerun the sweep to resume it")
             run_bench(cfg, run_dir, bench_dir, settings={"trained": {}})
