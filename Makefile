@@ -5,10 +5,11 @@ ARGS    ?=
 RESUME  ?=
 RUN     ?=
 SWEEP   ?= branches
+SEED    ?=
 export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 
-.PHONY: setup train prepare pretrain check-embedded reproduce precompute throughput gpu-bench bench sweep shards test test-fast clean-cache
+.PHONY: setup train prepare pretrain check-embedded reproduce replicates precompute throughput gpu-bench bench sweep shards test test-fast clean-cache
 
 setup:
 	test -x $(PY) || python3 -m venv .venv
@@ -24,7 +25,7 @@ bench:
 	$(PY) -m realisid bench $(if $(filter command line environment,$(origin EXP)),$(EXP),joint) $(ARGS) $(if $(RUN),--run $(RUN))
 
 sweep:
-	$(PY) -m realisid sweep $(SWEEP) $(ARGS)
+	$(PY) -m realisid sweep $(SWEEP) $(ARGS) $(if $(SEED),--seed $(SEED))
 
 # make shards SRC=/photos NAME=faces  ->  data/shards/faces/faces-000000.tar ... (ANALYZER=dlib, or MODEL_DIR=/models/buffalo_l for insightface)
 shards:
@@ -49,6 +50,19 @@ reproduce:
 	$(PY) -m realisid generate --run runs/sweeps/long/joint --prompt "a photo of two people" \
 	    --ref data/examples/ref_a.jpg --box 14,44,46,76 --ref data/examples/ref_b.jpg --box 82,44,114,76 \
 	    --out data/examples/two_people.png --seed 1 --panel
+
+# the branch and long sweeps again with training seeds 1 and 2 (after make reproduce), then every run's seeds pooled:
+# the README's three-seed tables (benchmarks/results/seeds-branches/, seeds-long/)
+R := benchmarks/results
+replicates:
+	$(PY) -m realisid sweep branches --seed 1
+	$(PY) -m realisid sweep branches --seed 2
+	$(PY) -m realisid sweep long --seed 2
+	$(PY) -m realisid sweep long-seed1
+	$(PY) benchmarks/compare_benches.py $(foreach r,global_only joint local_only,$(r)=$(R)/sweep-branches/$(r)+$(R)/sweep-branches-seed1/$(r)+$(R)/sweep-branches-seed2/$(r)) \
+	    --out $(R)/seeds-branches/table.md
+	$(PY) benchmarks/compare_benches.py $(foreach r,global_only joint,$(r)=$(R)/sweep-long/$(r)+$(R)/sweep-long-seed1/$(r)+$(R)/sweep-long-seed2/$(r)) \
+	    --out $(R)/seeds-long/table.md
 
 # VAE latents + text embeddings beside the train shards: then `make train ARGS="data.precomputed=data/cache/precomputed/<EXP>"`
 precompute:

@@ -1,12 +1,18 @@
 """Compare finished scale benchmarks: margin per bin and the paired difference against a baseline on the same cases.
 
     python benchmarks/compare_benches.py global_only=DIR joint=DIR[@SETTING] local_only=DIR [--baseline global_only] [--out FILE]
+    python benchmarks/compare_benches.py global_only=DIR+DIR2+DIR3 joint=DIR+DIR2+DIR3    # replicates (training seeds)
 
 Each DIR is a benchmark output folder (``calibrated.csv``, ``bins.csv``, ``results.csv``), e.g. one run's folder of
 ``make sweep`` or of ``make bench``; ``@SETTING`` picks one inference setting of a folder that holds several (``make
 bench`` on a joint run writes joint, local_only and global_only). The benchmarks must share their cases (references, sizes, seeds, prompts): the
 paired difference ``name - baseline`` compares the same reference, box and seed, with a 95% interval resampling
 identities, as the sweep's claims.json does. Writes a markdown table (stdout, and ``--out`` with a claims.json beside it).
+
+``NAME=DIR+DIR2`` pools replicates of one run: the same sweep trained with other seeds (``make sweep SWEEP=branches
+SEED=2`` writes ``sweep-branches-seed2/<run>``). The pooled difference is that of the replicate means, its interval
+resamples each run's replicates as well as the identities (training noise included), and each replicate pair's own
+difference is listed below it (pairs in the order given) so the spread between seeds is in sight.
 """
 from __future__ import annotations
 
@@ -23,15 +29,21 @@ from realisid.sweep import calibrated_from_csv, read_csv  # noqa: E402
 BINS = ["tiny", "small", "medium", "large"]
 
 
-def parse_run(text: str) -> tuple[str, tuple[str, str | None]]:
-    name, sep, folder = text.partition("=")
-    folder, _, setting = folder.partition("@")
-    if not sep or not name or not folder:
-        raise SystemExit(f"{text!r}: give NAME=BENCH_DIR[@SETTING], e.g. joint=benchmarks/results/sweep-branches/joint")
-    for f in ("calibrated.csv", "bins.csv", "results.csv"):
-        if not os.path.exists(os.path.join(folder, f)):
-            raise SystemExit(f"{name}: '{folder}' has no {f}; give a finished benchmark's output folder")
-    return name, (folder, setting or None)
+def parse_run(text: str) -> tuple[str, list[tuple[str, str | None]]]:
+    """``NAME=DIR[@SETTING][+DIR2[@SETTING]...]`` -> (NAME, [(DIR, SETTING or None), ...])."""
+    name, sep, folders = text.partition("=")
+    if not sep or not name or not folders:
+        raise SystemExit(f"{text!r}: give NAME=BENCH_DIR[@SETTING][+BENCH_DIR2...], e.g. joint=benchmarks/results/sweep-branches/joint")
+    out = []
+    for part in folders.split("+"):
+        folder, _, setting = part.partition("@")
+        if not folder:
+            raise SystemExit(f"{text!r}: an empty folder between '+'; give NAME=BENCH_DIR+BENCH_DIR2")
+        for f in ("calibrated.csv", "bins.csv", "results.csv"):
+            if not os.path.exists(os.path.join(folder, f)):
+                raise SystemExit(f"{name}: '{folder}' has no {f}; give a finished benchmark's output folder")
+        out.append((folder, setting or None))
+    return name, out
 
 
 def one_setting(rows: list[dict], setting: str | None, where: str) -> list[dict]:
@@ -44,21 +56,29 @@ def one_setting(rows: list[dict], setting: str | None, where: str) -> list[dict]
     return [r for r in rows if r["setting"] == (setting or have[0])]
 
 
-def compare(runs: dict[str, tuple[str, str | None]], baseline: str) -> tuple[str, dict]:
+def compare(runs: dict[str, list[tuple[str, str | None]] | tuple[str, str | None]], baseline: str) -> tuple[str, dict]:
+    """Markdown tables and claims ({"NAME - BASELINE": {bin: (difference, lo, hi)}}); a run is one (folder, setting)
+    or a list of them (replicates)."""
+    runs = {name: spec if isinstance(spec, list) else [spec] for name, spec in runs.items()}
     if baseline not in runs:
         raise SystemExit(f"--baseline {baseline!r} is not one of the runs given ({', '.join(runs)})")
     lines = ["| run | margin tiny | small | medium | large | all | found-rate tiny / all | retention medium / large | location IoU medium / large |",
              "|---|---|---|---|---|---|---|---|---|"]
     rows = {}
-    for name, (folder, setting) in runs.items():
-        cal = calibrated_from_csv(one_setting(read_csv(os.path.join(folder, "calibrated.csv")), setting, folder))
-        iou = {r["bin"]: float(r["loc_iou"]) for r in one_setting(read_csv(os.path.join(folder, "bins.csv")), setting, folder)}
-        rows[name] = one_setting(read_csv(os.path.join(folder, "results.csv")), setting, folder)
-        lines.append(f"| {name} | " + " | ".join(fmt(cal[b]["margin"]) for b in BINS + ["all"])
-                     + f" | {cal['tiny']['found_rate'][0]:.2f} / {cal['all']['found_rate'][0]:.2f}"
-                     + f" | {cal['medium']['retention'][0]:.2f} / {cal['large']['retention'][0]:.2f}"
-                     + f" | {iou['medium']:.2f} / {iou['large']:.2f} |")
-    lines += ["", "| paired difference (same cases) | " + " | ".join(BINS + ["all"]) + " |", "|---|" + "---|" * (len(BINS) + 1)]
+    for name, folders in runs.items():
+        rows[name] = []
+        for folder, setting in folders:
+            cal = calibrated_from_csv(one_setting(read_csv(os.path.join(folder, "calibrated.csv")), setting, folder))
+            iou = {r["bin"]: float(r["loc_iou"]) for r in one_setting(read_csv(os.path.join(folder, "bins.csv")), setting, folder)}
+            rows[name].append(one_setting(read_csv(os.path.join(folder, "results.csv")), setting, folder))
+            label = name if len(folders) == 1 else f"{name} ({replicate_label(folder)})"
+            lines.append(f"| {label} | " + " | ".join(fmt(cal[b]["margin"]) for b in BINS + ["all"])
+                         + f" | {cal['tiny']['found_rate'][0]:.2f} / {cal['all']['found_rate'][0]:.2f}"
+                         + f" | {cal['medium']['retention'][0]:.2f} / {cal['large']['retention'][0]:.2f}"
+                         + f" | {iou['medium']:.2f} / {iou['large']:.2f} |")
+    pooled = any(len(f) > 1 for f in runs.values())
+    lines += ["", "| paired difference (same cases)" + (", replicates pooled" if pooled else "") + " | " + " | ".join(BINS + ["all"]) + " |",
+              "|---|" + "---|" * (len(BINS) + 1)]
     claims = {}
     for name in runs:
         if name == baseline:
@@ -66,12 +86,21 @@ def compare(runs: dict[str, tuple[str, str | None]], baseline: str) -> tuple[str
         d = paired_difference(rows[name], rows[baseline], BINS, seed=0)
         claims[f"{name} - {baseline}"] = d
         lines.append(f"| {name} - {baseline} | " + " | ".join(fmt(d[b]) for b in BINS + ["all"]) + " |")
+        if pooled and len(runs[name]) == len(runs[baseline]):
+            for (folder, _), mine, theirs in zip(runs[name], rows[name], rows[baseline]):
+                d = paired_difference(mine, theirs, BINS, seed=0)
+                lines.append(f"| &nbsp; {replicate_label(folder)} only | " + " | ".join(fmt(d[b]) for b in BINS + ["all"]) + " |")
     return "\n".join(lines) + "\n", claims
+
+
+def replicate_label(folder: str) -> str:
+    """A replicate's name in tables: its sweep folder (sweep-branches-seed2/joint -> sweep-branches-seed2)."""
+    return os.path.basename(os.path.dirname(os.path.normpath(folder))) or folder
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("runs", nargs="+", help="NAME=BENCH_DIR")
+    ap.add_argument("runs", nargs="+", help="NAME=BENCH_DIR[@SETTING], or NAME=DIR+DIR2 to pool replicates")
     ap.add_argument("--baseline", default="global_only")
     ap.add_argument("--out", default=None, help="markdown file to write (claims.json goes beside it)")
     args = ap.parse_args(argv)

@@ -4,13 +4,21 @@ Each entry of ``runs`` names an experiment and overrides. Runs live in ``runs/sw
 and plots in the sweep's ``out_dir``. ``precompute: FOLDER`` runs ``realisid precompute`` once (VAE latents and
 text embeddings of the train shards) and trains every run from it. The runner trains it (with the sweep's ``train``
 overrides), benchmarks it with the branches it trained (the sweep's ``bench`` overrides), marks it DONE,
-and finally writes one combined table and plot. Rerunning skips DONE runs and resumes interrupted ones.
+and finally writes one combined table and plot, where every run's margin is compared case by case with the
+``baseline`` run's (default ``global_only``: the paper's claim; also in ``claims.json``). Rerunning skips DONE
+runs and resumes interrupted ones.
 
 A run may continue another sweep's finished run instead of starting from scratch: ``continue: branches/joint``
 copies ``runs/sweeps/branches/joint/checkpoints/last.ckpt`` into the new run and trains on from its step to this
 sweep's ``trainer.max_steps``. The two configs must agree on everything but the step count, checkpointing,
 sampling, validation, evaluation and benchmark settings (:data:`CONTINUE_MAY_DIFFER`); anything else is refused
 with the differing keys.
+
+A sweep is replicated with another training seed by ``--seed N`` (``make sweep SWEEP=branches SEED=2``): every run
+trains with ``experiment.seed=N`` into ``runs/sweeps/<sweep>-seed<N>/``, results go to ``<out_dir>-seed<N>``,
+``continue:`` reads the source sweep's replicate of the same seed, and the benchmark cases stay those of the
+sweep (``bench.seed`` is not touched), so replicates compare case by case (``benchmarks/compare_benches.py``
+pools them).
 """
 from __future__ import annotations
 
@@ -32,7 +40,7 @@ from realisid.prepare import prepare_embedded_default
 from realisid.train import resume_config, run_result, train
 
 log = logging.getLogger(__name__)
-SWEEP_KEYS = {"name", "out_dir", "train", "bench", "runs", "precompute"}
+SWEEP_KEYS = {"name", "out_dir", "train", "bench", "runs", "precompute", "baseline"}
 RUN_KEYS = {"exp", "overrides", "continue"}
 # what a continued run may change from the run it continues (prefixes of dotted config keys)
 CONTINUE_MAY_DIFFER = ("trainer.max_steps", "trainer.val_check_interval", "trainer.checkpoint_every_n_steps", "sampling.",
@@ -48,6 +56,8 @@ def load_sweep(name: str):
     unknown = set(sw.keys()) - SWEEP_KEYS
     if unknown:
         raise ConfigError(f"unknown key(s) {sorted(unknown)} in {path}; valid: {sorted(SWEEP_KEYS)}")
+    if "baseline" in sw and sw.baseline not in sw.runs:
+        raise ConfigError(f"baseline: {sw.baseline!r} in {path} is not one of its runs ({', '.join(sw.runs)})")
     for run, spec in sw.runs.items():
         if "exp" not in spec:
             raise ConfigError(f"sweep run '{run}' in {path} needs an 'exp' (an experiment name such as joint)")
@@ -57,6 +67,26 @@ def load_sweep(name: str):
         if "continue" in spec and len(continued_run(spec)) != 2:
             raise ConfigError(f"sweep run '{run}' in {path}: continue: {spec['continue']!r} must name <sweep>/<run>, e.g. branches/joint")
     return sw
+
+
+def replicate(sw, seed: int):
+    """The sweep ``sw`` trained with ``experiment.seed=seed``: renamed ``<name>-seed<seed>``, its results in
+    ``<out_dir>-seed<seed>``, each ``continue:`` pointing at the source sweep's replicate of the same seed."""
+    if any(str(o).split("=", 1)[0].strip() == "experiment.seed" for o in sw.get("train", [])):
+        raise ConfigError(f"sweep '{sw.name}' sets experiment.seed in its train overrides already; seed={seed} replicates "
+                          "a sweep that does not (e.g. make sweep SWEEP=branches SEED=2)")
+    named = os.path.join(EXPERIMENTS_DIR, "sweeps", f"{sw.name}-seed{seed}.yaml")
+    if os.path.exists(named):
+        raise ConfigError(f"{named} defines a sweep of that name already; its runs would be mixed with this replicate's: "
+                          f"run `make sweep SWEEP={sw.name}-seed{seed}` instead, or pick another seed")
+    out = OmegaConf.create(OmegaConf.to_container(sw))
+    out.name, out.out_dir = f"{sw.name}-seed{seed}", f"{sw.out_dir}-seed{seed}"
+    out.train = list(sw.get("train", [])) + [f"experiment.seed={seed}"]
+    for spec in out.runs.values():
+        if continued_run(spec):
+            source, run = continued_run(spec)
+            spec["continue"] = f"{source}-seed{seed}/{run}"
+    return out
 
 
 def continued_run(spec) -> list[str]:
@@ -134,8 +164,10 @@ def calibrated_from_csv(rows: list[dict]) -> dict[str, dict]:
             for r in rows}
 
 
-def run_sweep(name: str, extra_overrides=()) -> dict:
+def run_sweep(name: str, extra_overrides=(), seed: int | None = None) -> dict:
     sw = load_sweep(name)
+    if seed is not None:
+        sw = replicate(sw, seed)
     out_dir = str(sw.out_dir)
     combined, per_run_rows, calibrated, trained = [], {}, {}, {}
     bins = None
@@ -182,10 +214,10 @@ def run_sweep(name: str, extra_overrides=()) -> dict:
     if grid:
         plots.append(grid)
     claims = {}
-    baseline = "global_only"
+    baseline = str(sw.get("baseline", "global_only"))
     if baseline in per_run_rows:
-        for other in ("joint", "local_only"):
-            if other in per_run_rows:
+        for other in per_run_rows:
+            if other != baseline:
                 claims[f"{other} - {baseline}"] = paired_difference(per_run_rows[other], per_run_rows[baseline], bins, seed=0)
     table = os.path.join(out_dir, "table.md")
     with open(table, "w") as f:
@@ -201,7 +233,9 @@ def run_sweep(name: str, extra_overrides=()) -> dict:
         for run_name, per_bin in calibrated.items():
             f.write(f"| {run_name} | " + " | ".join(f"{per_bin[b]['found_rate'][0]:.2f}" if b in per_bin else "-" for b in bins + ["all"]) + " |\n")
         if claims:
-            f.write("\n## The paper's claim: margin difference on the same cases (same reference, box, seed)\n\n| difference | "
+            heading = f"margin difference against {baseline} on the same cases (same reference, box, seed)"
+            heading = "The paper's claim: " + heading if baseline == "global_only" else heading.capitalize()
+            f.write(f"\n## {heading}\n\n| difference | "
                     + " | ".join(bins + ["all"]) + " |\n|---|" + "---|" * (len(bins) + 1) + "\n")
             for label, per_bin in claims.items():
                 f.write(f"| {label} | " + " | ".join(fmt(per_bin[b]) if b in per_bin else "-" for b in bins + ["all"]) + " |\n")

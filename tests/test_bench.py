@@ -152,6 +152,55 @@ runs:
     assert not (tmp_path / "runs" / "sweeps" / "mini" / "local_only" / "DONE").exists()
 
 
+def test_a_sweep_replicate_trains_with_its_seed_into_its_own_folders(tmp_path, monkeypatch):
+    """make sweep SWEEP=mini SEED=3: every run trains with experiment.seed=3 under runs/sweeps/mini-seed3, a
+    continued run continues the source sweep's seed-3 replicate, the benchmark cases are the sweep's own."""
+    import realisid.sweep
+    from realisid.cli import main
+    from realisid.config import ConfigError
+    from realisid.interrupts import INTERRUPTED_EXIT
+    from realisid.sweep import load_sweep, replicate
+
+    sweep = tmp_path / "mini.yaml"
+    sweep.write_text(f"""name: mini
+out_dir: {tmp_path}/sweep
+train: [experiment.runs_dir={tmp_path}/runs]
+bench: [bench.seed=0]
+runs:
+  local_only: {{exp: local_branch}}
+  more: {{exp: local_branch, continue: other/local_only}}
+""")
+    rep = replicate(load_sweep(str(sweep)), 3)
+    assert (rep.name, rep.out_dir) == ("mini-seed3", f"{tmp_path}/sweep-seed3")
+    assert list(rep.train)[-1] == "experiment.seed=3" and list(rep.bench) == ["bench.seed=0"]
+    assert rep.runs.more["continue"] == "other-seed3/local_only" and "continue" not in rep.runs.local_only
+    trained = []
+    monkeypatch.setattr(realisid.sweep, "train", lambda cfg, **k: trained.append((cfg, k)) or {"interrupted": "stop"})
+    assert main(["sweep", str(sweep), "--seed", "3"]) == INTERRUPTED_EXIT
+    cfg, where = trained[0]
+    assert cfg.experiment.seed == 3 and where["run_dir"] == os.path.join(str(tmp_path), "runs", "sweeps", "mini-seed3", "local_only")
+    seeded = tmp_path / "seeded.yaml"
+    seeded.write_text(sweep.read_text().replace("name: mini", "name: seeded").replace("train: [", "train: [experiment.seed=1, "))
+    with pytest.raises(ConfigError, match="sets experiment.seed in its train overrides already"):
+        replicate(load_sweep(str(seeded)), 2)
+    (tmp_path / "sweeps").mkdir()
+    (tmp_path / "sweeps" / "mini-seed3.yaml").write_text("name: mini-seed3\n")
+    monkeypatch.setattr(realisid.sweep, "EXPERIMENTS_DIR", str(tmp_path))
+    with pytest.raises(ConfigError, match="make sweep SWEEP=mini-seed3"):  # a sweep file of that name: never mixed
+        replicate(load_sweep(str(sweep)), 3)
+
+
+def test_a_sweep_baseline_must_be_one_of_its_runs(tmp_path):
+    from realisid.config import ConfigError
+    from realisid.sweep import load_sweep
+
+    sweep = tmp_path / "abl.yaml"
+    sweep.write_text("name: abl\nout_dir: x\nbaseline: jiont\nruns:\n  joint: {exp: joint}\n  no_up: {exp: joint}\n")
+    with pytest.raises(ConfigError, match="baseline: 'jiont' .* is not one of its runs \\(joint, no_up\\)"):
+        load_sweep(str(sweep))
+    assert load_sweep("ablations").baseline == "joint"
+
+
 def test_a_sweep_precomputes_again_when_its_cache_was_made_for_other_models(face_shards, eval_standin, tmp_path, monkeypatch):
     """A new `make pretrain` (or a checkout that rewrote the models) leaves the sweep's cache stale: the sweep must
     rebuild it instead of training every run into a "made for another setup" error; a current cache is reused."""

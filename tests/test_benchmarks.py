@@ -145,3 +145,26 @@ def test_compare_benches_gives_the_sweeps_claims_and_needs_a_setting_when_a_fold
         mod.compare({"joint": (str(two), "nope"), "global_only": runs["global_only"]}, "global_only")
     with pytest.raises(SystemExit, match="has no calibrated.csv"):
         mod.parse_run(f"x={tmp_path}")
+
+
+def test_compare_benches_pools_training_seeds():
+    """NAME=DIR+DIR2: two seeds of the long sweep. The pooled difference is the mean of the seeds' own differences
+    (their sweeps' claims.json), and each seed's own difference is listed under it."""
+    import json
+
+    mod = _load_script("compare_benches")
+    folders = [os.path.join(ROOT, "benchmarks", "results", s) for s in ("sweep-long", "sweep-long-seed1")]
+    runs = dict(mod.parse_run(f"{n}=" + "+".join(os.path.join(f, n) for f in folders)) for n in ("global_only", "joint"))
+    assert runs["joint"] == [(os.path.join(f, "joint"), None) for f in folders]
+    table, claims = mod.compare(runs, "global_only")
+    own = [json.load(open(os.path.join(f, "claims.json")))["joint - global_only"] for f in folders]
+    for b in ("tiny", "small", "medium", "large", "all"):
+        value, lo, hi = claims["joint - global_only"][b]
+        assert value == pytest.approx((own[0][b][0] + own[1][b][0]) / 2, abs=1e-9), b
+        assert lo <= value <= hi, b
+    from realisid.metrics.calibrated import fmt
+
+    assert f"| &nbsp; sweep-long-seed1 only | {fmt(tuple(own[1]['tiny']))} |" in table
+    assert "| joint (sweep-long) |" in table and "replicates pooled" in table
+    with pytest.raises(SystemExit, match="empty folder"):
+        mod.parse_run(f"joint={folders[0]}/joint+")

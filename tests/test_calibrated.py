@@ -103,3 +103,22 @@ def test_paired_difference_on_shared_cases():
     assert diff["large"][0] == pytest.approx(0.0)
     with pytest.raises(ValueError, match="share no benchmark case"):
         paired_difference(better, [{**base[0], "size_px": 999}], BINS)
+
+
+def test_paired_difference_pools_replicates_and_their_spread_widens_the_interval():
+    """Two training seeds of a run: one beats the baseline by 0.2 in tiny, the other not at all. Pooled, the
+    difference is their mean and the interval spans both seeds (identity resampling alone would be a point:
+    every identity moves by the same amount)."""
+    base = [{"size_px": s, "people": 1, "ref": r, "person": 0, "prompt": 0, "identity": f"id{r}", "bin": "tiny" if s < 64 else "large",
+             "margin": 0.1 * r} for s in (24, 128) for r in range(6)]
+    seed_a = [{**row, "margin": row["margin"] + (0.2 if row["bin"] == "tiny" else 0.0)} for row in base]
+    seed_b = [dict(row) for row in base]
+    assert paired_difference([seed_a], [base], BINS, n_boot=300) == paired_difference(seed_a, base, BINS, n_boot=300)
+    one = paired_difference(seed_a, base, BINS, n_boot=300)["tiny"]
+    assert one == pytest.approx((0.2, 0.2, 0.2))
+    value, lo, hi = paired_difference([seed_a, seed_b], [base, base], BINS, n_boot=2000)["tiny"]
+    assert value == pytest.approx(0.1) and lo == pytest.approx(0.0) and hi == pytest.approx(0.2)
+    assert paired_difference([seed_a, seed_b], [base], BINS)["large"][:3] == pytest.approx((0.0, 0.0, 0.0))
+    # a case one replicate lacks is left out of every replicate
+    partial = [r for r in seed_b if not (r["bin"] == "tiny" and r["ref"] == 5)]
+    assert paired_difference([seed_a, partial], [base], BINS, n_boot=50)["tiny"][0] == pytest.approx(0.1)

@@ -49,7 +49,7 @@ def cmd_sweep(args) -> int:
     from realisid.interrupts import INTERRUPTED_EXIT
 
     try:
-        res = run_sweep(args.sweep, args.overrides)
+        res = run_sweep(args.sweep, args.overrides, seed=args.seed)
     except KeyboardInterrupt as stop:  # a run saved its last.ckpt; finished runs keep their DONE marker
         sys.stderr.write(f"realisid sweep: interrupted: {stop or 'Ctrl-C'}\n")
         return INTERRUPTED_EXIT
@@ -92,6 +92,8 @@ def add_sweep_parser(sub) -> None:
     sw = sub.add_parser("sweep", help="ablation sweep from experiments/sweeps/<SWEEP>.yaml: train + bench each run, one combined table")
     sw.add_argument("sweep", help="sweep name under experiments/sweeps/ or a YAML path")
     sw.add_argument("overrides", nargs="*", help="overrides applied to every run")
+    sw.add_argument("--seed", type=int, default=None, help="replicate the sweep with experiment.seed=N: runs in "
+                    "runs/sweeps/<sweep>-seed<N>, results in <out_dir>-seed<N>, the same benchmark cases")
     sw.set_defaults(func=cmd_sweep)
 
 

@@ -116,32 +116,54 @@ def fmt(v: Sequence[float], digits: int = 3) -> str:
     return f"{x:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
-def paired_difference(a: Sequence[Mapping[str, Any]], b: Sequence[Mapping[str, Any]], bins: Sequence[str], *,
+def paired_difference(a: Sequence[Any], b: Sequence[Any], bins: Sequence[str], *,
                       key: Sequence[str] = ("size_px", "people", "ref", "person", "prompt"), quantity: str = "margin",
                       n_boot: int = 2000, seed: int = 0, alpha: float = 0.05) -> dict[str, tuple[float, float, float]]:
     """``quantity`` of run ``a`` minus run ``b`` per bin, on the cases both generated (same reference, box and seed),
-    with a 95% interval that resamples identities. Returns ``{bin: (difference, lo, hi)}``."""
-    def index(rows):
-        return {tuple(r[k] for k in key): r for r in rows}
+    with a 95% interval that resamples identities. Returns ``{bin: (difference, lo, hi)}``.
 
-    ia, ib = index(a), index(b)
-    common = sorted(set(ia) & set(ib), key=str)
+    ``a`` and ``b`` are each one run's benchmark rows, or a list of such row lists: replicates of the run (trained
+    with other seeds, benchmarked on the same cases). Then the difference is that of the replicate means on the
+    cases every replicate generated, and each bootstrap draw resamples each run's replicates (with replacement) as
+    well as the identities, so the interval carries training noise too. With two or three replicates it still
+    understates that noise (a bootstrap over k values sees only k of them): read it beside each replicate's own
+    difference."""
+    reps_a, reps_b = _replicates(a), _replicates(b)
+    indexed = [{tuple(r[k] for k in key): r for r in rows} for rows in reps_a + reps_b]
+    common = sorted(set.intersection(*(set(ix) for ix in indexed)), key=str)
     if not common:
-        raise ValueError("the two runs share no benchmark case; benchmark them with the same bench settings")
+        raise ValueError("the runs share no benchmark case; benchmark them with the same bench settings")
     rng = np.random.default_rng(seed)
     out = {}
     for bn in list(bins) + ["all"]:
-        groups: dict[str, list[float]] = defaultdict(list)
-        for k in common:
-            if bn == "all" or ia[k]["bin"] == bn:
-                groups[str(ia[k]["identity"])].append(float(ia[k][quantity]) - float(ib[k][quantity]))
-        if not groups:
+        cases = [c for c in common if bn == "all" or indexed[0][c]["bin"] == bn]
+        if not cases:
             continue
-        names = sorted(groups)
-        sums = np.array([sum(groups[n]) for n in names])
-        counts = np.array([len(groups[n]) for n in names], np.float64)
-        value = float(sums.sum() / counts.sum())
+        names = sorted({str(indexed[0][c]["identity"]) for c in cases})
+        slot = {n: i for i, n in enumerate(names)}
+        sums = np.zeros((len(indexed), len(names)))       # per replicate and identity, the summed quantity
+        counts = np.zeros(len(names))
+        for c in cases:
+            j = slot[str(indexed[0][c]["identity"])]
+            counts[j] += 1
+            for r, ix in enumerate(indexed):
+                sums[r, j] += float(ix[c][quantity])
+        sa, sb = sums[:len(reps_a)], sums[len(reps_a):]
+        diff = sa.mean(0) - sb.mean(0)
         pick = rng.integers(0, len(names), size=(n_boot, len(names)))
-        boot = sums[pick].sum(1) / counts[pick].sum(1)
-        out[bn] = (value, *_interval(boot, alpha))
+        if len(reps_a) == len(reps_b) == 1:
+            boot = diff[pick].sum(1) / counts[pick].sum(1)
+        else:
+            ra = rng.integers(0, len(reps_a), size=(n_boot, len(reps_a)))
+            rb = rng.integers(0, len(reps_b), size=(n_boot, len(reps_b)))
+            per_identity = sa[ra].mean(1) - sb[rb].mean(1)   # (n_boot, identities)
+            boot = np.take_along_axis(per_identity, pick, 1).sum(1) / counts[pick].sum(1)
+        out[bn] = (float(diff.sum() / counts.sum()), *_interval(boot, alpha))
     return out
+
+
+def _replicates(run: Sequence[Any]) -> list[Sequence[Mapping[str, Any]]]:
+    """One run's rows as a one-replicate list; a list of row lists as it is."""
+    if not run:
+        raise ValueError("a run with no benchmark rows; give a finished benchmark")
+    return [run] if isinstance(run[0], Mapping) else list(run)
