@@ -72,7 +72,7 @@ def load_sweep(name: str):
 def replicate(sw, seed: int):
     """The sweep ``sw`` trained with ``experiment.seed=seed``: renamed ``<name>-seed<seed>``, its results in
     ``<out_dir>-seed<seed>``, each ``continue:`` pointing at the source sweep's replicate of the same seed."""
-    if any(str(o).split("=", 1)[0].strip() == "experiment.seed" for o in sw.get("train", [])):
+    if any(sets_seed(o) for o in sw.get("train", [])):
         raise ConfigError(f"sweep '{sw.name}' sets experiment.seed in its train overrides already; seed={seed} replicates "
                           "a sweep that does not (e.g. make sweep SWEEP=branches SEED=2)")
     named = os.path.join(EXPERIMENTS_DIR, "sweeps", f"{sw.name}-seed{seed}.yaml")
@@ -87,6 +87,11 @@ def replicate(sw, seed: int):
             source, run = continued_run(spec)
             spec["continue"] = f"{source}-seed{seed}/{run}"
     return out
+
+
+def sets_seed(override) -> bool:
+    """Whether a ``key=value`` override sets the training seed."""
+    return str(override).split("=", 1)[0].strip() == "experiment.seed"
 
 
 def continued_run(spec) -> list[str]:
@@ -166,6 +171,10 @@ def calibrated_from_csv(rows: list[dict]) -> dict[str, dict]:
 
 def run_sweep(name: str, extra_overrides=(), seed: int | None = None) -> dict:
     sw = load_sweep(name)
+    if any(sets_seed(o) for o in extra_overrides):
+        raise ConfigError(f"experiment.seed given as an override of sweep '{sw.name}': its runs would share the folders "
+                          f"of the sweep's own seed (finished runs skipped, the rest mixed); replicate it with "
+                          f"`make sweep SWEEP={name} SEED=N` instead")
     if seed is not None:
         sw = replicate(sw, seed)
     out_dir = str(sw.out_dir)

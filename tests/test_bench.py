@@ -179,6 +179,8 @@ runs:
     assert main(["sweep", str(sweep), "--seed", "3"]) == INTERRUPTED_EXIT
     cfg, where = trained[0]
     assert cfg.experiment.seed == 3 and where["run_dir"] == os.path.join(str(tmp_path), "runs", "sweeps", "mini-seed3", "local_only")
+    with pytest.raises(ConfigError, match="SEED=N"):  # a seed override would share the seed-0 folders
+        realisid.sweep.run_sweep(str(sweep), ["experiment.seed=3"])
     seeded = tmp_path / "seeded.yaml"
     seeded.write_text(sweep.read_text().replace("name: mini", "name: seeded").replace("train: [", "train: [experiment.seed=1, "))
     with pytest.raises(ConfigError, match="sets experiment.seed in its train overrides already"):
