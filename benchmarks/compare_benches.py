@@ -12,7 +12,8 @@ identities, as the sweep's claims.json does. Writes a markdown table (stdout, an
 ``NAME=DIR+DIR2`` pools replicates of one run: the same sweep trained with other seeds (``make sweep SWEEP=branches
 SEED=2`` writes ``sweep-branches-seed2/<run>``). The pooled difference is that of the replicate means, its interval
 resamples each run's replicates as well as the identities (training noise included), and each replicate pair's own
-difference is listed below it (pairs in the order given) so the spread between seeds is in sight.
+difference is listed below it (when both give as many replicates; pairs in the order given) so the spread
+between seeds is in sight. A folder name may not contain "+".
 """
 from __future__ import annotations
 
