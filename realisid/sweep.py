@@ -11,8 +11,8 @@ runs and resumes interrupted ones.
 A run may continue another sweep's finished run instead of starting from scratch: ``continue: branches/joint``
 copies ``runs/sweeps/branches/joint/checkpoints/last.ckpt`` into the new run and trains on from its step to this
 sweep's ``trainer.max_steps``. The two configs must agree on everything but the step count, checkpointing,
-sampling, validation, evaluation and benchmark settings (:data:`CONTINUE_MAY_DIFFER`); anything else is refused
-with the differing keys.
+sampling, validation, evaluation and benchmark settings and the EMA (:data:`CONTINUE_MAY_DIFFER`; an EMA switched on
+for the continuation starts averaging from the continued weights); anything else is refused with the differing keys.
 
 A sweep is replicated with another training seed by ``--seed N`` (``make sweep SWEEP=branches SEED=2``): every run
 trains with ``experiment.seed=N`` into ``runs/sweeps/<sweep>-seed<N>/``, results go to ``<out_dir>-seed<N>``,
@@ -42,9 +42,11 @@ from realisid.train import resume_config, run_result, train
 log = logging.getLogger(__name__)
 SWEEP_KEYS = {"name", "out_dir", "train", "bench", "runs", "precompute", "baseline"}
 RUN_KEYS = {"exp", "overrides", "continue"}
-# what a continued run may change from the run it continues (prefixes of dotted config keys)
+# what a continued run may change from the run it continues (prefixes of dotted config keys). The EMA of the
+# branch weights is among them: it is a shadow copy that never feeds back into training (the live weights follow the
+# same steps with or without it), and only what is validated, exported and benchmarked changes
 CONTINUE_MAY_DIFFER = ("trainer.max_steps", "trainer.val_check_interval", "trainer.checkpoint_every_n_steps", "sampling.",
-                       "bench.", "evaluation.", "validation.")
+                       "bench.", "evaluation.", "validation.", "efficiency.ema.")
 
 
 def load_sweep(name: str):
@@ -83,9 +85,9 @@ def replicate(sw, seed: int):
     out.name, out.out_dir = f"{sw.name}-seed{seed}", f"{sw.out_dir}-seed{seed}"
     out.train = list(sw.get("train", [])) + [f"experiment.seed={seed}"]
     for spec in out.runs.values():
-        if continued_run(spec):
-            source, run = continued_run(spec)
-            spec["continue"] = f"{source}-seed{seed}/{run}"
+        parts = continued_run(spec)
+        if parts:
+            spec["continue"] = f"{parts[0]}-seed{seed}/{parts[1]}"
     return out
 
 

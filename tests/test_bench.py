@@ -114,6 +114,19 @@ runs:
     continued = tmp_path / "runs" / "sweeps" / "more" / "local_only"
     assert run_result(str(continued))["global_step"] == 4 and (continued / "DONE").exists()
     assert "| local_only | 4 | " in open(res["table"]).read()
+    # the same continuation with an EMA switched on: allowed, the live weights take the same steps (the average is a
+    # shadow that never feeds back), and the checkpoint carries an average that started at the continued step
+    import torch
+
+    run_sweep(more("ema", "  local_only: {exp: local_branch, continue: mini/local_only, overrides: [efficiency.ema.enabled=true]}\n"))
+    plain, ema = (torch.load(tmp_path / "runs" / "sweeps" / s / "local_only" / "checkpoints" / "last.ckpt", map_location="cpu",
+                             weights_only=False) for s in ("more", "ema"))
+    assert "realisid_ema" not in plain and ema["realisid_ema"]["updates"] == 2
+    assert plain["state_dict"].keys() == ema["state_dict"].keys()
+    for k, v in plain["state_dict"].items():
+        torch.testing.assert_close(ema["state_dict"][k], v, rtol=0, atol=0, msg=k)
+    assert any(not torch.equal(ema["realisid_ema"]["shadow"][k], v) for k, v in ema["state_dict"].items()
+               if k in ema["realisid_ema"]["shadow"])
     with pytest.raises(ConfigError, match=r"model\.local\.upsample: True -> False"):  # not the same model: refused, nothing written
         run_sweep(more("changed", "  x: {exp: local_branch, overrides: [model.local.upsample=false], continue: mini/local_only}\n"))
     assert not (tmp_path / "runs" / "sweeps" / "changed" / "x" / "checkpoints").exists()
