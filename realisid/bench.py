@@ -273,14 +273,28 @@ def markdown(summary: Sequence[dict], bins_rows: Sequence[dict], calibrated: Map
     return "\n".join(lines) + "\n"
 
 
+def bench_settings(settings_cfg, only: str | Sequence[str] | None = None) -> dict[str, dict]:
+    """``bench.settings`` as {name: sampling flags} (keys starting with ``_`` are schema marks), or only the names in
+    ``only`` (a list, or one comma-separated string such as ``"joint,global_only"``), in the order given."""
+    from omegaconf import OmegaConf
+
+    have = {k: dict(v) for k, v in OmegaConf.to_container(settings_cfg).items() if not k.startswith("_")}
+    if only is None:
+        return have
+    names = [n.strip() for n in (only.split(",") if isinstance(only, str) else only) if n.strip()]
+    unknown = [n for n in names if n not in have]
+    if unknown or not names:
+        raise ValueError(f"bench setting(s) {unknown or only!r} not in bench.settings ({', '.join(have)}); pick from those, "
+                         "or add one with an override such as 'bench.settings.id3={guidance_id: 3.0}'")
+    return {n: have[n] for n in names}
+
+
 def run_bench(cfg, run_dir: str, out_dir: str, *, settings: Mapping[str, Mapping[str, Any]] | None = None,
               progress: bool = True, device: str | None = None, dtype: str | None = None) -> dict:
     """Benchmark ``run_dir``'s export with ``cfg.bench``; returns the paths written, the summary and the calibrated table.
 
     ``device`` / ``dtype``: where sampling runs (default: cuda when available, fp16 frozen parts there); the
     face analyzer and the evaluation encoder run where they run (CPU for ONNX models)."""
-    from omegaconf import OmegaConf
-
     os.makedirs(out_dir, exist_ok=True)
     pipe = RealisIDPipeline.from_export(os.path.join(run_dir, "export"), device=device, dtype=dtype)
     b = cfg.bench
@@ -293,7 +307,7 @@ def run_bench(cfg, run_dir: str, out_dir: str, *, settings: Mapping[str, Mapping
     if len(refs) < 2:
         raise ValueError(f"the benchmark needs references of at least 2 held-out identities (sim_other); data.val_shards has {len(refs)}")
     cases, skipped = build_cases(b, refs, int(cfg.data.resolution))
-    settings = settings or {k: dict(v) for k, v in OmegaConf.to_container(b.settings).items() if not k.startswith("_")}
+    settings = settings or bench_settings(b.settings)
     # a setting runs only if the run has every branch it explicitly switches on (a local-only run has no "joint");
     # a setting that names no branch uses whatever the run trained
     settings = {k: v for k, v in settings.items()

@@ -268,3 +268,23 @@ def test_reference_offset_chooses_other_identities_and_the_largest_face_of_each(
     assert [r["identity"] for r in reference_faces(examples, 2, 32, offset=3)] == ["id3"]  # fewer left: a warning, not a crash
     with pytest.raises(ValueError, match="reference_offset=-1"):
         reference_faces(examples, 2, 32, offset=-1)
+
+
+def test_bench_only_runs_the_named_settings_and_names_the_choices(monkeypatch, capsys):
+    """`realisid bench --only` picks settings of bench.settings (one added by an override included); an unknown name
+    fails before anything trains or samples, listing the settings there are."""
+    import realisid.bench
+    from realisid.bench import bench_settings
+    from realisid.cli import main
+    from realisid.config import load_config
+
+    cfg = load_config("joint", ["bench.settings.id3={guidance_id: 3.0}"])
+    assert set(bench_settings(cfg.bench.settings)) == {"joint", "local_only", "global_only", "id3"}
+    assert list(bench_settings(cfg.bench.settings, "id3, joint")) == ["id3", "joint"]
+    assert bench_settings(cfg.bench.settings, ["id3"]) == {"id3": {"guidance_id": 3.0}}
+    with pytest.raises(ValueError, match="nope.*joint, local_only, global_only"):
+        bench_settings(cfg.bench.settings, "joint,nope")
+    called = []
+    monkeypatch.setattr(realisid.bench, "run_bench", lambda *a, **k: called.append(k) or {"plots": []})
+    assert main(["bench", "joint", "--only", "nope", "--run", "runs/none"]) == 2
+    assert "local_only" in capsys.readouterr().err and called == []

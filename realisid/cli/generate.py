@@ -92,10 +92,11 @@ def write_panel(references: list[str], sample, path: str) -> str:
 def cmd_bench(args) -> int:
     import datetime as _dt
 
-    from realisid.bench import newest_run, run_bench
+    from realisid.bench import bench_settings, newest_run, run_bench
     from realisid.config import load_config
 
     cfg = load_config(args.exp, args.overrides)
+    settings = bench_settings(cfg.bench.settings, args.only) if args.only else None  # a bad name fails before any training
     run = args.run or newest_run(cfg.experiment.runs_dir, cfg.experiment.name)
     if run is None:
         if not cfg.prepare.enabled:
@@ -105,7 +106,7 @@ def cmd_bench(args) -> int:
         log.info("no finished %s run yet: training one on the embedded default first", args.exp)
         run = train(cfg)["run_dir"]
     out = args.out or os.path.join("benchmarks", "results", f"{_dt.date.today().isoformat()}-{cfg.experiment.name}")
-    res = run_bench(cfg, run, out, device=args.device, dtype=args.dtype)
+    res = run_bench(cfg, run, out, settings=settings, device=args.device, dtype=args.dtype)
     sys.stdout.write(open(os.path.join(out, "table.md")).read())
     sys.stdout.write(f"\nwritten: {out}/ (results.csv, summary.csv, bins.csv, table.md, {', '.join(os.path.basename(p) for p in res['plots'])})\n")
     return 0
@@ -156,5 +157,7 @@ def add_bench_parser(sub) -> None:
     b.add_argument("overrides", nargs="*")
     b.add_argument("--run", default=None, help="run directory to benchmark (default: the newest finished run of EXP; trains one if none)")
     b.add_argument("--out", default=None, help="output folder (default: benchmarks/results/<date>-<exp>)")
+    b.add_argument("--only", default=None, metavar="SETTINGS",
+                   help="comma-separated names from bench.settings to run (default: all that fit the run), e.g. --only joint")
     _device_args(b)
     b.set_defaults(func=cmd_bench)
