@@ -112,3 +112,24 @@ def test_reference_members_round_trip_and_bad_ones_are_named(tmp_path):
     good["ref_kps"] = ref_kps.tolist()  # the frame of ref_kps is read from ref.jpg's header, even when it is not decoded
     with pytest.raises(SampleError, match="corrupt_image: unreadable image header"):
         decode_sample(_sample(json=json.dumps(good).encode(), **{"ref.jpg": b"not a jpeg"}), with_ref=False)
+
+
+def test_abort_removes_the_tmp_shard_even_when_the_interrupt_lands_inside_its_opening(tmp_path):
+    """SIGTERM becomes a KeyboardInterrupt anywhere in the main thread, also after TarWriter created the .tar.tmp but
+    before the writer was assigned; abort() must still remove it and keep the finished shard."""
+    w = FaceShardWriter(str(tmp_path), "x", face_model="t", maxcount=1)
+    meta = face_meta((64, 64), (10, 10, 30, 30), np.full((5, 2), 20.0), det_score=1, identity=None, caption="", source="t")
+    w.write("a", Image.new("RGB", (64, 64)), meta)  # shard 0 finished
+    real = w._wds.TarWriter
+
+    class Interrupted:
+        def __init__(self, path, **kw):
+            real(path, **kw)  # the file now exists
+            raise KeyboardInterrupt
+
+    w._wds = type("wds", (), {"TarWriter": Interrupted})
+    with pytest.raises(KeyboardInterrupt):
+        w.write("b", Image.new("RGB", (64, 64)), meta)
+    assert (tmp_path / "x-000001.tar.tmp").exists()
+    w.abort()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x-000000.tar"]

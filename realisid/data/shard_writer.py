@@ -130,17 +130,22 @@ class FaceShardWriter:
             self._finish()
 
     def abort(self) -> None:
-        """Close and delete an interrupted run's open ``.tar.tmp`` without finishing it; finished shards stay as they are."""
+        """Close and delete an interrupted run's open ``.tar.tmp`` without finishing it; finished shards stay as they are.
+
+        The file is removed whether or not its writer was ever assigned: an interrupt inside ``TarWriter(...)`` (the
+        file created, the constructor not yet returned) leaves ``_tmp`` set and ``_writer`` None."""
         if self._writer is not None:
             try:
                 self._writer.close()
-            except Exception:  # best effort: the .tmp file is removed by the next run anyway
+            except Exception:  # best effort: the .tmp file is removed below
                 log.debug("closing %s failed", self._tmp, exc_info=True)
             self._writer = None
+        if self._tmp is not None:
             try:  # the unfinished shard is redone by the next run (the journal lists finished shards only)
                 os.remove(self._tmp)
-            except OSError:
+            except OSError:  # never created, or renamed into a finished shard already
                 pass
+            self._tmp = None
 
     def reject(self, reason: str) -> None:
         self.manifest.rejected[reason] += 1
