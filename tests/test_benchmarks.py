@@ -168,3 +168,43 @@ def test_compare_benches_pools_training_seeds():
     assert "| joint (sweep-long) |" in table and "replicates pooled" in table
     with pytest.raises(SystemExit, match="empty folder"):
         mod.parse_run(f"joint={folders[0]}/joint+")
+
+
+def test_vae_decoder_training_leaves_the_encoder_and_so_every_latent_alone(tmp_path):
+    """benchmarks/vae_probe.py's 'decoder' mode: train_vae(parts='decoder') moves the decoder only, so the latents a
+    UNet learned from stay exactly as they were; the probe summary lists each probe with its command."""
+    import torch
+
+    from realisid.embedded.base import ImageSet, train_vae
+    from realisid.models.backbone import build_tiny_backbone
+    from realisid.config import load_config
+
+    vae = build_tiny_backbone(load_config("base", RANDOM_TINY).model.tiny, seed=0).vae
+    n = 4
+    g = torch.Generator().manual_seed(0)
+    data = ImageSet(torch.randint(0, 255, (n, 3, 64, 64), dtype=torch.uint8, generator=g), [""] * n, [""] * n, list("abcd"),
+                    torch.tensor([[20.0, 20.0, 40.0, 40.0]] * n), torch.zeros(n, 5, 2), list("abcd"))
+    enc = {k: v.clone() for k, v in vae.encoder.state_dict().items()}
+    dec = {k: v.clone() for k, v in vae.decoder.state_dict().items()}
+    stats = train_vae(vae, data, steps=2, batch_size=2, lr=1e-2, crop=32, kl_weight=1e-6, generator=g, parts="decoder")
+    assert stats["parts"] == "decoder"
+    assert all(torch.equal(enc[k], v) for k, v in vae.encoder.state_dict().items())
+    assert any(not torch.equal(dec[k], v) for k, v in vae.decoder.state_dict().items())
+    train_vae(vae, data, steps=1, batch_size=2, lr=1e-2, crop=32, kl_weight=1e-6, generator=g)
+    assert any(not torch.equal(enc[k], v) for k, v in vae.encoder.state_dict().items())
+    with pytest.raises(ValueError, match="parts='encoder'"):
+        train_vae(vae, data, steps=1, batch_size=2, lr=1e-2, crop=32, kl_weight=1e-6, generator=g, parts="encoder")
+
+    mod = _load_script("vae_probe")
+    for name, mode, after in (("shipped", "shipped", None), ("decoder", "decoder", 0.02)):
+        (tmp_path / name).mkdir()
+        rec = {"mode": mode, "vae_block_out_channels": [16, 32], "latent_channels": 16, "parameters": 970000, "held_out_photos": 256,
+               "mse_before": {"image": 0.002, "face": 0.03}, "machine": "m", "date": "d", "command": f"python benchmarks/vae_probe.py {mode}"}
+        if after:
+            rec.update(vae_steps=10, seconds_per_step=0.2, mse_after={"image": 0.001, "face": after})
+        (tmp_path / name / "results.json").write_text(json.dumps(rec))
+    table = open(mod.write_summary(str(tmp_path))).read()
+    assert "| shipped | [16, 32] x 16 latent | 0.97 M | 0 | - | 0.0300 -> 0.0300 |" in table
+    assert "| decoder | [16, 32] x 16 latent | 0.97 M | 10 | 0.2 | 0.0300 -> 0.0200 | 0.00200 -> 0.00100 |" in table
+    with pytest.raises(SystemExit):
+        mod.main([])  # neither a mode nor --summary

@@ -179,3 +179,24 @@ def test_ceiling_through_the_vae_splits_the_autoencoders_share_from_the_generati
     assert untrained["all"]["found_rate"][0] < 0.2 and untrained["all"]["margin"][0] < 0.1, untrained["all"]
     with pytest.raises(ValueError, match="3 images to score for 160 held-out photos"):
         _ceiling(cfg, analyzer, val, bins, images=val.images[:3])
+
+
+def test_round_trip_picture_shows_photos_per_bin_largest_first(tmp_path):
+    """check-embedded's VAE round-trip picture: the first photos of each face-size bin, large to tiny, photos above
+    and their round trip below."""
+    from PIL import Image
+
+    from realisid.embedded.base import ImageSet
+    from realisid.embedded.check import photos_per_bin, save_round_trip
+    from realisid.geometry import DEFAULT_BINS
+
+    sides = [10, 40, 10, 18, 70, 25, 10, 45]  # at 128 px: tiny < 16, small < 21.3, medium < 32, large
+    boxes = torch.tensor([[0.0, 0.0, float(s), float(s)] for s in sides])
+    n = len(sides)
+    images = torch.arange(n, dtype=torch.uint8)[:, None, None, None].expand(n, 3, 128, 128).clone()
+    val = ImageSet(images, [""] * n, [""] * n, [str(i) for i in range(n)], boxes, torch.zeros(n, 5, 2), ["a"] * n)
+    assert photos_per_bin(val, DEFAULT_BINS, per_bin=2) == [1, 4, 5, 3, 0, 2]
+    path = save_round_trip(images[:3], 255 - images[:3], str(tmp_path / "rt.png"))
+    im = Image.open(path)
+    assert im.size == (3 * 130 + 2, 2 * 130 + 2)
+    assert im.getpixel((2 + 130 + 5, 2 + 5))[0] == 1 and im.getpixel((2 + 130 + 5, 2 + 130 + 5))[0] == 254

@@ -28,32 +28,54 @@ def test_pretrain_then_train_on_the_prepared_default(tmp_path):
     from realisid.embedded.pretrain import pretrain
 
     overrides, assets = _shrunk(tmp_path)
-    rec = pretrain(load_config("base", overrides))
+    rec = pretrain(load_config("base", overrides + ["pretrain.unet_more.steps=0"]))  # phase 4 below, from what shipped
     for name in ("tiny-sd/unet", "tiny-sd/vae", "tiny-sd/text_encoder", "tiny-sd/tokenizer", "standin-arcface", "standin-arcface-eval",
                  "synthetic-face-analyzer"):
         assert (assets / name).is_dir(), name
     assert (assets / "base_samples.png").exists()
     assert pretrained_record(str(assets)) == json.loads(json.dumps(rec))
-    assert set(rec["stages"]) == {"vae", "unet", "unet_refine", "unet_heads", "unet_more", "standin-arcface", "standin-arcface-eval",
-                                  "synthetic-face-analyzer"}
+    stages = {"vae", "unet", "unet_refine", "unet_heads", "standin-arcface", "standin-arcface-eval", "synthetic-face-analyzer"}
+    assert set(rec["stages"]) == stages
     assert rec["stages"]["unet_refine"]["timestep_shift"] == 3.0 and rec["stages"]["unet_refine"]["unet_steps"] == 2
     assert rec["stages"]["unet_heads"]["face_weight"] == 4.0 and "face_weight" not in rec["stages"]["unet_refine"]
     # what ships is the last phase's UNet; each phase started from the previous one's weights and moved away from them
     from safetensors.torch import load_file
 
-    shipped, phase1, refined, heads, more = (load_file(str(d / "unet" / "diffusion_pytorch_model.safetensors"))
-                                             for d in (assets / "tiny-sd", *(tmp_path / "work" / n for n in
-                                                                             ("tiny-sd", "tiny-sd-refined", "tiny-sd-heads", "tiny-sd-more"))))
-    assert all(torch.equal(shipped[k], more[k]) for k in more)
+    def weights(folder, part="unet"):
+        name = "diffusion_pytorch_model.safetensors"
+        return load_file(str(folder / part / name))
+
+    shipped, phase1, refined, heads = (weights(d) for d in (assets / "tiny-sd", *(tmp_path / "work" / n for n in
+                                                                                  ("tiny-sd", "tiny-sd-refined", "tiny-sd-heads"))))
+    assert all(torch.equal(shipped[k], heads[k]) for k in heads)
     assert any(not torch.equal(phase1[k], refined[k]) for k in refined)
     assert any(not torch.equal(refined[k], heads[k]) for k in heads)
-    assert any(not torch.equal(heads[k], more[k]) for k in more)
+
+    # phase 4 from the shipped models in a fresh work folder: every shipped stage is taken over, only unet_more trains
+    more_out, work2 = tmp_path / "assets-more", tmp_path / "work-more"
+    cont_overrides = overrides + [f"pretrain.from_shipped={assets}", f"pretrain.work_dir={work2}", f"pretrain.out_dir={more_out}"]
+    cont = pretrain(load_config("base", cont_overrides))
+    assert set(cont["stages"]) == stages | {"unet_more"}
+    assert all(cont["stages"][k].get("seeded_from") == str(assets) for k in stages)
+    assert "seeded_from" not in cont["stages"]["unet_more"] and cont["stages"]["unet_more"]["unet_steps"] == 2
+    assert not (work2 / "tiny-sd" / "unet").exists() and not (work2 / "tiny-sd-refined" / "unet").exists()  # records only
+    assert (work2 / "vae" / "moments.pt").exists()
+    more = weights(more_out / "tiny-sd")
+    assert all(torch.equal(more[k], weights(work2 / "tiny-sd-more")[k]) for k in more)
+    assert any(not torch.equal(heads[k], more[k]) for k in more)  # it trained on from the shipped heads phase
+    vae_a, vae_b = weights(assets / "tiny-sd", "vae"), weights(more_out / "tiny-sd", "vae")
+    assert all(torch.equal(vae_a[k], vae_b[k]) for k in vae_a)
+    # a recipe that differs from the shipped one, or a folder without a record, is refused before anything trains
+    with pytest.raises(ValueError, match=r"pretrain.unet_heads differs .*lr: shipped 0.0003, here 0.5"):
+        pretrain(load_config("base", cont_overrides + ["pretrain.unet_heads.lr=0.5", f"pretrain.work_dir={tmp_path / 'w3'}"]))
+    with pytest.raises(FileNotFoundError, match=r"from_shipped=.*nowhere: no PRETRAINED.json"):
+        pretrain(load_config("base", cont_overrides + [f"pretrain.from_shipped={tmp_path / 'nowhere'}"]))
     assert rec["base_check"]["samples"] == 2 and 0 <= rec["base_check"]["found"] <= 2
     acc = rec["stages"]["synthetic-face-analyzer"]["accuracy_held_out"]
     assert acc["all"]["n"] == 2 * 6 and 0.0 <= acc["all"]["recall"] <= 1.0
     assert rec["megabytes"] < 40
     # a second run finds every stage done and only rewrites the assets
-    again = pretrain(load_config("base", overrides))
+    again = pretrain(load_config("base", overrides + ["pretrain.unet_more.steps=0"]))
     assert json.dumps(again["stages"], sort_keys=True) == json.dumps(rec["stages"], sort_keys=True)  # NaN-safe
 
     from realisid.pipeline import Person, RealisIDPipeline

@@ -30,7 +30,7 @@ from realisid.embedded.stages import shard_urls, synthetic_shards
 from realisid.embedded.standin import load_standin
 from realisid.evaluation import Evaluator, to_uint8
 from realisid.faces import load_face_analyzer
-from realisid.geometry import bins_from_config, face_size
+from realisid.geometry import bins_from_config, face_size, scale_bin
 from realisid.images import identity_crop, signed_from_uint8, to_tensor
 from realisid.metrics.calibrated import calibrated_identity, fmt
 from realisid.models.backbone import load_backbone
@@ -55,6 +55,21 @@ def save_framed_grid(images: torch.Tensor, found: Sequence[bool], path: str, nro
         f[:, 2:-2, 2:-2] = im
         framed.append(f)
     save_image(make_grid(torch.stack(framed), nrow=min(nrow, len(framed)), padding=2, pad_value=1.0), path)
+    return path
+
+
+def photos_per_bin(val: B.ImageSet, bins: dict, per_bin: int = 3) -> list[int]:
+    """Indices of the first ``per_bin`` photos of ``val`` in each face-size bin, largest bin first."""
+    size = val.images.shape[-1]
+    names = [scale_bin(face_size(val.boxes[i].tolist(), size, size), bins) for i in range(len(val))]
+    return [i for b in reversed(list(bins)) for i in [k for k, n in enumerate(names) if n == b][:per_bin]]
+
+
+def save_round_trip(photos: torch.Tensor, through: torch.Tensor, path: str) -> str:
+    """uint8 ``photos`` on the top row and the same photos after an autoencoder (``through``) below them."""
+    from torchvision.utils import save_image
+
+    save_image(torch.cat([photos, through]).float() / 255, path, nrow=len(photos), padding=2, pad_value=1.0)
     return path
 
 
@@ -88,6 +103,8 @@ def check_embedded(cfg: DictConfig, out_dir: str, examples_dir: str | None = os.
     val_through_vae = B.vae_round_trip(bb, val.images)  # also scored for the identity ceiling below
     results["analyzer_held_out_through_vae"] = D.detector_accuracy(analyzer, val_through_vae, val.boxes, val.kps, bins)
     results["analyzer_negatives"] = D.negative_accuracy(analyzer, val.images, val.boxes, seed=seed)
+    shown = photos_per_bin(val, bins)
+    save_round_trip(val.images[shown], val_through_vae[shown], os.path.join(out_dir, "vae_round_trip.png"))
 
     # the encoders' verification on held-out identities (measured when they were trained)
     results["encoders"] = {}
@@ -129,6 +146,9 @@ def check_embedded(cfg: DictConfig, out_dir: str, examples_dir: str | None = os.
               "| bin | photos | found-rate | sim_ref | sim_other | margin |", "|---|---|---|---|---|---|"]
     for b, e in ceiling.items():
         lines.append(f"| {b} | {e['n']} | {fmt(e['found_rate'], 2)} | {e['sim_ref'][0]:.3f} | {e['sim_other'][0]:.3f} | {fmt(e['margin'])} |")
+    lines += ["", "Held-out photos (top, three per bin from large to tiny) and the same photos through the base VAE (below): every",
+              "face the base draws is decoded by this VAE, so what it blurs here no UNet can draw sharply.", "",
+              "![VAE round trip](vae_round_trip.png)"]
     lines += ["", "The same photos through the base VAE (encoded to the posterior mean and decoded; references still the real photos):",
               "the most a perfect UNet could reach with this autoencoder. Share = margin through the VAE / margin of the real photos.", "",
               "| bin | photos | found-rate | sim_ref | sim_other | margin | share of the real ceiling |", "|---|---|---|---|---|---|---|"]

@@ -8,7 +8,8 @@ Stages, each cached in ``pretrain.work_dir`` so an interrupted recipe resumes wh
    phases, each from the previous phase's EMA weights with a fresh optimizer and schedule: timesteps shifted
    toward high noise (``pretrain.unet_refine``), then a loss weighted toward the heads (``pretrain.unet_heads``), then
    optionally a longer run of the heads recipe (``pretrain.unet_more``, off by default: hours on a CPU, minutes on a GPU);
-   ``steps: 0`` skips a phase, and the last phase that ran is what ships;
+   ``steps: 0`` skips a phase, and the last phase that ran is what ships; ``pretrain.from_shipped`` takes the stages
+   that the shipped assets already hold (same recipe) as done, so a continuation starts from the shipped base;
 4. the two stand-in identity encoders (conditioning, and evaluation with another seed);
 5. the synthetic face analyzer (detector + 5 points), with its accuracy on held-out identities;
 6. the base check: samples from held-out captions, 30 DDIM steps, the analyzer counts the faces it finds.
@@ -64,6 +65,10 @@ def pretrain(cfg: DictConfig) -> dict:
     resolution = int(cfg.data.resolution)
     data = B.load_image_set(shard_urls(cfg, "train"), resolution)
     log.info("pretrain: %d training images at %d px, %d threads", len(data), resolution, threads)
+    if p.get("from_shipped"):
+        seeded = seed_from_shipped(cfg, str(p.from_shipped), work)
+        log.info("pretrain: stages %s taken from %s as they shipped", ", ".join(seeded) or "(none: all were already done)",
+                 p.from_shipped)
 
     # ---- 2. VAE
     bb = build_tiny_backbone(cfg.model.tiny, seed)
@@ -85,6 +90,8 @@ def pretrain(cfg: DictConfig) -> dict:
         from diffusers import AutoencoderKL
 
         bb.vae = AutoencoderKL.from_pretrained(vae_dir).eval().requires_grad_(False)
+        if not os.path.exists(os.path.join(vae_dir, "moments.pt")):  # a VAE taken as it shipped: encode the latents once
+            torch.save(B.encode_moments(bb.vae, data.images), os.path.join(vae_dir, "moments.pt"))
     record["stages"]["vae"] = stats
     moments = torch.load(os.path.join(vae_dir, "moments.pt"))
     log.info("pretrain: VAE reconstruction MSE %.4f (faces %.4f), latent scale %.3f", stats["recon_mse"]["image"],
@@ -95,7 +102,7 @@ def pretrain(cfg: DictConfig) -> dict:
     base_dir = os.path.join(work, "tiny-sd")
     record["stages"]["unet"] = _unet_stage(bb, moments, data, u, base_dir, seed=seed + 1, steps=int(u.steps), batch_size=int(u.batch_size),
                                            lr=float(u.lr), checkpoint=os.path.join(work, "unet-stage.pt"))
-    bb = load_pretrained_backbone(base_dir)  # what users load: the float16-stored UNet, read back as float32
+    bb = _phase_result(base_dir, bb)  # what users load: the float16-stored UNet, read back as float32
     for key, folder, stage_file, offset, what in CONTINUATIONS:
         r = p.get(key)
         if r is None or int(r.steps) <= 0:
@@ -104,7 +111,7 @@ def pretrain(cfg: DictConfig) -> dict:
         record["stages"][key] = _unet_stage(bb, moments, data, u, base_dir, seed=seed + offset, steps=int(r.steps), batch_size=int(r.batch_size),
                                             lr=float(r.lr), checkpoint=os.path.join(work, stage_file), timestep_shift=float(r.timestep_shift),
                                             face_weight=float(r.face_weight), what=what)
-        bb = load_pretrained_backbone(base_dir)
+        bb = _phase_result(base_dir, bb)
 
     # ---- 4. stand-in identity encoders
     train_urls, val_urls = shard_urls(cfg, "train"), shard_urls(cfg, "val")
@@ -115,8 +122,8 @@ def pretrain(cfg: DictConfig) -> dict:
         if stats is None:
             stats = _mark(d, train_standin(train_urls, val_urls, d, steps=int(st.steps), image_size=int(st.image_size),
                                            embed_dim=int(st.embed_dim), seed=s, num_threads=threads))
-        record["stages"][name] = {k: stats[k] for k in ("verification_accuracy", "auc", "mean_same_cos", "mean_diff_cos", "total_seconds")
-                                  if k in stats}
+        record["stages"][name] = {k: stats[k] for k in ("verification_accuracy", "auc", "mean_same_cos", "mean_diff_cos", "total_seconds",
+                                                                    "seeded_from") if k in stats}
 
     # ---- 5. synthetic face analyzer
     det_dir = os.path.join(work, "synthetic-face-analyzer")
@@ -189,6 +196,74 @@ def _unet_stage(bb, moments, data, u: DictConfig, out_dir: str, *, seed: int, st
     save_backbone(bb, out_dir, half_unet=True)
     _mark(out_dir, stats)
     return stats
+
+
+def _phase_result(base_dir: str, bb):
+    """The UNet phase's saved weights; a phase taken over from shipped assets that only shipped a later phase has a
+    record and no weights, and the later phase's folder holds them."""
+    if os.path.isdir(os.path.join(base_dir, "unet")):
+        return load_pretrained_backbone(base_dir)
+    return bb
+
+
+# pretrain.<key> sections that must match the shipped record for a stage to be taken over, per stage
+_SEEDED_RECIPE = {"vae": ("vae",), "unet": ("unet",), **{key: (key,) for key, *_ in CONTINUATIONS},
+                  "synthetic-face-analyzer": ("detector",)}
+
+
+def seed_from_shipped(cfg: DictConfig, source: str, work: str) -> list[str]:
+    """Mark the stages that the assets in ``source`` (a folder ``make pretrain`` wrote: ``realisid/assets/``) already
+    hold as done in ``work``, so that ``make pretrain`` only trains what comes after them, e.g. ``pretrain.unet_more``
+    from the shipped base instead of the whole 3.5 h recipe. A stage is taken over only when the shipped record's
+    recipe, architecture and synthetic data equal this config's; stages already done in ``work`` are left alone.
+    Returns the stages taken over."""
+    from realisid.embedded.assets import pretrained_record
+
+    rec = pretrained_record(source)
+    if rec is None:
+        raise FileNotFoundError(f"pretrain.from_shipped={source}: no {RECORD} there; give the folder `make pretrain` wrote "
+                                "(the package's realisid/assets/), or drop pretrain.from_shipped to train every stage")
+    p = cfg.pretrain
+    mine = {"architecture": OmegaConf.to_container(cfg.model.tiny, resolve=True),
+            "synthetic": OmegaConf.to_container(cfg.prepare.synthetic, resolve=True)}
+    for what, theirs in (("architecture", rec.get("architecture")), ("synthetic", (rec.get("synthetic") or {}).get("settings"))):
+        if theirs != mine[what]:
+            raise ValueError(f"pretrain.from_shipped={source}: its models were trained with other {what} settings "
+                             f"({_differences(theirs, mine[what])}); drop pretrain.from_shipped to train every stage for these settings")
+    shipped = [k for k in ("unet", *(c[0] for c in CONTINUATIONS)) if k in rec["stages"]]
+    last = shipped[-1]
+    folders = {"unet": "tiny-sd", **{key: folder for key, folder, *_ in CONTINUATIONS}}
+    taken: list[str] = []
+    for stage in ("vae", *shipped, "standin-arcface", "standin-arcface-eval", "synthetic-face-analyzer"):
+        for key in _SEEDED_RECIPE.get(stage, ()):
+            want = OmegaConf.to_container(p[key], resolve=True) if p.get(key) is not None else None
+            if rec["recipe"].get(key) != want:
+                raise ValueError(f"pretrain.from_shipped={source}: pretrain.{key} differs from the recipe the shipped stage "
+                                 f"'{stage}' was trained with ({_differences(rec['recipe'].get(key), want)}); set it back, or drop "
+                                 "pretrain.from_shipped to train that stage again")
+        dst = os.path.join(work, "vae" if stage == "vae" else folders.get(stage, stage))
+        if _stage_done(dst) is not None:
+            continue
+        src = {"vae": os.path.join(source, "tiny-sd", "vae"), last: os.path.join(source, "tiny-sd")}.get(
+            stage, os.path.join(source, stage) if stage not in folders else None)
+        if src is not None:
+            if os.path.exists(dst):
+                shutil.rmtree(dst)  # an unfinished stage: replaced by the finished one
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("DONE.json"))
+        note = {"seeded_from": os.path.abspath(source)}
+        if src is None:
+            note["weights"] = f"not shipped: phase '{last}' continued from them and holds the result"
+        _mark(dst, {**rec["stages"][stage], **note})
+        taken.append(stage)
+    return taken
+
+
+def _differences(theirs, mine) -> str:
+    if isinstance(theirs, dict) and isinstance(mine, dict):
+        keys = sorted(set(theirs) | set(mine), key=str)
+        diff = [f"{k}: shipped {theirs.get(k)!r}, here {mine.get(k)!r}" for k in keys if theirs.get(k) != mine.get(k)]
+        return "; ".join(diff)
+    return f"shipped {theirs!r}, here {mine!r}"
 
 
 @torch.no_grad()

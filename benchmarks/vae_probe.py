@@ -1,0 +1,147 @@
+"""What bounds the faces the embedded default's base can draw: its autoencoder, probed.
+
+    python benchmarks/vae_probe.py MODE [--steps 1500] [--lr 3e-4] [--set KEY=VALUE ...] [--tag TAG] [--out DIR]
+    python benchmarks/vae_probe.py --summary DIR
+
+Every face the base draws goes through its VAE decoder, so a face the VAE cannot reconstruct from a held-out photo
+is a face no UNet can draw. MODE:
+
+- ``shipped``: the shipped VAE as it is (no training);
+- ``decoder``: the shipped VAE's decoder trained on (``--steps``), encoder frozen: the latents every shipped UNet and
+  branch learned from stay the same, so a sharper decoder alone would improve every picture without retraining;
+- ``continue``: the whole shipped VAE trained on (a new latent space: the UNet would have to be trained again);
+- ``scratch``: a VAE built from the config (``model.tiny.vae``; change it with ``--set``, e.g.
+  ``--set "model.tiny.vae.block_out_channels=[32,64,128,128]"``) trained from scratch with the recipe's loss.
+
+Training uses ``make pretrain``'s VAE recipe (``pretrain.vae``: 64 px crops around the faces, face-weighted MSE +
+L1, tiny KL) with ``--steps`` and ``--lr`` in place of its own. Measured on the first ``--count`` held-out photos
+(identities no model saw): mean squared error of the round trip (posterior mean, [-1, 1] pixels) over whole images
+and over the face boxes, before and after, seconds per step, and a picture: held-out photos on the top row, the same
+photos through the VAE below. Writes results.json and round_trip.png under ``--out``
+(default benchmarks/results/<date>-vae-probe/<MODE>[-<tag>]/) and rewrites table.md one folder up from every
+probe there (``--summary DIR`` rewrites it alone).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from realisid.config import load_config  # noqa: E402
+from realisid.embedded import base as B  # noqa: E402
+from realisid.embedded.assets import asset_path  # noqa: E402
+from realisid.embedded.stages import shard_urls, synthetic_shards  # noqa: E402
+from realisid.embedded.check import photos_per_bin, save_round_trip  # noqa: E402
+from realisid.geometry import bins_from_config  # noqa: E402
+from realisid.images import signed_from_uint8, uint8_from_signed  # noqa: E402
+from realisid.models.backbone import build_tiny_backbone, load_pretrained_backbone  # noqa: E402
+
+MODES = ("shipped", "decoder", "continue", "scratch")
+
+
+def write_summary(folder: str) -> str:
+    """table.md in ``folder``: one row per probe (sub-folder with a results.json), shipped first."""
+    rows = []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name, "results.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                rows.append((name, json.load(f)))
+    rows.sort(key=lambda r: (MODES.index(r[1]["mode"]), r[0]))
+    lines = ["# What bounds the base's faces: its VAE, probed (`benchmarks/vae_probe.py`)", "",
+             "Round-trip error of held-out photos (posterior mean, [-1, 1] pixels; face = inside the face boxes). Shipped VAE: "
+             "6000 steps of `make pretrain`'s recipe. Each probe trains with that recipe's loss for the steps given.", "",
+             "| probe | VAE channels | parameters | steps | s / step | face MSE before -> after | image MSE before -> after | picture | command |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in rows:
+        after = r.get("mse_after", r["mse_before"])
+        lines.append(f"| {name} | {r['vae_block_out_channels']} x {r['latent_channels']} latent | {r['parameters'] / 1e6:.2f} M | "
+                     f"{r.get('vae_steps', 0)} | {r.get('seconds_per_step', '-')} | {r['mse_before']['face']:.4f} -> {after['face']:.4f} | "
+                     f"{r['mse_before']['image']:.5f} -> {after['image']:.5f} | [png]({name}/round_trip.png) | `{r['command']}` |")
+    if rows:
+        first = rows[0][1]
+        lines += ["", f"Measured on {first['machine']} ({first['date']}), {first['held_out_photos']} held-out photos "
+                  "(identities no model saw)."]
+    out = os.path.join(folder, "table.md")
+    with open(out, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("mode", nargs="?", choices=MODES)
+    ap.add_argument("--summary", metavar="DIR", help="only rewrite DIR/table.md from the probes in DIR")
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--count", type=int, default=256, help="held-out photos the error is measured on")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override (scratch: the VAE's shape)")
+    ap.add_argument("--tag", default="", help="suffix of the output folder")
+    ap.add_argument("--seed", type=int, default=9)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if args.summary:
+        sys.stdout.write(write_summary(args.summary) + "\n")
+        return 0
+    if args.mode is None:
+        ap.error(f"give a MODE ({', '.join(MODES)}) or --summary DIR")
+    if args.mode != "scratch" and args.overrides:
+        raise SystemExit(f"--set changes the VAE built from the config, which only mode 'scratch' uses (mode is '{args.mode}')")
+    name = args.mode + (f"-{args.tag}" if args.tag else "")
+    out = args.out or os.path.join("benchmarks", "results", f"{dt.date.today().isoformat()}-vae-probe", name)
+    os.makedirs(out, exist_ok=True)
+    torch.manual_seed(args.seed)
+
+    cfg = load_config("base", args.overrides)
+    synthetic_shards(cfg)
+    resolution = int(cfg.data.resolution)
+    data = B.load_image_set(shard_urls(cfg, "train"), resolution)
+    val = B.load_image_set(shard_urls(cfg, "val"), resolution)
+    examples = val.images[photos_per_bin(val, bins_from_config(cfg.bins))]
+    if args.mode == "scratch":
+        vae = build_tiny_backbone(cfg.model.tiny, args.seed).vae
+    else:
+        vae = load_pretrained_backbone(asset_path("tiny-sd")).vae
+    vae.eval().requires_grad_(False)
+    before = B.reconstruction_mse(vae, val, count=args.count)
+    record = {"mode": args.mode, "vae_block_out_channels": list(vae.config.block_out_channels),
+              "latent_channels": int(vae.config.latent_channels), "parameters": sum(p.numel() for p in vae.parameters()),
+              "held_out_photos": min(args.count, len(val)), "mse_before": before,
+              "machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}", "date": dt.date.today().isoformat(),
+              "command": "python benchmarks/vae_probe.py " + shlex.join(sys.argv[1:] if argv is None else argv)}
+    if args.mode != "shipped":
+        p = cfg.pretrain.vae
+        t0 = time.perf_counter()
+        stats = B.train_vae(vae, data, steps=args.steps, batch_size=int(p.batch_size), lr=args.lr, crop=int(p.crop),
+                            kl_weight=float(p.kl_weight), generator=torch.Generator().manual_seed(args.seed),
+                            parts="decoder" if args.mode == "decoder" else "all")
+        record.update(stats, lr=args.lr, seconds=round(time.perf_counter() - t0, 1),
+                      seconds_per_step=round((time.perf_counter() - t0) / max(1, args.steps), 3))
+        record["mse_after"] = B.reconstruction_mse(vae, val, count=args.count)
+    with torch.no_grad():
+        through = uint8_from_signed(vae.decode(vae.encode(signed_from_uint8(examples)).latent_dist.mean).sample)
+    save_round_trip(examples, through, os.path.join(out, "round_trip.png"))
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(record, f, indent=2)
+    write_summary(os.path.dirname(os.path.abspath(out)))
+    after = record.get("mse_after", before)
+    print(f"{name}: held-out face MSE {before['face']:.4f} -> {after['face']:.4f}, image {before['image']:.5f} -> "
+          f"{after['image']:.5f}; {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    logging_format = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format=logging_format)
+    raise SystemExit(main())
