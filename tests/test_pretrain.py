@@ -70,6 +70,13 @@ def test_pretrain_then_train_on_the_prepared_default(tmp_path):
         pretrain(load_config("base", cont_overrides + ["pretrain.unet_heads.lr=0.5", f"pretrain.work_dir={tmp_path / 'w3'}"]))
     with pytest.raises(FileNotFoundError, match=r"from_shipped=.*nowhere: no PRETRAINED.json"):
         pretrain(load_config("base", cont_overrides + [f"pretrain.from_shipped={tmp_path / 'nowhere'}"]))
+    no_unet = tmp_path / "no-unet"
+    no_unet.mkdir()
+    record = json.loads((assets / "PRETRAINED.json").read_text())
+    record["stages"] = {k: v for k, v in record["stages"].items() if not k.startswith("unet")}
+    (no_unet / "PRETRAINED.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="records no UNet stage"):
+        pretrain(load_config("base", cont_overrides + [f"pretrain.from_shipped={no_unet}", f"pretrain.work_dir={tmp_path / 'w4'}"]))
     assert rec["base_check"]["samples"] == 2 and 0 <= rec["base_check"]["found"] <= 2
     acc = rec["stages"]["synthetic-face-analyzer"]["accuracy_held_out"]
     assert acc["all"]["n"] == 2 * 6 and 0.0 <= acc["all"]["recall"] <= 1.0

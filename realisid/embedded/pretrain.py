@@ -230,7 +230,10 @@ def seed_from_shipped(cfg: DictConfig, source: str, work: str) -> list[str]:
         if theirs != mine[what]:
             raise ValueError(f"pretrain.from_shipped={source}: its models were trained with other {what} settings "
                              f"({_differences(theirs, mine[what])}); drop pretrain.from_shipped to train every stage for these settings")
-    shipped = [k for k in ("unet", *(c[0] for c in CONTINUATIONS)) if k in rec["stages"]]
+    shipped = [k for k in ("unet", *(c[0] for c in CONTINUATIONS)) if k in rec.get("stages", {})]
+    if not shipped:
+        raise ValueError(f"pretrain.from_shipped={source}: its {RECORD} records no UNet stage, so there is no base to continue; "
+                         "drop pretrain.from_shipped to train every stage")
     last = shipped[-1]
     folders = {"unet": "tiny-sd", **{key: folder for key, folder, *_ in CONTINUATIONS}}
     taken: list[str] = []
