@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import logging
 import os
 import platform
 import shlex
@@ -42,7 +43,6 @@ from realisid.embedded.assets import asset_path  # noqa: E402
 from realisid.embedded.stages import shard_urls, synthetic_shards  # noqa: E402
 from realisid.embedded.check import photos_per_bin, save_round_trip  # noqa: E402
 from realisid.geometry import bins_from_config  # noqa: E402
-from realisid.images import signed_from_uint8, uint8_from_signed  # noqa: E402
 from realisid.models.backbone import build_tiny_backbone, load_pretrained_backbone  # noqa: E402
 
 MODES = ("shipped", "decoder", "continue", "scratch")
@@ -124,12 +124,11 @@ def main(argv=None) -> int:
         stats = B.train_vae(vae, data, steps=args.steps, batch_size=int(p.batch_size), lr=args.lr, crop=int(p.crop),
                             kl_weight=float(p.kl_weight), generator=torch.Generator().manual_seed(args.seed),
                             parts="decoder" if args.mode == "decoder" else "all")
-        record.update(stats, lr=args.lr, seconds=round(time.perf_counter() - t0, 1),
-                      seconds_per_step=round((time.perf_counter() - t0) / max(1, args.steps), 3))
+        seconds = time.perf_counter() - t0
+        record.update(stats, lr=args.lr, seconds=round(seconds, 1), seconds_per_step=round(seconds / max(1, args.steps), 3))
         record["mse_after"] = B.reconstruction_mse(vae, val, count=args.count)
     with torch.no_grad():
-        through = uint8_from_signed(vae.decode(vae.encode(signed_from_uint8(examples)).latent_dist.mean).sample)
-    save_round_trip(examples, through, os.path.join(out, "round_trip.png"))
+        save_round_trip(examples, B.vae_round_trip(vae, examples), os.path.join(out, "round_trip.png"))
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(record, f, indent=2)
     write_summary(os.path.dirname(os.path.abspath(out)))
@@ -140,8 +139,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    logging_format = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    import logging
-
-    logging.basicConfig(level=logging.INFO, format=logging_format)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     raise SystemExit(main())

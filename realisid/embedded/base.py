@@ -375,11 +375,12 @@ def sample_base(bb, prompts: Sequence[str], *, steps: int = 30, guidance: float 
     return torch.cat(out)
 
 
-def vae_round_trip(bb, images: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
-    """uint8 images through the base VAE (encode to the posterior mean, decode): what generated images look like."""
+def vae_round_trip(vae, images: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+    """uint8 images through a VAE (the base's ``bb.vae``: encode to the posterior mean, decode): what generated images
+    look like."""
     out = []
     for i in range(0, len(images), batch_size):
         x = signed_from_uint8(images[i:i + batch_size])
-        rec = bb.vae.decode(bb.vae.encode(x).latent_dist.mean).sample
+        rec = vae.decode(vae.encode(x).latent_dist.mean).sample
         out.append(uint8_from_signed(rec))
     return torch.cat(out)

@@ -100,7 +100,7 @@ def check_embedded(cfg: DictConfig, out_dir: str, examples_dir: str | None = os.
 
     # the analyzer on held-out real images, and through the VAE
     results["analyzer_held_out"] = D.detector_accuracy(analyzer, val.images, val.boxes, val.kps, bins)
-    val_through_vae = B.vae_round_trip(bb, val.images)  # also scored for the identity ceiling below
+    val_through_vae = B.vae_round_trip(bb.vae, val.images)  # also scored for the identity ceiling below
     results["analyzer_held_out_through_vae"] = D.detector_accuracy(analyzer, val_through_vae, val.boxes, val.kps, bins)
     results["analyzer_negatives"] = D.negative_accuracy(analyzer, val.images, val.boxes, seed=seed)
     shown = photos_per_bin(val, bins)

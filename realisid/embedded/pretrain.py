@@ -134,14 +134,14 @@ def pretrain(cfg: DictConfig) -> dict:
         d = p.detector
         gen = torch.Generator().manual_seed(seed + 2)
         extra_index = torch.randperm(len(data), generator=gen)[: int(d.vae_copies)]
-        extra = vae_round_trip(bb, data.images[extra_index])
+        extra = vae_round_trip(bb.vae, data.images[extra_index])
         model, stats = D.train_detector(data.images, data.boxes, data.kps, steps=int(d.steps), batch_size=int(d.batch_size),
                                         lr=float(d.lr), seed=seed, extra_images=extra, extra_index=extra_index, input_size=resolution,
                                         negative_p=float(d.negative_p))
         analyzer = D.SyntheticFaceAnalyzer(model, resolution, float(d.threshold))
         bins = bins_from_config(cfg.bins)
         stats["accuracy_held_out"] = D.detector_accuracy(analyzer, val.images, val.boxes, val.kps, bins)
-        stats["accuracy_held_out_through_vae"] = D.detector_accuracy(analyzer, vae_round_trip(bb, val.images), val.boxes, val.kps, bins)
+        stats["accuracy_held_out_through_vae"] = D.detector_accuracy(analyzer, vae_round_trip(bb.vae, val.images), val.boxes, val.kps, bins)
         stats["negatives_held_out"] = D.negative_accuracy(analyzer, val.images, val.boxes, seed=seed)
         stats["seconds"] = round(time.perf_counter() - t0, 1)
         D.save_detector(model, det_dir, input_size=resolution, threshold=float(d.threshold), stats=stats)
@@ -206,9 +206,8 @@ def _phase_result(base_dir: str, bb):
     return bb
 
 
-# pretrain.<key> sections that must match the shipped record for a stage to be taken over, per stage
-_SEEDED_RECIPE = {"vae": ("vae",), "unet": ("unet",), **{key: (key,) for key, *_ in CONTINUATIONS},
-                  "synthetic-face-analyzer": ("detector",)}
+# per stage: the pretrain.<key> section that must match the shipped record for the stage to be taken over
+_SEEDED_RECIPE = {"vae": "vae", "unet": "unet", **{key: key for key, *_ in CONTINUATIONS}, "synthetic-face-analyzer": "detector"}
 
 
 def seed_from_shipped(cfg: DictConfig, source: str, work: str) -> list[str]:
@@ -238,17 +237,24 @@ def seed_from_shipped(cfg: DictConfig, source: str, work: str) -> list[str]:
     folders = {"unet": "tiny-sd", **{key: folder for key, folder, *_ in CONTINUATIONS}}
     taken: list[str] = []
     for stage in ("vae", *shipped, "standin-arcface", "standin-arcface-eval", "synthetic-face-analyzer"):
-        for key in _SEEDED_RECIPE.get(stage, ()):
+        key = _SEEDED_RECIPE.get(stage)
+        if key is not None:
             want = OmegaConf.to_container(p[key], resolve=True) if p.get(key) is not None else None
             if rec["recipe"].get(key) != want:
                 raise ValueError(f"pretrain.from_shipped={source}: pretrain.{key} differs from the recipe the shipped stage "
                                  f"'{stage}' was trained with ({_differences(rec['recipe'].get(key), want)}); set it back, or drop "
                                  "pretrain.from_shipped to train that stage again")
-        dst = os.path.join(work, "vae" if stage == "vae" else folders.get(stage, stage))
+        dst = os.path.join(work, folders.get(stage, stage))
         if _stage_done(dst) is not None:
             continue
-        src = {"vae": os.path.join(source, "tiny-sd", "vae"), last: os.path.join(source, "tiny-sd")}.get(
-            stage, os.path.join(source, stage) if stage not in folders else None)
+        if stage == "vae":
+            src = os.path.join(source, "tiny-sd", "vae")
+        elif stage == last:
+            src = os.path.join(source, "tiny-sd")
+        elif stage in folders:
+            src = None  # an earlier UNet phase: only its record shipped
+        else:
+            src = os.path.join(source, stage)
         if src is not None:
             if os.path.exists(dst):
                 shutil.rmtree(dst)  # an unfinished stage: replaced by the finished one
