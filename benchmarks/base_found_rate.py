@@ -1,6 +1,6 @@
 """How often a base model draws a face the synthetic face analyzer finds, over many held-out captions.
 
-    python benchmarks/base_found_rate.py [BASE ...] [--captions 60] [--seeds 1,2] [--out DIR]
+    python benchmarks/base_found_rate.py [BASE ...] [--captions 60] [--seeds 1,2] [--thresholds 0.3,0.5] [--out DIR]
 
 BASE: diffusers folders of embedded-default bases (default: the shipped ``realisid/assets/tiny-sd``; ``make pretrain``
 caches each UNet phase under ``data/cache/pretrain/``: ``tiny-sd``, ``tiny-sd-refined``, ``tiny-sd-heads``). Every
@@ -9,6 +9,12 @@ base samples the same prompts (``--captions`` distinct held-out captions, people
 (one sample is 10 points). The analyzer is the shipped stand-in detector (it finds a face in 0 of 200 noise images
 and 3% of photos whose face is blurred away, see ``make check-embedded``). Reports the found-rate with a 95% Wilson
 interval per base, and a grid of the first 10 samples of each (green frame: a face was found).
+
+``--thresholds``: the found-rate at each detection threshold (default: the analyzer's own, 0.3), and the analyzer's
+recall on real held-out photos at each (per face-size bin), so that a threshold can be judged on both sides: how
+often it fires on samples known to hold no face (e.g. a base trained 1500 steps, whose samples are colour fields,
+``benchmarks/unet_probe.py scratch --save DIR``) and how many real faces it still finds. The grids frame at the first
+threshold.
 
 Writes table.md, results.json and <base>.png under benchmarks/results/<date>-base-found-rate/.
 """
@@ -30,9 +36,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from realisid.config import load_config  # noqa: E402
 from realisid.embedded.analyzer import load_synthetic_analyzer  # noqa: E402
 from realisid.embedded.assets import asset_path  # noqa: E402
-from realisid.embedded.base import load_image_set  # noqa: E402
-from realisid.embedded.check import base_check, held_out_captions, save_framed_grid  # noqa: E402
+from realisid.embedded.base import load_image_set, sample_base  # noqa: E402
+from realisid.embedded.check import held_out_captions, save_framed_grid  # noqa: E402
 from realisid.embedded.stages import shard_urls, synthetic_shards  # noqa: E402
+from realisid.evaluation import to_uint8  # noqa: E402
+from realisid.geometry import bins_from_config, box_iou, face_size, scale_bin  # noqa: E402
 from realisid.models.backbone import load_pretrained_backbone  # noqa: E402
 
 
@@ -51,6 +59,8 @@ def main(argv=None) -> int:
     ap.add_argument("bases", nargs="*", help="diffusers folders (default: the shipped base)")
     ap.add_argument("--captions", type=int, default=60, help="distinct held-out captions")
     ap.add_argument("--seeds", default="1,2", help="sampling seeds, comma-separated (each seed samples every caption)")
+    ap.add_argument("--thresholds", default=None, help="detection thresholds, comma-separated (default: the analyzer's own)")
+    ap.add_argument("--real", type=int, default=960, help="held-out real photos for the recall at each threshold")
     ap.add_argument("--out", default=os.path.join("benchmarks", "results", f"{dt.date.today().isoformat()}-base-found-rate"))
     args = ap.parse_args(argv)
     bases = args.bases or [asset_path("tiny-sd")]
@@ -63,38 +73,100 @@ def main(argv=None) -> int:
     synthetic_shards(cfg)  # the held-out shards (drawn on the first run, as `make train` does)
     val = load_image_set(shard_urls(cfg, "val"), int(cfg.data.resolution))
     prompts = held_out_captions(val.captions, args.captions, seed=5)
-    analyzer = load_synthetic_analyzer(asset_path("synthetic-face-analyzer"))
+    own = load_synthetic_analyzer(asset_path("synthetic-face-analyzer")).threshold
+    thresholds = parse_thresholds(args.thresholds, own)
+    analyzer = load_synthetic_analyzer(asset_path("synthetic-face-analyzer"), threshold=0.0)  # every peak: found at t = best score >= t
     os.makedirs(args.out, exist_ok=True)
     rows = []
     for b in bases:
         t0 = time.perf_counter()
         bb = load_pretrained_backbone(b)
-        found, first = [], None
+        scores, first = [], None
         for seed in seeds:
-            images, f = base_check(bb, analyzer, prompts, steps=30, guidance=5.0, seed=seed)
-            found += [bool(x) for x in f]
+            images = sample_base(bb, prompts, steps=30, guidance=5.0, seed=seed)
+            s = [best_score(analyzer, to_uint8(im)) for im in images]
+            scores += s
             if first is None:
-                first = (images[:10], f[:10])
+                first = (images[:10], [x >= thresholds[0] for x in s[:10]])
         name = os.path.basename(os.path.normpath(b))
         save_framed_grid(first[0], first[1], os.path.join(args.out, f"{name}.png"))
-        k, n = sum(found), len(found)
-        lo, hi = wilson(k, n)
-        rows.append({"base": b, "found": k, "samples": n, "found_rate": k / n, "ci95": [lo, hi],
-                     "seconds": round(time.perf_counter() - t0, 1)})
-        print(f"{b}: a face in {k} of {n} samples ({k / n:.2f}, 95% [{lo:.2f}, {hi:.2f}])", flush=True)
+        row = {"base": b, "samples": len(scores), "scores": [round(x, 4) for x in scores], "seconds": round(time.perf_counter() - t0, 1),
+               "by_threshold": {}}
+        for t in thresholds:
+            k, n = sum(x >= t for x in scores), len(scores)
+            row["by_threshold"][str(t)] = {"found": k, "found_rate": k / n, "ci95": list(wilson(k, n))}
+        first_t = row["by_threshold"][str(thresholds[0])]
+        row.update(found=first_t["found"], found_rate=first_t["found_rate"], ci95=first_t["ci95"])  # the first threshold's, as before
+        rows.append(row)
+        print(f"{b}: " + "; ".join(f"threshold {t}: a face in {v['found']} of {len(scores)} samples ({v['found_rate']:.2f}, 95% "
+                                   f"[{v['ci95'][0]:.2f}, {v['ci95'][1]:.2f}])" for t, v in row["by_threshold"].items()), flush=True)
+    real = real_recall(analyzer, val, bins_from_config(cfg.bins), thresholds, args.real) if len(thresholds) > 1 else None
     record = {"what": "found-rate of samples from held-out captions, synthetic face analyzer (stand-in)",
               "command": "python benchmarks/base_found_rate.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "captions": args.captions, "seeds": seeds, "steps": 30, "guidance": 5.0, "date": dt.date.today().isoformat(),
-              "machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}", "bases": rows}
+              "captions": args.captions, "seeds": seeds, "steps": 30, "guidance": 5.0, "thresholds": thresholds, "analyzer_threshold": own,
+              "date": dt.date.today().isoformat(), "machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}",
+              "bases": rows, "real_recall": real}
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(record, f, indent=2)
     with open(os.path.join(args.out, "table.md"), "w") as f:
-        f.write(f"# Base found-rate ({record['date']}, {record['machine']})\n\n{args.captions} held-out captions x seeds {seeds}, "
-                "30 DDIM steps, guidance 5; synthetic face analyzer (stand-in detector).\n\n| base | faces found | found-rate [95%] | seconds |\n|---|---|---|---|\n")
-        for r in rows:
-            f.write(f"| `{r['base']}` | {r['found']} / {r['samples']} | {r['found_rate']:.2f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}] | {r['seconds']} |\n")
+        f.write(table_md(record))
     print(f"written: {args.out}")
     return 0
+
+
+def parse_thresholds(text: str | None, own: float) -> list[float]:
+    if text is None:
+        return [own]
+    try:
+        out = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise SystemExit(f"--thresholds {text!r}: give detection scores between 0 and 1, comma-separated, e.g. 0.3,0.5") from None
+    if not out or any(not 0 < t < 1 for t in out):
+        raise SystemExit(f"--thresholds {text!r}: give detection scores between 0 and 1, comma-separated, e.g. 0.3,0.5")
+    return out
+
+
+def best_score(analyzer, image) -> float:
+    """The highest detection score in the image (0 when the analyzer has no peak at all)."""
+    return max((float(f.det_score) for f in analyzer.detect(image)), default=0.0)
+
+
+@torch.no_grad()
+def real_recall(analyzer, val, bins, thresholds, count: int) -> dict:
+    """Recall on real held-out photos per bin at each threshold: a detection overlapping the true face box by IoU
+    >= 0.5 with a score at or above the threshold (the analyzer's recall, as ``make check-embedded`` measures it)."""
+    per_bin: dict[str, list[float]] = {}
+    for img, box in list(zip(val.images, val.boxes))[:count]:
+        arr = img.permute(1, 2, 0).numpy()
+        hits = [float(f.det_score) for f in analyzer.detect(arr) if box_iou(f.bbox.tolist(), box.tolist()) >= 0.5]
+        b = scale_bin(face_size(box.tolist(), arr.shape[1], arr.shape[0]), bins)
+        per_bin.setdefault(b, []).append(max(hits, default=0.0))
+    out = {}
+    for name in [b for b in bins if b in per_bin] + ["all"]:
+        s = [x for v in per_bin.values() for x in v] if name == "all" else per_bin[name]
+        out[name] = {"n": len(s), **{str(t): sum(x >= t for x in s) / len(s) for t in thresholds}}
+    return out
+
+
+def table_md(record: dict) -> str:
+    ts = record["thresholds"]
+    lines = [f"# Base found-rate ({record['date']}, {record['machine']})", "",
+             f"{record['captions']} held-out captions x seeds {record['seeds']}, 30 DDIM steps, guidance 5; synthetic face analyzer "
+             f"(stand-in detector; its own threshold {record['analyzer_threshold']}). Command: `{record['command']}`", "",
+             "| base | " + " | ".join(f"found at threshold {t} [95%]" for t in ts) + " | seconds |",
+             "|---|" + "---|" * len(ts) + "---|"]
+    for r in record["bases"]:
+        cells = []
+        for t in ts:
+            v = r["by_threshold"][str(t)]
+            cells.append(f"{v['found']} / {r['samples']} = {v['found_rate']:.2f} [{v['ci95'][0]:.2f}, {v['ci95'][1]:.2f}]")
+        lines.append(f"| `{r['base']}` | " + " | ".join(cells) + f" | {r['seconds']} |")
+    if record.get("real_recall"):
+        lines += ["", "The analyzer's recall on real held-out photos (a detection with IoU >= 0.5 at the face, score at or above the threshold):",
+                  "", "| bin | photos | " + " | ".join(f"recall at {t}" for t in ts) + " |", "|---|---|" + "---|" * len(ts)]
+        for b, v in record["real_recall"].items():
+            lines.append(f"| {b} | {v['n']} | " + " | ".join(f"{v[str(t)]:.3f}" for t in ts) + " |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ probe there (``--summary DIR`` rewrites it alone).
 """
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import logging
@@ -36,7 +35,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from probes import probe_out, probe_parser, read_probes, summary_only  # noqa: E402
 from realisid.config import load_config  # noqa: E402
 from realisid.embedded import base as B  # noqa: E402
 from realisid.embedded.assets import asset_path  # noqa: E402
@@ -50,13 +51,7 @@ MODES = ("shipped", "decoder", "continue", "scratch")
 
 def write_summary(folder: str) -> str:
     """table.md in ``folder``: one row per probe (sub-folder with a results.json), shipped first."""
-    rows = []
-    for name in sorted(os.listdir(folder)):
-        path = os.path.join(folder, name, "results.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                rows.append((name, json.load(f)))
-    rows.sort(key=lambda r: (MODES.index(r[1]["mode"]), r[0]))
+    rows = read_probes(folder, MODES)
     lines = ["# What bounds the base's faces: its VAE, probed (`benchmarks/vae_probe.py`)", "",
              "Round-trip error of held-out photos (posterior mean, [-1, 1] pixels; face = inside the face boxes). Shipped VAE: "
              "6000 steps of `make pretrain`'s recipe. Each probe trains with that recipe's loss for the steps given.", "",
@@ -78,27 +73,15 @@ def write_summary(folder: str) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("mode", nargs="?", choices=MODES)
-    ap.add_argument("--summary", metavar="DIR", help="only rewrite DIR/table.md from the probes in DIR")
-    ap.add_argument("--steps", type=int, default=1500)
+    ap = probe_parser(__doc__.split("\n\n")[0], MODES, "the VAE's shape")
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--count", type=int, default=256, help="held-out photos the error is measured on")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override (scratch: the VAE's shape)")
-    ap.add_argument("--tag", default="", help="suffix of the output folder")
-    ap.add_argument("--seed", type=int, default=9)
-    ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    if args.summary:
-        sys.stdout.write(write_summary(args.summary) + "\n")
+    if summary_only(ap, args, MODES, write_summary):
         return 0
-    if args.mode is None:
-        ap.error(f"give a MODE ({', '.join(MODES)}) or --summary DIR")
     if args.mode != "scratch" and args.overrides:
         raise SystemExit(f"--set changes the VAE built from the config, which only mode 'scratch' uses (mode is '{args.mode}')")
-    name = args.mode + (f"-{args.tag}" if args.tag else "")
-    out = args.out or os.path.join("benchmarks", "results", f"{dt.date.today().isoformat()}-vae-probe", name)
-    os.makedirs(out, exist_ok=True)
+    name, out = probe_out(args, "vae-probe")
     torch.manual_seed(args.seed)
 
     cfg = load_config("base", args.overrides)

@@ -155,11 +155,25 @@ def _parent_open(cfg: DictConfig, key: str) -> bool:
     return isinstance(parent, DictConfig) and _is_open(parent)
 
 
+# diffusers model settings that take one number for every block or a list of one per block
+PER_BLOCK_KEYS = frozenset({"layers_per_block", "attention_head_dim", "num_attention_heads", "transformer_layers_per_block"})
+
+
+def _int_or_ints(v) -> bool:
+    def is_int(x):
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    return is_int(v) or (isinstance(v, (ListConfig, list)) and len(v) > 0 and all(is_int(x) for x in v))
+
+
 def _check_type(key: str, old, new) -> None:
-    """Refuse overrides that change a value's kind (a string for a number, a number for a list)."""
+    """Refuse overrides that change a value's kind (a string for a number, a number for a list), except that a
+    per-block model setting (:data:`PER_BLOCK_KEYS`) takes a number or a list of numbers either way."""
     if old is None or new is None:
         return
     num = (int, float)
+    if key.rsplit(".", 1)[-1] in PER_BLOCK_KEYS and _int_or_ints(old) and _int_or_ints(new):
+        return
     if isinstance(old, bool) or isinstance(new, bool):
         ok = isinstance(old, bool) and isinstance(new, bool)
     elif isinstance(old, num):

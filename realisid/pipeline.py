@@ -344,17 +344,18 @@ def rescale_guidance(guided: torch.Tensor, conditioned: torch.Tensor, phi: float
     return phi * rescaled + (1.0 - phi) * guided
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
+def resolve_device(device: str | torch.device | None, what: str = "--device") -> torch.device:
     """``None`` or ``auto``: cuda when available, else cpu; a CUDA device asked for on a machine without one is
-    refused with the fix named."""
+    refused with the fix named (``what``: the option or config key the value came from)."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sep = " " if what.startswith("--") else "="
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise ValueError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
+        raise ValueError(f"{what}{sep}{device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} but this machine has no CUDA device; use --device cpu")
+        raise ValueError(f"{what}{sep}{device} but this machine has no CUDA device; use {what}{sep}cpu (or auto)")
     return dev
 
 

@@ -199,8 +199,9 @@ def run_sweep(name: str, extra_overrides=(), seed: int | None = None) -> dict:
                 log.info("sweep %s: resuming %s", sw.name, run_name)
                 res = train(resume_config(run_dir), resume=run_dir)
             elif not os.path.isdir(os.path.join(run_dir, "export")):
-                if continued_run(spec):
-                    source = os.path.join(cfg.experiment.runs_dir, "sweeps", *continued_run(spec))
+                parts = continued_run(spec)
+                if parts:
+                    source = os.path.join(cfg.experiment.runs_dir, "sweeps", *parts)
                     step = start_from(source, cfg, run_dir)
                     log.info("sweep %s: training %s on from %s (step %d) to step %s", sw.name, run_name, source, step, cfg.trainer.max_steps)
                     res = train(cfg, resume=run_dir)

@@ -85,6 +85,42 @@ def test_base_found_rate_interval_and_bad_base(tmp_path):
     assert lo < 110 / 120 < hi and hi - lo < 0.11
     with pytest.raises(SystemExit, match="not a diffusers folder"):
         mod.main([str(tmp_path)])
+    assert mod.parse_thresholds(None, 0.3) == [0.3] and mod.parse_thresholds("0.3,0.5", 0.3) == [0.3, 0.5]
+    for bad in ("0,0.5", "half", ""):
+        with pytest.raises(SystemExit, match="--thresholds"):
+            mod.parse_thresholds(bad, 0.3)
+
+
+def test_base_found_rate_recall_at_each_threshold_counts_only_detections_at_the_face():
+    """The threshold calibration's real side: a photo counts as found at threshold t when a detection overlapping its
+    face box (IoU >= 0.5) scores t or more; a confident detection elsewhere does not count."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+
+    mod = _load_script("base_found_rate")
+    boxes = torch.tensor([[10.0, 10.0, 20.0, 20.0], [40.0, 40.0, 100.0, 100.0], [40.0, 40.0, 100.0, 100.0]])
+    scores = {0: [(boxes[0], 0.35)], 1: [(boxes[1], 0.8)], 2: [(torch.tensor([0.0, 0.0, 30.0, 30.0]), 0.9), (boxes[2] + 20, 0.7)]}
+    calls = iter(range(3))
+
+    class Fake:
+        def detect(self, arr):
+            return [SimpleNamespace(bbox=np.array(b.tolist()), det_score=s) for b, s in scores[next(calls)]]
+
+    val = SimpleNamespace(images=torch.zeros(3, 3, 128, 128, dtype=torch.uint8), boxes=boxes)
+    bins = {"tiny": (0.0, 0.1), "large": (0.1, float("inf"))}
+    rec = mod.real_recall(Fake(), val, bins, [0.3, 0.5], count=3)
+    assert rec["tiny"] == {"n": 1, "0.3": 1.0, "0.5": 0.0}
+    assert rec["large"] == {"n": 2, "0.3": 0.5, "0.5": 0.5}  # the third photo's detections miss its face (IoU < 0.5)
+    assert rec["all"]["n"] == 3 and rec["all"]["0.3"] == pytest.approx(2 / 3)
+    record = {"thresholds": [0.3, 0.5], "date": "d", "machine": "m", "captions": 2, "seeds": [1], "analyzer_threshold": 0.3, "command": "c",
+              "bases": [{"base": "b", "samples": 4, "seconds": 1.0, "by_threshold": {"0.3": {"found": 3, "found_rate": 0.75, "ci95": [0.3, 0.95]},
+                                                                                    "0.5": {"found": 1, "found_rate": 0.25, "ci95": [0.05, 0.7]}}}],
+              "real_recall": rec}
+    table = mod.table_md(record)
+    assert "| `b` | 3 / 4 = 0.75 [0.30, 0.95] | 1 / 4 = 0.25 [0.05, 0.70] | 1.0 |" in table
+    assert "| large | 2 | 0.500 | 0.500 |" in table
 
 
 def test_sampling_settings_parses_sets_and_refuses_the_benchmarks_own_identities(tmp_path):
@@ -208,3 +244,69 @@ def test_vae_decoder_training_leaves_the_encoder_and_so_every_latent_alone(tmp_p
     assert "| decoder | [16, 32] x 16 latent | 0.97 M | 10 | 0.2 | 0.0300 -> 0.0200 | 0.00200 -> 0.00100 |" in table
     with pytest.raises(SystemExit):
         mod.main([])  # neither a mode nor --summary
+
+
+def test_unet_probe_scores_every_unet_on_the_same_problems_and_the_head_alone(tmp_path):
+    """benchmarks/unet_probe.py: the held-out loss gives every UNet the same noisy latents and timesteps, and its head
+    column counts the latent pixels the head covers and no others; the summary lists each probe with its command."""
+    import torch
+
+    from realisid.config import load_config
+    from realisid.embedded.base import ImageSet
+    from realisid.models.backbone import build_tiny_backbone
+
+    mod = _load_script("unet_probe")
+    bb = build_tiny_backbone(load_config("base", RANDOM_TINY).model.tiny, seed=0)
+    n, R = 3, 64
+    L = 8  # latents 8x smaller than the images, as the shipped base's (the probe reads both sizes from its inputs)
+    # the head is the box scaled 1.6x; at 8 px per latent pixel the first one's corners cover 0.2 x 0.2 of one
+    boxes = torch.tensor([[10.0, 10.0, 22.0, 22.0], [30.0, 20.0, 50.0, 44.0], [0.0, 40.0, 12.0, 60.0]])
+    val = ImageSet(torch.zeros(n, 3, R, R, dtype=torch.uint8), ["a photo of a person"] * n, [""] * n, list("abc"), boxes,
+                   torch.zeros(n, 5, 2), list("abc"))
+    C = bb.latent_channels
+    moments = torch.cat([torch.zeros(n, C, L, L), torch.randn(n, C, L, L)], dim=1)  # posterior means 0: x_t = sigma * noise
+    acp = bb.noise_scheduler().alphas_cumprod
+    c, half = (boxes[:, :2] + boxes[:, 2:]) / 2, (boxes[:, 2:] - boxes[:, :2]) * 0.8
+    lo, hi = (c - half) / (R / L), (c + half) / (R / L)
+    head = torch.zeros(n, 1, L, L)
+    for k in range(n):  # every latent pixel the head touches, however little
+        for y in range(L):
+            for x in range(L):
+                if min(hi[k, 0], x + 1) > max(lo[k, 0], x) and min(hi[k, 1], y + 1) > max(lo[k, 1], y):
+                    head[k, 0, y, x] = 1.0
+    assert head[0, 0, 0, 0] == 1.0 and head[0, 0, 4, 4] == 0.0  # the 0.2 x 0.2 corner counts
+    assert torch.equal(mod.head_pixels(boxes, R, L), head)
+    seen, at = [], [0]
+
+    def exact(x, t, encoder_hidden_states=None, return_dict=False):  # v exactly outside the head, off by 1 inside
+        seen.append((x.clone(), t.clone()))
+        a = acp[t].float()[:, None, None, None]
+        v = (a.sqrt() / (1 - a).sqrt()) * x  # z = 0: x_t = sqrt(1 - a) * noise, v = sqrt(a) * noise
+        rows = head[at[0]: at[0] + len(x)]
+        at[0] = (at[0] + len(x)) % n  # the probe walks the held-out latents in order, band after band
+        return (v + rows,)
+
+    bb.unet.forward = exact
+    first = mod.held_out_loss(bb, moments, val, batch_size=2)
+    again = mod.held_out_loss(bb, moments, val, batch_size=2)
+    assert first == again and len(seen) == 2 * 2 * len(mod.BANDS)
+    for (x1, t1), (x2, t2) in zip(seen[: len(seen) // 2], seen[len(seen) // 2:]):
+        assert torch.equal(x1, x2) and torch.equal(t1, t2)  # the same problems for any UNet
+    share = float(head.mean(dim=(1, 2, 3)).mean())  # per image: the head's share of the latent pixels
+    for band in first.values():
+        assert band["head"] == pytest.approx(1.0, abs=1e-4)
+        assert band["whole"] == pytest.approx(share, abs=1e-4) and 0 < share < 0.5
+
+    for name, mode in (("shipped", "shipped"), ("scratch-top2", "scratch")):
+        (tmp_path / name).mkdir()
+        rec = {"mode": mode, "unet_shape": "[64, 128, 160], layers 1", "parameters": 8490000, "megabytes_fp16": 16.2, "held_out_photos": 960,
+               "held_out_loss": first, "found": {"found": 9, "samples": 10, "rate": 0.9, "ci95": [0.6, 0.98]}, "machine": "m", "date": "d",
+               "command": f"python benchmarks/unet_probe.py {mode}"}
+        rec.update({"steps_note": "17000 (shipped)"} if mode == "shipped" else {"unet_steps": 1500, "seconds_per_step": 0.45})
+        (tmp_path / name / "results.json").write_text(json.dumps(rec))
+    table = open(mod.write_summary(str(tmp_path))).read().splitlines()
+    rows = [r for r in table if r.startswith("| shipped") or r.startswith("| scratch")]
+    assert rows[0].startswith("| shipped | [64, 128, 160], layers 1 | 8.49 M | 16.2 | 17000 (shipped) | - | 1.0000 (")
+    assert rows[1].startswith("| scratch-top2 |") and "| 1500 | 0.45 |" in rows[1] and "9 / 10 (0.90 [0.60, 0.98])" in rows[1]
+    with pytest.raises(SystemExit):
+        mod.main(["shipped", "--set", "model.tiny.unet.layers_per_block=2"])  # --set and --save are for scratch only

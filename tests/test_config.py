@@ -29,6 +29,18 @@ def test_bad_overrides_name_the_key(override, needle):
         load_config("local_branch", [override])
 
 
+def test_per_block_model_settings_take_a_number_or_a_list():
+    cfg = load_config("base", ["model.tiny.unet.layers_per_block=[2,1,1]"])
+    assert list(cfg.model.tiny.unet.layers_per_block) == [2, 1, 1]
+    assert load_config("base", ["model.tiny.unet.attention_head_dim=4"]).model.tiny.unet.attention_head_dim == 4
+    with pytest.raises(ConfigError, match="wrong type.*layers_per_block"):
+        load_config("base", ["model.tiny.unet.layers_per_block=two"])
+    with pytest.raises(ConfigError, match="wrong type.*layers_per_block"):
+        load_config("base", ["model.tiny.unet.layers_per_block=[2,x]"])
+    with pytest.raises(ConfigError, match="wrong type.*block_out_channels"):  # not a per-block setting: a list stays a list
+        load_config("base", ["model.tiny.unet.block_out_channels=64"])
+
+
 def test_unknown_key_in_experiment_file(tmp_path):
     p = tmp_path / "bad.yaml"
     p.write_text("defaults: [base]\ntrainer:\n  max_stepz: 3\n")

@@ -38,6 +38,8 @@ def test_pretrain_then_train_on_the_prepared_default(tmp_path):
     assert set(rec["stages"]) == stages
     assert rec["stages"]["unet_refine"]["timestep_shift"] == 3.0 and rec["stages"]["unet_refine"]["unet_steps"] == 2
     assert rec["stages"]["unet_heads"]["face_weight"] == 4.0 and "face_weight" not in rec["stages"]["unet_refine"]
+    want = "cuda" if torch.cuda.is_available() else "cpu"  # pretrain.device: auto
+    assert rec["device"] == want and rec["stages"]["vae"]["device"] == want and rec["stages"]["unet_heads"]["device"] == want
     # what ships is the last phase's UNet; each phase started from the previous one's weights and moved away from them
     from safetensors.torch import load_file
 
@@ -70,6 +72,30 @@ def test_pretrain_then_train_on_the_prepared_default(tmp_path):
         pretrain(load_config("base", cont_overrides + ["pretrain.unet_heads.lr=0.5", f"pretrain.work_dir={tmp_path / 'w3'}"]))
     with pytest.raises(FileNotFoundError, match=r"from_shipped=.*nowhere: no PRETRAINED.json"):
         pretrain(load_config("base", cont_overrides + [f"pretrain.from_shipped={tmp_path / 'nowhere'}"]))
+    # more UNet layers per level: the shipped UNet is grown into them (same output until it trains), then phase 4 trains it
+    grown_out, work5 = tmp_path / "assets-grown", tmp_path / "work-grown"
+    grow_overrides = overrides + [f"pretrain.from_shipped={assets}", f"pretrain.work_dir={work5}", f"pretrain.out_dir={grown_out}",
+                                  "model.tiny.unet.layers_per_block=[2,1,2]"]
+    grown = pretrain(load_config("base", grow_overrides + ["pretrain.unet_more.steps=0"]))
+    assert grown["stages"]["unet_heads"]["grown"] == {"layers_per_block": {"from": 1, "to": [2, 1, 2]}}
+    from diffusers import UNet2DConditionModel
+
+    small = UNet2DConditionModel.from_pretrained(str(assets / "tiny-sd"), subfolder="unet", torch_dtype=torch.float32)
+    big = UNet2DConditionModel.from_pretrained(str(grown_out / "tiny-sd"), subfolder="unet", torch_dtype=torch.float32)
+    assert list(big.config.layers_per_block) == [2, 1, 2] and sum(p.numel() for p in big.parameters()) > sum(p.numel() for p in small.parameters())
+    x, t, e = torch.randn(2, 16, 16, 16), torch.tensor([5, 900]), torch.randn(2, 8, small.config.cross_attention_dim)
+    with torch.no_grad():
+        torch.testing.assert_close(big(x, t, encoder_hidden_states=e).sample, small(x, t, encoder_hidden_states=e).sample)
+    # another UNet shape: the VAE, encoders and analyzer are taken, the UNet phases train from scratch on the shipped latents
+    wide = pretrain(load_config("base", overrides + [f"pretrain.from_shipped={assets}", f"pretrain.work_dir={tmp_path / 'w6'}",
+                                                      f"pretrain.out_dir={tmp_path / 'assets-wide'}", "pretrain.unet_more.steps=0",
+                                                      "model.tiny.unet.block_out_channels=[64,64,96]"]))
+    assert all(wide["stages"][k].get("seeded_from") == str(assets) for k in ("vae", "standin-arcface", "synthetic-face-analyzer"))
+    assert all("seeded_from" not in wide["stages"][k] for k in ("unet", "unet_refine", "unet_heads"))
+    assert list(UNet2DConditionModel.load_config(str(tmp_path / "assets-wide" / "tiny-sd"), subfolder="unet")["block_out_channels"]) == [64, 64, 96]
+    with pytest.raises(ValueError, match=r"its VAE was built with other settings \(latent_channels: shipped 16, here 8\)"):
+        pretrain(load_config("base", grow_overrides + ["model.tiny.vae.latent_channels=8", "model.tiny.unet.in_channels=8",
+                                                       "model.tiny.unet.out_channels=8", f"pretrain.work_dir={tmp_path / 'w7'}"]))
     no_unet = tmp_path / "no-unet"
     no_unet.mkdir()
     record = json.loads((assets / "PRETRAINED.json").read_text())
@@ -115,6 +141,81 @@ def test_missing_stand_ins_name_the_fix(tmp_path):
     cfg = load_config("local_branch", [f"model.pretrained={tmp_path}/nowhere"])
     with pytest.raises(FileNotFoundError, match=r"base model \(model.pretrained\): .*nowhere.*make pretrain"):
         check_stand_ins(cfg)
+
+
+def test_pretrain_device_setting_names_the_key_and_the_fix():
+    from realisid.embedded.pretrain import training_device
+
+    assert training_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert training_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"pretrain.device='gpu0' is not a device; use auto, cpu, cuda or cuda:N"):
+        training_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"pretrain.device=cuda but this machine has no CUDA device; use pretrain.device=cpu"):
+            training_device("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_base_training_and_sampling_on_the_gpu_match_the_cpu():
+    """The same seed gives the same run on either device (noise and batches are drawn on the host); results come back
+    to host memory."""
+    import copy
+
+    from realisid.config import load_config
+    from realisid.embedded import base as B
+    from realisid.models.backbone import build_tiny_backbone
+
+    cfg = load_config("base", [])
+    bb = build_tiny_backbone(cfg.model.tiny, 0)
+    n = 8
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 3, 128, 128), generator=g, dtype=torch.uint8)
+    boxes = torch.tensor([[40.0, 40.0, 72.0, 72.0]] * n)
+    data = B.ImageSet(images, ["a photo of a person"] * n, ["a photo of a person"] * n, [str(i) for i in range(n)], boxes,
+                      torch.zeros(n, 5, 2), ["a"] * n)
+    moments = B.encode_moments(bb.vae, images)
+    runs = {}
+    for dev in ("cpu", "cuda"):
+        b = copy.deepcopy(bb).to(dev)
+        assert B.encode_moments(b.vae, images).device.type == "cpu"
+        stats = B.train_unet(b, moments, data, steps=2, batch_size=4, lr=1e-4, weight_decay=0.0, ema_decay=0.9, min_snr_gamma=5.0,
+                             caption_probs={"full": 1.0, "no_identity": 0.0, "generic": 0.0, "empty": 0.0},
+                             generator=torch.Generator().manual_seed(1), face_weight=4.0)
+        runs[dev] = (stats, B.sample_base(b, ["a photo of a person"], steps=2, seed=0))
+    assert runs["cuda"][1].device.type == "cpu"
+    assert runs["cuda"][0]["unet_loss_first_fifth"] == pytest.approx(runs["cpu"][0]["unet_loss_first_fifth"], rel=2e-2)
+    torch.testing.assert_close(runs["cuda"][1], runs["cpu"][1], atol=5e-2, rtol=0)
+
+
+def test_a_grown_unet_computes_what_the_old_one_did():
+    from diffusers import UNet2DConditionModel
+
+    from realisid.config import load_config
+    from realisid.models.backbone import _plain
+    from realisid.models.grow import grow_unet
+
+    torch.manual_seed(0)
+    old = UNet2DConditionModel(**_plain(load_config("base", []).model.tiny.unet)).eval()
+    with torch.no_grad():  # no layer of the old UNet left at a zero init, so a misplaced weight shows
+        for q in old.parameters():
+            q.add_(torch.randn_like(q) * 0.02)
+    x, t, e = torch.randn(2, 16, 16, 16), torch.tensor([10, 700]), torch.randn(2, 12, old.config.cross_attention_dim)
+    with torch.no_grad():
+        want = old(x, t, encoder_hidden_states=e).sample
+        for layers in ([2, 1, 1], [1, 3, 2]):  # the 16x16 level has no attention, the others do
+            new = grow_unet(old, layers).eval()
+            assert list(new.config.layers_per_block) == layers
+            assert sum(q.numel() for q in new.parameters()) > sum(q.numel() for q in old.parameters())
+            torch.testing.assert_close(new(x, t, encoder_hidden_states=e).sample, want, atol=1e-5, rtol=0)
+    # and it trains from there: the new layers get gradients
+    new.train()
+    new(x, t, encoder_hidden_states=e).sample.pow(2).mean().backward()
+    assert new.up_blocks[1].resnets[1].conv2.weight.grad.abs().sum() > 0  # a new (identity) layer of the 8x8 level
+    with pytest.raises(ValueError, match=r"from layers_per_block \[1, 1, 1\] to \[1, 0, 1\] would remove layers"):
+        grow_unet(old, [1, 0, 1])
+    with pytest.raises(ValueError, match="names 2 levels; the UNet has 3"):
+        grow_unet(old, [2, 2])
 
 
 def test_timestep_shift_moves_training_toward_high_noise():

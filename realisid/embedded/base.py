@@ -157,10 +157,11 @@ def train_vae(vae, data: ImageSet, *, steps: int, batch_size: int, lr: float, cr
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(steps))
     n, R = len(data), data.images.shape[-1]
     crop = min(int(crop), R)
+    device = vae.device  # the images stay in host memory; each batch goes to the VAE's device
     prog = Progress("base VAE", steps)
     for i in range(int(steps)):
         idx = torch.randint(0, n, (batch_size,), generator=generator)
-        x, w = face_crops(data, idx, crop, generator)
+        x, w = (v.to(device) for v in face_crops(data, idx, crop, generator))
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample(generator=None)).sample
         err = rec - x
@@ -179,8 +180,10 @@ def train_vae(vae, data: ImageSet, *, steps: int, batch_size: int, lr: float, cr
 
 @torch.no_grad()
 def encode_moments(vae, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """Posterior parameters (mean and log-variance) of every image, float16 to halve the memory."""
-    out = [vae.encode(signed_from_uint8(images[i:i + batch_size])).latent_dist.parameters.half() for i in range(0, len(images), batch_size)]
+    """Posterior parameters (mean and log-variance) of every image, float16 to halve the memory, in host memory
+    whatever the VAE's device."""
+    out = [vae.encode(signed_from_uint8(images[i:i + batch_size]).to(vae.device)).latent_dist.parameters.half().cpu()
+           for i in range(0, len(images), batch_size)]
     return torch.cat(out)
 
 
@@ -200,8 +203,8 @@ def reconstruction_mse(vae, data: ImageSet, count: int = 64, batch_size: int = 6
     total, face, face_px, n = 0.0, 0.0, 0.0, min(int(count), len(data))
     for i in range(0, n, batch_size):
         j = min(i + batch_size, n)
-        x = signed_from_uint8(data.images[i:j])
-        err = (vae.decode(vae.encode(x).latent_dist.mean).sample - x) ** 2
+        x = signed_from_uint8(data.images[i:j]).to(vae.device)
+        err = ((vae.decode(vae.encode(x).latent_dist.mean).sample - x) ** 2).cpu()
         mask = torch.zeros_like(err[:, :1])
         for k, (x0, y0, x1, y1) in enumerate(data.boxes[i:j].tolist()):
             mask[k, :, int(y0):int(math.ceil(y1)), int(x0):int(math.ceil(x1))] = 1.0
@@ -288,6 +291,7 @@ def train_unet(bb, moments: torch.Tensor, data: ImageSet, *, steps: int, batch_s
     acp = noise_sched.alphas_cumprod.float()
     kind = noise_sched.config.prediction_type
     scale = float(bb.vae.config.scaling_factor)
+    device = unet.device  # latents, noise and timesteps are drawn on the host (so a seed gives the same run anywhere), then moved
     start, losses = 0, []
     if checkpoint and os.path.exists(checkpoint):
         state = torch.load(checkpoint, map_location="cpu", weights_only=False)
@@ -296,6 +300,7 @@ def train_unet(bb, moments: torch.Tensor, data: ImageSet, *, steps: int, batch_s
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         ema.load_state_dict(state["ema"])
+        ema.to(device)
         generator.set_state(state["generator"])
         start, losses = int(state["step"]), list(state["losses"])
         log.info("%s: resumed from %s at step %d", what, checkpoint, start)
@@ -307,17 +312,19 @@ def train_unet(bb, moments: torch.Tensor, data: ImageSet, *, steps: int, batch_s
         z = DiagonalGaussianDistribution(moments[idx].float()).sample(generator) * scale
         noise = torch.randn(z.shape, generator=generator)
         t = sample_timesteps(batch_size, noise_sched.config.num_train_timesteps, timestep_shift, generator)
+        snr_w = min_snr_weights(acp, t, min_snr_gamma, kind).to(device) if min_snr_gamma > 0 else None
+        z, noise, t = z.to(device), noise.to(device), t.to(device)
         caps = choose_captions([data.captions[k] for k in idx.tolist()], [data.captions_no_identity[k] for k in idx.tolist()],
                                caption_probs, generator)
         ids = bb.tokenizer(caps, padding="max_length", max_length=bb.tokenizer.model_max_length, truncation=True,
-                           return_tensors="pt").input_ids
+                           return_tensors="pt").input_ids.to(device)
         pred = unet(noise_sched.add_noise(z, noise, t), t, encoder_hidden_states=te(ids)[0], return_dict=False)[0]
         target = noise if kind == "epsilon" else noise_sched.get_velocity(z, noise, t)
         err = F.mse_loss(pred, target, reduction="none")
         if face_weight > 0:
-            err = err * head_weights(data.boxes[idx], data.images.shape[-1], z.shape[-1], face_weight)
+            err = err * head_weights(data.boxes[idx], data.images.shape[-1], z.shape[-1], face_weight).to(device)
         per_sample = err.mean(dim=(1, 2, 3))
-        loss = (per_sample * min_snr_weights(acp, t, min_snr_gamma, kind)).mean() if min_snr_gamma > 0 else per_sample.mean()
+        loss = (per_sample * snr_w).mean() if snr_w is not None else per_sample.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -364,14 +371,14 @@ def sample_base(bb, prompts: Sequence[str], *, steps: int = 30, guidance: float 
         sched = bb.sampling_scheduler("ddim")
         sched.set_timesteps(steps)
         text = bb.encode_text([""] * k + chunk)
-        g = torch.Generator().manual_seed(int(seed) + start)
-        lat = torch.randn((k, bb.latent_channels, R, R), generator=g) * sched.init_noise_sigma
+        g = torch.Generator().manual_seed(int(seed) + start)  # host noise: the same samples on any device
+        lat = torch.randn((k, bb.latent_channels, R, R), generator=g).to(bb.unet.device) * sched.init_noise_sigma
         for t in sched.timesteps:
             x = sched.scale_model_input(torch.cat([lat, lat]), t)
             eps = bb.unet(x, t, encoder_hidden_states=text.embeds, return_dict=False)[0]
             e_none, e_text = eps.chunk(2)
             lat = sched.step(e_none + guidance * (e_text - e_none), t, lat).prev_sample
-        out.append(bb.decode_latents(lat))
+        out.append(bb.decode_latents(lat).float().cpu())
     return torch.cat(out)
 
 
@@ -380,7 +387,7 @@ def vae_round_trip(vae, images: torch.Tensor, batch_size: int = 16) -> torch.Ten
     look like."""
     out = []
     for i in range(0, len(images), batch_size):
-        x = signed_from_uint8(images[i:i + batch_size])
+        x = signed_from_uint8(images[i:i + batch_size]).to(vae.device)
         rec = vae.decode(vae.encode(x).latent_dist.mean).sample
-        out.append(uint8_from_signed(rec))
+        out.append(uint8_from_signed(rec.float().cpu()))
     return torch.cat(out)

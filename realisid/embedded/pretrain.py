@@ -62,9 +62,11 @@ def pretrain(cfg: DictConfig) -> dict:
                               "synthetic": synthetic_shards(cfg), "machine": _machine(), "stages": {}}
     threads = int(p.threads) if p.get("threads") else torch.get_num_threads()
     torch.set_num_threads(threads)
+    device = training_device(p.get("device", "auto"))
+    record["device"] = str(device)
     resolution = int(cfg.data.resolution)
     data = B.load_image_set(shard_urls(cfg, "train"), resolution)
-    log.info("pretrain: %d training images at %d px, %d threads", len(data), resolution, threads)
+    log.info("pretrain: %d training images at %d px, %d threads; VAE, UNet and samples on %s", len(data), resolution, threads, device)
     if p.get("from_shipped"):
         seeded = seed_from_shipped(cfg, str(p.from_shipped), work)
         log.info("pretrain: stages %s taken from %s as they shipped", ", ".join(seeded) or "(none: all were already done)",
@@ -77,12 +79,15 @@ def pretrain(cfg: DictConfig) -> dict:
     if stats is None:
         t0 = time.perf_counter()
         g = torch.Generator().manual_seed(seed)
+        bb.vae.to(device)
         stats = B.train_vae(bb.vae, data, steps=int(p.vae.steps), batch_size=int(p.vae.batch_size), lr=float(p.vae.lr),
                             crop=int(p.vae.crop), kl_weight=float(p.vae.kl_weight), generator=g)
         moments = B.encode_moments(bb.vae, data.images)
         stats["latent_scale"] = B.set_latent_scale(bb.vae, moments)
         stats["recon_mse"] = B.reconstruction_mse(bb.vae, data)
         stats["seconds"] = round(time.perf_counter() - t0, 1)
+        stats["device"] = str(device)
+        bb.vae.to("cpu")
         bb.vae.save_pretrained(vae_dir)
         torch.save(moments, os.path.join(vae_dir, "moments.pt"))
         _mark(vae_dir, stats)
@@ -101,7 +106,7 @@ def pretrain(cfg: DictConfig) -> dict:
     u = p.unet
     base_dir = os.path.join(work, "tiny-sd")
     record["stages"]["unet"] = _unet_stage(bb, moments, data, u, base_dir, seed=seed + 1, steps=int(u.steps), batch_size=int(u.batch_size),
-                                           lr=float(u.lr), checkpoint=os.path.join(work, "unet-stage.pt"))
+                                           lr=float(u.lr), checkpoint=os.path.join(work, "unet-stage.pt"), device=device)
     bb = _phase_result(base_dir, bb)  # what users load: the float16-stored UNet, read back as float32
     for key, folder, stage_file, offset, what in CONTINUATIONS:
         r = p.get(key)
@@ -110,7 +115,7 @@ def pretrain(cfg: DictConfig) -> dict:
         base_dir = os.path.join(work, folder)
         record["stages"][key] = _unet_stage(bb, moments, data, u, base_dir, seed=seed + offset, steps=int(r.steps), batch_size=int(r.batch_size),
                                             lr=float(r.lr), checkpoint=os.path.join(work, stage_file), timestep_shift=float(r.timestep_shift),
-                                            face_weight=float(r.face_weight), what=what)
+                                            face_weight=float(r.face_weight), what=what, device=device)
         bb = _phase_result(base_dir, bb)
 
     # ---- 4. stand-in identity encoders
@@ -153,7 +158,8 @@ def pretrain(cfg: DictConfig) -> dict:
     c = p.check
     prompts = held_out_captions(val.captions, int(c.samples), seed)
     t0 = time.perf_counter()
-    images, found = base_check(bb, analyzer, prompts, steps=int(c.steps), guidance=float(c.guidance), seed=seed)
+    images, found = base_check(bb.to(device), analyzer, prompts, steps=int(c.steps), guidance=float(c.guidance), seed=seed)
+    bb.to("cpu")
     record["base_check"] = {"prompts": prompts, "faces_found": [bool(f) for f in found], "found": int(sum(found)), "samples": len(found),
                             "steps": int(c.steps), "guidance": float(c.guidance), "seconds": round(time.perf_counter() - t0, 1)}
     log.info("pretrain: the base drew a face the analyzer found in %d of %d samples from held-out captions", sum(found), len(found))
@@ -180,22 +186,38 @@ def pretrain(cfg: DictConfig) -> dict:
 
 
 def _unet_stage(bb, moments, data, u: DictConfig, out_dir: str, *, seed: int, steps: int, batch_size: int, lr: float,
-                checkpoint: str, timestep_shift: float = 1.0, face_weight: float = 0.0, what: str = "base UNet") -> dict:
-    """One cached UNet stage: train ``bb`` from the weights it holds (shared settings from ``pretrain.unet``), save
-    the EMA weights to ``out_dir`` with the UNet in float16; a finished stage is only read back."""
+                checkpoint: str, timestep_shift: float = 1.0, face_weight: float = 0.0, what: str = "base UNet",
+                device: torch.device = torch.device("cpu")) -> dict:
+    """One cached UNet stage: train ``bb`` from the weights it holds (shared settings from ``pretrain.unet``) on
+    ``device``, save the EMA weights to ``out_dir`` with the UNet in float16; a finished stage is only read back."""
     stats = _stage_done(out_dir)
     if stats is not None:
         return stats
     t0 = time.perf_counter()
+    bb.to(device)
     stats = B.train_unet(bb, moments, data, steps=steps, batch_size=batch_size, lr=lr, weight_decay=float(u.weight_decay),
                          ema_decay=float(u.ema_decay), min_snr_gamma=float(u.min_snr_gamma),
                          caption_probs=OmegaConf.to_container(u.captions), generator=torch.Generator().manual_seed(seed),
                          checkpoint=checkpoint, checkpoint_every=int(u.checkpoint_every), timestep_shift=timestep_shift,
                          face_weight=face_weight, what=what)
     stats["seconds"] = round(time.perf_counter() - t0, 1)
+    stats["device"] = str(device)
+    bb.to("cpu")
     save_backbone(bb, out_dir, half_unet=True)
     _mark(out_dir, stats)
     return stats
+
+
+def training_device(setting) -> torch.device:
+    """``pretrain.device``: ``auto`` (a GPU when there is one), ``cpu``, ``cuda`` or ``cuda:N``. On a GPU, float32
+    matrix products use TF32 (the models stay float32; the weights ship as they always do)."""
+    from realisid.pipeline import resolve_device
+
+    device = resolve_device(None if setting is None else str(setting), what="pretrain.device")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return device
 
 
 def _phase_result(base_dir: str, bb):
@@ -214,8 +236,11 @@ def seed_from_shipped(cfg: DictConfig, source: str, work: str) -> list[str]:
     """Mark the stages that the assets in ``source`` (a folder ``make pretrain`` wrote: ``realisid/assets/``) already
     hold as done in ``work``, so that ``make pretrain`` only trains what comes after them, e.g. ``pretrain.unet_more``
     from the shipped base instead of the whole 3.5 h recipe. A stage is taken over only when the shipped record's
-    recipe, architecture and synthetic data equal this config's; stages already done in ``work`` are left alone.
-    Returns the stages taken over."""
+    recipe and synthetic data equal this config's, and the architecture it depends on: the VAE, the encoders and the
+    analyzer need the same VAE; the UNet phases the same base architecture, or one whose UNet only has more layers per
+    level (the shipped UNet is then grown into it, see :mod:`realisid.models.grow`). With any other UNet or text
+    encoder the UNet phases train from scratch on the shipped VAE's latents. Stages already done in ``work`` are left
+    alone. Returns the stages taken over."""
     from realisid.embedded.assets import pretrained_record
 
     rec = pretrained_record(source)
@@ -225,15 +250,25 @@ def seed_from_shipped(cfg: DictConfig, source: str, work: str) -> list[str]:
     p = cfg.pretrain
     mine = {"architecture": OmegaConf.to_container(cfg.model.tiny, resolve=True),
             "synthetic": OmegaConf.to_container(cfg.prepare.synthetic, resolve=True)}
-    for what, theirs in (("architecture", rec.get("architecture")), ("synthetic", (rec.get("synthetic") or {}).get("settings"))):
-        if theirs != mine[what]:
-            raise ValueError(f"pretrain.from_shipped={source}: its models were trained with other {what} settings "
-                             f"({_differences(theirs, mine[what])}); drop pretrain.from_shipped to train every stage for these settings")
-    shipped = [k for k in ("unet", *(c[0] for c in CONTINUATIONS)) if k in rec.get("stages", {})]
-    if not shipped:
+    theirs = {"architecture": rec.get("architecture") or {}, "synthetic": (rec.get("synthetic") or {}).get("settings")}
+    if theirs["synthetic"] != mine["synthetic"]:
+        raise ValueError(f"pretrain.from_shipped={source}: its models were trained with other synthetic settings "
+                         f"({_differences(theirs['synthetic'], mine['synthetic'])}); drop pretrain.from_shipped to train every stage for these settings")
+    t_vae, m_vae = theirs["architecture"].get("vae"), mine["architecture"].get("vae")
+    if t_vae != m_vae:
+        raise ValueError(f"pretrain.from_shipped={source}: its VAE was built with other settings ({_differences(t_vae, m_vae)}); every "
+                         "shipped model learned from that VAE's latents or pictures, so none carries over: drop pretrain.from_shipped")
+    grow = _growth(theirs["architecture"], mine["architecture"])
+    unet_carries = theirs["architecture"] == mine["architecture"] or grow is not None
+    shipped = [k for k in ("unet", *(c[0] for c in CONTINUATIONS)) if k in rec.get("stages", {})] if unet_carries else []
+    if unet_carries and not shipped:
         raise ValueError(f"pretrain.from_shipped={source}: its {RECORD} records no UNet stage, so there is no base to continue; "
                          "drop pretrain.from_shipped to train every stage")
-    last = shipped[-1]
+    if not unet_carries:
+        log.info("pretrain.from_shipped: the base's UNet or text encoder differs from the shipped one (%s); its phases train from "
+                 "scratch on the shipped VAE's latents", _differences({k: v for k, v in theirs["architecture"].items() if k != "vae"},
+                                                                     {k: v for k, v in mine["architecture"].items() if k != "vae"}))
+    last = shipped[-1] if shipped else None
     folders = {"unet": "tiny-sd", **{key: folder for key, folder, *_ in CONTINUATIONS}}
     taken: list[str] = []
     for stage in ("vae", *shipped, "standin-arcface", "standin-arcface-eval", "synthetic-face-analyzer"):
@@ -260,6 +295,8 @@ def seed_from_shipped(cfg: DictConfig, source: str, work: str) -> list[str]:
                 shutil.rmtree(dst)  # an unfinished stage: replaced by the finished one
             shutil.copytree(src, dst, ignore=shutil.ignore_patterns("DONE.json"))
         note = {"seeded_from": os.path.abspath(source)}
+        if grow and stage == last:
+            note["grown"] = _grow_saved_unet(dst, grow)
         if src is None:
             note["weights"] = f"not shipped: phase '{last}' continued from them and holds the result"
         _mark(dst, {**rec["stages"][stage], **note})
@@ -267,12 +304,46 @@ def seed_from_shipped(cfg: DictConfig, source: str, work: str) -> list[str]:
     return taken
 
 
-def _differences(theirs, mine) -> str:
+def _growth(theirs, mine):
+    """``model.tiny.unet.layers_per_block`` of ``mine`` when that is the one way two architecture records differ and
+    it adds layers (so the shipped UNet can be grown into it, see :mod:`realisid.models.grow`); else None."""
+    if not (isinstance(theirs, dict) and isinstance(mine, dict)) or theirs == mine:
+        return None
+    key = "layers_per_block"
+    t_unet, m_unet = theirs.get("unet") or {}, mine.get("unet") or {}
+    same_rest = ({k: v for k, v in theirs.items() if k != "unet"} == {k: v for k, v in mine.items() if k != "unet"}
+                 and {k: v for k, v in t_unet.items() if k != key} == {k: v for k, v in m_unet.items() if k != key})
+    if not same_rest or key not in t_unet or key not in m_unet:
+        return None
+    from realisid.models.grow import per_level
+
+    levels = len(m_unet.get("block_out_channels", []))
+    before, after = per_level(t_unet[key], levels), per_level(m_unet[key], levels)
+    return after if all(a >= b for a, b in zip(after, before)) and after != before else None
+
+
+def _grow_saved_unet(folder: str, layers: list[int]) -> dict:
+    """Grow the UNet saved in the diffusers ``folder`` to ``layers`` per level in place (float16, as shipped)."""
+    from diffusers import UNet2DConditionModel
+
+    from realisid.models.grow import grow_unet
+
+    old = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch.float32)
+    before = list(old.config.layers_per_block) if not isinstance(old.config.layers_per_block, int) else old.config.layers_per_block
+    grown = grow_unet(old, layers)
+    shutil.rmtree(os.path.join(folder, "unet"))
+    grown.to(torch.float16).save_pretrained(os.path.join(folder, "unet"))
+    log.info("pretrain: grew the shipped UNet from layers_per_block %s to %s (%.2f M -> %.2f M parameters; the same output until it trains)",
+             before, layers, sum(q.numel() for q in old.parameters()) / 1e6, sum(q.numel() for q in grown.parameters()) / 1e6)
+    return {"layers_per_block": {"from": before, "to": list(layers)}}
+
+
+def _differences(theirs, mine, prefix: str = "") -> str:
+    """What differs between two settings records, as ``key.sub: shipped X, here Y`` (nested keys dotted)."""
     if isinstance(theirs, dict) and isinstance(mine, dict):
         keys = sorted(set(theirs) | set(mine), key=str)
-        diff = [f"{k}: shipped {theirs.get(k)!r}, here {mine.get(k)!r}" for k in keys if theirs.get(k) != mine.get(k)]
-        return "; ".join(diff)
-    return f"shipped {theirs!r}, here {mine!r}"
+        return "; ".join(_differences(theirs.get(k), mine.get(k), f"{prefix}{k}.") for k in keys if theirs.get(k) != mine.get(k))
+    return f"{prefix[:-1]}: shipped {theirs!r}, here {mine!r}" if prefix else f"shipped {theirs!r}, here {mine!r}"
 
 
 @torch.no_grad()
