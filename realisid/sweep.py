@@ -96,6 +96,26 @@ def sets_seed(override) -> bool:
     return str(override).split("=", 1)[0].strip() == "experiment.seed"
 
 
+def stale_settings(cfg, run_dir: str, overrides) -> str:
+    """The settings the sweep gives a run (its ``key=value`` overrides) that a finished run's saved config holds with
+    another value, as ``key: saved -> now`` ('' when none): a finished run is reused only for the settings it was
+    trained with."""
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.exists(path):
+        return ""
+    saved = OmegaConf.load(path)
+    out = []
+    for key in dict.fromkeys(str(o).split("=", 1)[0].strip() for o in overrides):
+        was, now = (_plain_value(OmegaConf.select(c, key, default=None)) for c in (saved, cfg))
+        if was != now:
+            out.append(f"{key}: {was!r} -> {now!r}")
+    return ", ".join(out)
+
+
+def _plain_value(v):
+    return OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+
+
 def continued_run(spec) -> list[str]:
     """A sweep run's ``continue: <sweep>/<run>`` as its parts ([] when the run has no ``continue``; load_sweep
     refuses any other count than two, an empty value included)."""
@@ -192,6 +212,10 @@ def run_sweep(name: str, extra_overrides=(), seed: int | None = None) -> dict:
         bins = list(bins_from_config(cfg.bins))
         run_dir = os.path.join(cfg.experiment.runs_dir, "sweeps", str(sw.name), run_name)  # checkpoints stay out of results
         if os.path.exists(os.path.join(run_dir, "DONE")):
+            stale = stale_settings(cfg, run_dir, overrides)
+            if stale:
+                raise ConfigError(f"sweep {sw.name}: {run_dir} is finished, but it was trained with other settings than the sweep "
+                                  f"sets now ({stale}); delete {run_dir} to train it again with them, or set them back")
             log.info("sweep %s: %s already done, skipped", sw.name, run_name)
         else:
             res = {}

@@ -141,6 +141,11 @@ runs:
     monkeypatch.setattr(realisid.sweep, "train", lambda *a, **k: calls.append(a))
     run_sweep(str(sweep))
     assert calls == []  # both runs were DONE
+    # the sweep file edited after its runs finished: a finished run trained with other settings is not reused silently
+    sweep.write_text(sweep.read_text().replace("trainer.max_steps=2,", "trainer.max_steps=3,"))
+    with pytest.raises(ConfigError, match=r"local_only is finished, but .*\(trainer.max_steps: 2 -> 3\); delete .*local_only"):
+        run_sweep(str(sweep))
+    assert calls == []
 
 
 def test_an_interrupted_sweep_run_is_neither_benchmarked_nor_marked_done(tmp_path, monkeypatch):
