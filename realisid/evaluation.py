@@ -60,10 +60,14 @@ class Evaluator:
         self.standin_faces = hasattr(analyzer, "detect_in_box")
 
     def describe(self) -> dict[str, str]:
-        return {"conditioning identity encoder": self.conditioning_name, "evaluation face analyzer": self.analyzer.name,
-                "FID features": self.fid_name,
-                "location / pose": "not measured (stand-in analyzer takes faces at their target boxes)" if self.standin_faces
-                else f"measured by {self.analyzer.name}"}
+        out = {"conditioning identity encoder": self.conditioning_name, "evaluation face analyzer": self.analyzer.name,
+               "FID features": self.fid_name,
+               "location / pose": "not measured (stand-in analyzer takes faces at their target boxes)" if self.standin_faces
+               else f"measured by {self.analyzer.name}"}
+        thresh = next((getattr(self.analyzer, k) for k in ("det_thresh", "threshold") if getattr(self.analyzer, k, None) is not None), None)
+        if thresh is not None:  # what counts as found (faces.det_thresh)
+            out["face detection threshold"] = f"{float(thresh):g}"
+        return out
 
     def reference_embedding(self, ref: np.ndarray) -> np.ndarray:
         """Evaluation-encoder embedding of a reference face crop (cut by ``identity_crop``, so the face is its

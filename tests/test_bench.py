@@ -77,6 +77,20 @@ def test_scale_bench_writes_tables_and_plots(face_shards, eval_standin, tmp_path
     assert "evaluation face analyzer" in table and "standin" in table and "do not fit" in table
     assert "n/a" in table  # found-rate is not measured by the stand-in analyzer, and the table says so
     assert res["header"]["conditioning identity encoder"] != res["header"]["evaluation face analyzer"]
+    assert "face detection threshold" not in res["header"]  # the stand-in takes faces at their boxes: nothing is detected
+
+
+def test_the_bench_header_names_the_detection_threshold_that_decides_found():
+    from types import SimpleNamespace
+
+    from realisid.evaluation import Evaluator
+
+    def header(**analyzer):
+        return Evaluator(SimpleNamespace(name="a", **analyzer), None, None, "f", "c").describe()
+
+    assert header(threshold=0.5)["face detection threshold"] == "0.5"  # the synthetic analyzer (faces.det_thresh=0.5)
+    assert header(det_thresh=0.6, threshold=None)["face detection threshold"] == "0.6"  # insightface, dlib, yunet
+    assert "face detection threshold" not in header()
 
 
 @pytest.mark.slow
