@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     ap.add_argument("--captions", type=int, default=60, help="distinct held-out captions")
     ap.add_argument("--seeds", default="1,2", help="sampling seeds, comma-separated (each seed samples every caption)")
     ap.add_argument("--thresholds", default=None, help="detection thresholds, comma-separated (default: the analyzer's own)")
-    ap.add_argument("--real", type=int, default=960, help="held-out real photos for the recall at each threshold")
+    ap.add_argument("--real", type=int, default=960, help="held-out real photos for the recall at each threshold (0: none)")
     ap.add_argument("--out", default=os.path.join("benchmarks", "results", f"{dt.date.today().isoformat()}-base-found-rate"))
     args = ap.parse_args(argv)
     bases = args.bases or [asset_path("tiny-sd")]
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
         rows.append(row)
         print(f"{b}: " + "; ".join(f"threshold {t}: a face in {v['found']} of {len(scores)} samples ({v['found_rate']:.2f}, 95% "
                                    f"[{v['ci95'][0]:.2f}, {v['ci95'][1]:.2f}])" for t, v in row["by_threshold"].items()), flush=True)
-    real = real_recall(analyzer, val, bins_from_config(cfg.bins), thresholds, args.real) if len(thresholds) > 1 else None
+    real = real_recall(analyzer, val, bins_from_config(cfg.bins), thresholds, args.real) if len(thresholds) > 1 and args.real > 0 else None
     record = {"what": "found-rate of samples from held-out captions, synthetic face analyzer (stand-in)",
               "command": "python benchmarks/base_found_rate.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "captions": args.captions, "seeds": seeds, "steps": 30, "guidance": 5.0, "thresholds": thresholds, "analyzer_threshold": own,
