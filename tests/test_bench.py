@@ -289,7 +289,7 @@ def test_reference_offset_chooses_other_identities_and_the_largest_face_of_each(
         reference_faces(examples, 2, 32, offset=-1)
 
 
-def test_bench_only_runs_the_named_settings_and_names_the_choices(monkeypatch, capsys):
+def test_bench_only_runs_the_named_settings_and_names_the_choices(monkeypatch, capsys, tmp_path):
     """`realisid bench --only` picks settings of bench.settings (one added by an override included); an unknown name
     fails before anything trains or samples, listing the settings there are."""
     import realisid.bench
@@ -307,3 +307,18 @@ def test_bench_only_runs_the_named_settings_and_names_the_choices(monkeypatch, c
     monkeypatch.setattr(realisid.bench, "run_bench", lambda *a, **k: called.append(k) or {"plots": []})
     assert main(["bench", "joint", "--only", "nope", "--run", "runs/none"]) == 2
     assert "local_only" in capsys.readouterr().err and called == []
+    # key=value overrides after the options are overrides still (argparse alone would refuse them)
+    def fake_bench(cfg, run, out, **k):
+        os.makedirs(out, exist_ok=True)
+        open(os.path.join(out, "table.md"), "w").write("| fake |\n")
+        called.append(k)
+        return {"plots": []}
+
+    monkeypatch.setattr(realisid.bench, "run_bench", fake_bench)
+    assert main(["bench", "joint", "--only", "id9", "--run", "runs/none", "--out", str(tmp_path / "b"),
+                 "bench.settings.id9={guidance_id: 9.0}"]) == 0
+    assert called and called[-1]["settings"] == {"id9": {"guidance_id": 9.0}}
+    assert main(["bench", "joint", "--run", "runs/none", "bench.stepz=2"]) == 2
+    assert "unknown key 'bench.stepz'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # not an override: argparse's own refusal
+        main(["bench", "joint", "--run", "runs/none", "stray"])

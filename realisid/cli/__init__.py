@@ -60,7 +60,14 @@ def box_values_as_options(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     from realisid.config import ConfigError
 
-    args = build_parser().parse_args(box_values_as_options(list(sys.argv[1:] if argv is None else argv)))
+    argv = box_values_as_options(list(sys.argv[1:] if argv is None else argv))
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides after an option (argparse takes positionals only before them): still overrides
+        late = [a for a in extra if "=" in a and not a.startswith("-")]
+        if late != extra or not hasattr(args, "overrides"):
+            parser.parse_args(argv)  # argparse's own message for what is not an override
+        args.overrides = list(args.overrides or []) + late
     _setup_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
