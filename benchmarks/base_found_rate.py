@@ -73,9 +73,10 @@ def main(argv=None) -> int:
     synthetic_shards(cfg)  # the held-out shards (drawn on the first run, as `make train` does)
     val = load_image_set(shard_urls(cfg, "val"), int(cfg.data.resolution))
     prompts = held_out_captions(val.captions, args.captions, seed=5)
-    own = load_synthetic_analyzer(asset_path("synthetic-face-analyzer")).threshold
+    analyzer = load_synthetic_analyzer(asset_path("synthetic-face-analyzer"))
+    own = analyzer.threshold
     thresholds = parse_thresholds(args.thresholds, own)
-    analyzer = load_synthetic_analyzer(asset_path("synthetic-face-analyzer"), threshold=0.0)  # every peak: found at t = best score >= t
+    analyzer.threshold = 0.0  # every peak: found at t means best score >= t
     os.makedirs(args.out, exist_ok=True)
     rows = []
     for b in bases:

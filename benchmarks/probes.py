@@ -40,6 +40,13 @@ def probe_out(args, kind: str) -> tuple[str, str]:
     return name, out
 
 
+def save_probe(out: str, record: dict, write_summary) -> None:
+    """The probe's results.json in ``out``, then the table of every probe one folder up rewritten."""
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(record, f, indent=2)
+    write_summary(os.path.dirname(os.path.abspath(out)))
+
+
 def read_probes(folder: str, modes) -> list[tuple[str, dict]]:
     """(name, results) of every sub-folder of ``folder`` holding a results.json, in ``modes`` order, then by name."""
     rows = []

@@ -27,7 +27,6 @@ diffusers folder (the shipped VAE, the probe's UNet and text encoder), which ``b
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import os
 import platform
@@ -41,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from base_found_rate import wilson  # noqa: E402
-from probes import probe_out, probe_parser, read_probes, summary_only  # noqa: E402
+from probes import probe_out, probe_parser, read_probes, save_probe, summary_only  # noqa: E402
 from realisid.config import load_config  # noqa: E402
 from realisid.embedded import base as B  # noqa: E402
 from realisid.embedded.analyzer import load_synthetic_analyzer  # noqa: E402
@@ -49,6 +48,7 @@ from realisid.embedded.assets import asset_path  # noqa: E402
 from realisid.embedded.check import base_check, held_out_captions, save_framed_grid  # noqa: E402
 from realisid.embedded.stages import shard_urls, synthetic_shards  # noqa: E402
 from realisid.models.backbone import build_tiny_backbone, load_pretrained_backbone, save_backbone  # noqa: E402
+from realisid.models.grow import layers_setting  # noqa: E402
 
 MODES = ("shipped", "scratch")
 BANDS = ((0, 200), (200, 400), (400, 600), (600, 800), (800, 1000))  # training timesteps: low noise (detail) .. pure noise (layout)
@@ -118,9 +118,7 @@ def write_summary(folder: str) -> str:
 
 
 def _shape(unet) -> str:
-    c = unet.config
-    layers = c.layers_per_block if isinstance(c.layers_per_block, int) else list(c.layers_per_block)
-    return f"{list(c.block_out_channels)}, layers {layers}"
+    return f"{list(unet.config.block_out_channels)}, layers {layers_setting(unet.config)}"
 
 
 def main(argv=None) -> int:
@@ -178,9 +176,7 @@ def main(argv=None) -> int:
     k = int(sum(bool(f) for f in found))
     record["found"] = {"found": k, "samples": len(found), "rate": k / len(found), "ci95": list(wilson(k, len(found)))}
     save_framed_grid(images[:10], found[:10], os.path.join(out, "samples.png"), nrow=10)
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(record, f, indent=2)
-    write_summary(os.path.dirname(os.path.abspath(out)))
+    save_probe(out, record, write_summary)
     head = " ".join(f"{v['head']:.4f}" for v in record["held_out_loss"].values())
     print(f"{name}: {record['unet_shape']}, {record['parameters'] / 1e6:.2f} M params; held-out head loss by band {head}; "
           f"faces found {k} of {len(found)}; {out}")

@@ -24,7 +24,6 @@ probe there (``--summary DIR`` rewrites it alone).
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import os
 import platform
@@ -37,7 +36,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from probes import probe_out, probe_parser, read_probes, summary_only  # noqa: E402
+from probes import probe_out, probe_parser, read_probes, save_probe, summary_only  # noqa: E402
 from realisid.config import load_config  # noqa: E402
 from realisid.embedded import base as B  # noqa: E402
 from realisid.embedded.assets import asset_path  # noqa: E402
@@ -112,9 +111,7 @@ def main(argv=None) -> int:
         record["mse_after"] = B.reconstruction_mse(vae, val, count=args.count)
     with torch.no_grad():
         save_round_trip(examples, B.vae_round_trip(vae, examples), os.path.join(out, "round_trip.png"))
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(record, f, indent=2)
-    write_summary(os.path.dirname(os.path.abspath(out)))
+    save_probe(out, record, write_summary)
     after = record.get("mse_after", before)
     print(f"{name}: held-out face MSE {before['face']:.4f} -> {after['face']:.4f}, image {before['image']:.5f} -> "
           f"{after['image']:.5f}; {out}")

@@ -64,7 +64,9 @@ class Evaluator:
                "FID features": self.fid_name,
                "location / pose": "not measured (stand-in analyzer takes faces at their target boxes)" if self.standin_faces
                else f"measured by {self.analyzer.name}"}
-        thresh = next((getattr(self.analyzer, k) for k in ("det_thresh", "threshold") if getattr(self.analyzer, k, None) is not None), None)
+        thresh = getattr(self.analyzer, "det_thresh", None)  # insightface, yunet-sface, dlib
+        if thresh is None:
+            thresh = getattr(self.analyzer, "threshold", None)  # the synthetic analyzer
         if thresh is not None:  # what counts as found (faces.det_thresh)
             out["face detection threshold"] = f"{float(thresh):g}"
         return out

@@ -91,9 +91,14 @@ def replicate(sw, seed: int):
     return out
 
 
+def override_key(override) -> str:
+    """The key of a ``key=value`` override."""
+    return str(override).split("=", 1)[0].strip()
+
+
 def sets_seed(override) -> bool:
     """Whether a ``key=value`` override sets the training seed."""
-    return str(override).split("=", 1)[0].strip() == "experiment.seed"
+    return override_key(override) == "experiment.seed"
 
 
 def stale_settings(cfg, run_dir: str, overrides) -> str:
@@ -105,7 +110,7 @@ def stale_settings(cfg, run_dir: str, overrides) -> str:
         return ""
     saved = OmegaConf.load(path)
     out = []
-    for key in dict.fromkeys(str(o).split("=", 1)[0].strip() for o in overrides):
+    for key in dict.fromkeys(override_key(o) for o in overrides):
         was, now = (_plain_value(OmegaConf.select(c, key, default=None)) for c in (saved, cfg))
         if was != now:
             out.append(f"{key}: {was!r} -> {now!r}")

@@ -264,10 +264,9 @@ def seed_from_shipped(cfg: DictConfig, source: str, work: str) -> list[str]:
     if unet_carries and not shipped:
         raise ValueError(f"pretrain.from_shipped={source}: its {RECORD} records no UNet stage, so there is no base to continue; "
                          "drop pretrain.from_shipped to train every stage")
-    if not unet_carries:
+    if not unet_carries:  # the VAEs are equal (checked above), so what differs is the UNet or the text encoder
         log.info("pretrain.from_shipped: the base's UNet or text encoder differs from the shipped one (%s); its phases train from "
-                 "scratch on the shipped VAE's latents", _differences({k: v for k, v in theirs["architecture"].items() if k != "vae"},
-                                                                     {k: v for k, v in mine["architecture"].items() if k != "vae"}))
+                 "scratch on the shipped VAE's latents", _differences(theirs["architecture"], mine["architecture"]))
     last = shipped[-1] if shipped else None
     folders = {"unet": "tiny-sd", **{key: folder for key, folder, *_ in CONTINUATIONS}}
     taken: list[str] = []
@@ -311,9 +310,11 @@ def _growth(theirs, mine):
         return None
     key = "layers_per_block"
     t_unet, m_unet = theirs.get("unet") or {}, mine.get("unet") or {}
-    same_rest = ({k: v for k, v in theirs.items() if k != "unet"} == {k: v for k, v in mine.items() if k != "unet"}
-                 and {k: v for k, v in t_unet.items() if k != key} == {k: v for k, v in m_unet.items() if k != key})
-    if not same_rest or key not in t_unet or key not in m_unet:
+
+    def without_layers(arch: dict, unet: dict) -> dict:
+        return {**arch, "unet": {k: v for k, v in unet.items() if k != key}}
+
+    if without_layers(theirs, t_unet) != without_layers(mine, m_unet) or key not in t_unet or key not in m_unet:
         return None
     from realisid.models.grow import per_level
 
@@ -326,10 +327,10 @@ def _grow_saved_unet(folder: str, layers: list[int]) -> dict:
     """Grow the UNet saved in the diffusers ``folder`` to ``layers`` per level in place (float16, as shipped)."""
     from diffusers import UNet2DConditionModel
 
-    from realisid.models.grow import grow_unet
+    from realisid.models.grow import grow_unet, layers_setting
 
     old = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch.float32)
-    before = list(old.config.layers_per_block) if not isinstance(old.config.layers_per_block, int) else old.config.layers_per_block
+    before = layers_setting(old.config)
     grown = grow_unet(old, layers)
     shutil.rmtree(os.path.join(folder, "unet"))
     grown.to(torch.float16).save_pretrained(os.path.join(folder, "unet"))

@@ -34,6 +34,12 @@ def per_level(value, levels: int) -> list[int]:
     return out
 
 
+def layers_setting(config) -> int | list[int]:
+    """A UNet config's ``layers_per_block`` as written: one number, or a list (diffusers keeps a tuple)."""
+    value = config.layers_per_block
+    return value if isinstance(value, int) else list(value)
+
+
 def grow_unet(old, layers_per_block: int | Sequence[int]):
     """A copy of ``old`` (a diffusers ``UNet2DConditionModel``) with ``layers_per_block`` layers per level (each at
     least the old count), computing the same function; see the module docstring."""
