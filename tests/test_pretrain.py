@@ -110,6 +110,11 @@ def test_pretrain_then_train_on_the_prepared_default(tmp_path):
     # a second run finds every stage done and only rewrites the assets
     again = pretrain(load_config("base", overrides + ["pretrain.unet_more.steps=0"]))
     assert json.dumps(again["stages"], sort_keys=True) == json.dumps(rec["stages"], sort_keys=True)  # NaN-safe
+    # that work folder's stages were trained for this model.tiny: another shape is refused there before anything trains
+    assert json.loads((tmp_path / "work" / "ARCHITECTURE.json").read_text()) == rec["architecture"]
+    with pytest.raises(ValueError, match=r"work_dir=.*work holds stages trained for another model.tiny "
+                                         r"\(unet.block_out_channels: there \[64, 128, 160\], here \[64, 64, 96\]\); give"):
+        pretrain(load_config("base", overrides + ["model.tiny.unet.block_out_channels=[64,64,96]"]))
 
     from realisid.pipeline import Person, RealisIDPipeline
     from realisid.train import train

@@ -39,6 +39,7 @@ from realisid.embedded.check import base_check, held_out_captions, save_framed_g
 from realisid.embedded.stages import mark_done as _mark, shard_urls, stage_done as _stage_done, synthetic_shards
 from realisid.embedded.standin import train_standin
 from realisid.geometry import bins_from_config
+from realisid.io import atomic_write_json
 from realisid.models.backbone import build_tiny_backbone, load_pretrained_backbone, save_backbone
 
 log = logging.getLogger(__name__)
@@ -57,8 +58,9 @@ def pretrain(cfg: DictConfig) -> dict:
     work, out = str(p.work_dir), str(p.out_dir)
     os.makedirs(work, exist_ok=True)
     t_all = time.perf_counter()
-    record: dict[str, Any] = {"recipe": OmegaConf.to_container(p, resolve=True),
-                              "architecture": OmegaConf.to_container(cfg.model.tiny, resolve=True),
+    architecture = OmegaConf.to_container(cfg.model.tiny, resolve=True)
+    claim_work_dir(work, architecture)
+    record: dict[str, Any] = {"recipe": OmegaConf.to_container(p, resolve=True), "architecture": architecture,
                               "synthetic": synthetic_shards(cfg), "machine": _machine(), "stages": {}}
     threads = int(p.threads) if p.get("threads") else torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -220,6 +222,25 @@ def training_device(setting) -> torch.device:
     return device
 
 
+WORK_ARCHITECTURE = "ARCHITECTURE.json"
+
+
+def claim_work_dir(work: str, architecture: dict) -> None:
+    """A work folder's finished stages are reused as they are, so they must have been trained for this config's
+    ``model.tiny``: the first run records it in ``work/ARCHITECTURE.json``, a later run with another one is refused
+    before anything trains (a folder from before the record existed is claimed as it stands)."""
+    path = os.path.join(work, WORK_ARCHITECTURE)
+    if os.path.exists(path):
+        with open(path) as f:
+            theirs = json.load(f)
+        if theirs != architecture:
+            raise ValueError(f"pretrain.work_dir={work} holds stages trained for another model.tiny "
+                             f"({_differences(theirs, architecture, there='there')}); give this architecture its own "
+                             "pretrain.work_dir (and pretrain.out_dir), or set model.tiny back")
+        return
+    atomic_write_json(path, architecture)
+
+
 def _phase_result(base_dir: str, bb):
     """The UNet phase's saved weights; a phase taken over from shipped assets that only shipped a later phase has a
     record and no weights, and the later phase's folder holds them."""
@@ -339,12 +360,13 @@ def _grow_saved_unet(folder: str, layers: list[int]) -> dict:
     return {"layers_per_block": {"from": before, "to": list(layers)}}
 
 
-def _differences(theirs, mine, prefix: str = "") -> str:
-    """What differs between two settings records, as ``key.sub: shipped X, here Y`` (nested keys dotted)."""
+def _differences(theirs, mine, prefix: str = "", there: str = "shipped") -> str:
+    """What differs between two settings records, as ``key.sub: shipped X, here Y`` (nested keys dotted; ``there``
+    names where ``theirs`` comes from)."""
     if isinstance(theirs, dict) and isinstance(mine, dict):
         keys = sorted(set(theirs) | set(mine), key=str)
-        return "; ".join(_differences(theirs.get(k), mine.get(k), f"{prefix}{k}.") for k in keys if theirs.get(k) != mine.get(k))
-    return f"{prefix[:-1]}: shipped {theirs!r}, here {mine!r}" if prefix else f"shipped {theirs!r}, here {mine!r}"
+        return "; ".join(_differences(theirs.get(k), mine.get(k), f"{prefix}{k}.", there) for k in keys if theirs.get(k) != mine.get(k))
+    return f"{prefix[:-1]}: {there} {theirs!r}, here {mine!r}" if prefix else f"{there} {theirs!r}, here {mine!r}"
 
 
 @torch.no_grad()
