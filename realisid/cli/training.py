@@ -26,7 +26,7 @@ def cmd_train(args) -> int:
         f"config        : {os.path.join(res['run_dir'], 'config.yaml')}",
         f"tensorboard   : tensorboard --logdir {res['tensorboard']}",
         f"checkpoint    : {res['checkpoint']}",
-        f"exported      : {res.get('export')}  (ControlNetModel.from_pretrained(<export>/local) loads a branch)",
+        f"exported      : {res.get('export')}  (LocalBranch.from_pretrained(<export>/local) loads a branch; ControlNetModel.from_pretrained too when the UNet has one layer count)",
         f"val samples   : {res['samples']}",
     ]
     if "loss_first_fifth" in res:

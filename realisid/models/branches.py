@@ -10,6 +10,12 @@ zero-initialised conv, so the guidance map enters as ``zero_conv(c)`` added afte
 
 A branch exports as a folder: the ControlNet in diffusers format (``ControlNetModel.from_pretrained(folder)``
 loads it as it is) plus ``realisid_branch.json`` with the branch settings.
+
+diffusers' ControlNet takes one ``layers_per_block`` for every level while its UNet takes one per level. A branch of a
+UNet with per-level layers (the embedded default's: two at the 16x16 level, one below) is built here as a ControlNet
+with the most layers at every level, cut back to the UNet's count per level (a down block's first ``n`` layers are
+what diffusers builds for ``n``), and keeps the per-level list in its config. Such a folder loads with
+:func:`load_controlnet` (or ``LocalBranch.from_pretrained``), not with ``ControlNetModel.from_pretrained``.
 """
 from __future__ import annotations
 
@@ -27,6 +33,79 @@ Residuals = tuple[list[torch.Tensor], torch.Tensor]
 BRANCH_FILE = "realisid_branch.json"
 
 
+def _uniform_layers(config) -> tuple[int | None, list[int]]:
+    """``(n, per_level)``: ``n`` when every level of ``config`` (a UNet's or ControlNet's config, or its dict) has
+    ``n`` layers, else None."""
+    from realisid.models.grow import per_level
+
+    layers = per_level(config["layers_per_block"], len(config["block_out_channels"]))
+    return (layers[0] if len(set(layers)) == 1 else None), layers
+
+
+def _cut_to_levels(cn, layers: Sequence[int]):
+    """Cut a ControlNet built with ``max(layers)`` layers at every level back to ``layers[i]`` at level ``i``: the
+    down blocks keep their first layers, the zero convs keep one per kept layer (plus conv_in's and each
+    down-sampler's); the per-level list is recorded in its config."""
+    top = max(layers)
+    zero_convs = list(cn.controlnet_down_blocks)
+    kept = [zero_convs[0]]
+    at = 1
+    for i, (block, n) in enumerate(zip(cn.down_blocks, layers)):
+        block.resnets = block.resnets[:n]
+        if getattr(block, "attentions", None) is not None:
+            block.attentions = block.attentions[:n]
+        kept += zero_convs[at : at + n]
+        at += top
+        if block.downsamplers is not None:
+            kept.append(zero_convs[at])
+            at += 1
+    if at != len(zero_convs):
+        raise RuntimeError(f"ControlNet layout not understood: {len(zero_convs)} zero convs for layers {list(layers)}")
+    cn.controlnet_down_blocks = nn.ModuleList(kept)
+    cn.register_to_config(layers_per_block=[int(n) for n in layers])
+    return cn
+
+
+def controlnet_from_unet(unet, conditioning_channels: int, conditioning_embedding_out_channels: Sequence[int],
+                         load_weights_from_unet: bool = True):
+    """``ControlNetModel.from_unet`` for any UNet, including one with a ``layers_per_block`` per level."""
+    from types import SimpleNamespace
+
+    from diffusers import ControlNetModel
+
+    uniform, layers = _uniform_layers(unet.config)
+    kwargs = dict(conditioning_embedding_out_channels=tuple(conditioning_embedding_out_channels), conditioning_channels=conditioning_channels)
+    if uniform is not None:
+        return ControlNetModel.from_unet(unet, load_weights_from_unet=load_weights_from_unet, **kwargs)
+    # diffusers reads only the UNet's config here; give it one layer count (the most) and cut the levels back after
+    view = SimpleNamespace(config=type(unet.config)({**unet.config, "layers_per_block": max(layers)}))
+    cn = _cut_to_levels(ControlNetModel.from_unet(view, load_weights_from_unet=False, **kwargs), layers)
+    if load_weights_from_unet:
+        for name in ("conv_in", "time_proj", "time_embedding", "class_embedding", "add_embedding", "down_blocks", "mid_block"):
+            mine = getattr(cn, name, None)
+            if mine is not None:
+                mine.load_state_dict(getattr(unet, name).state_dict())
+    return cn
+
+
+def load_controlnet(path: str):
+    """A ControlNet folder saved by :meth:`_ControlBranch.save_pretrained`, per-level layers or not."""
+    from diffusers import ControlNetModel
+
+    config = ControlNetModel.load_config(path)
+    uniform, layers = _uniform_layers(config)
+    if uniform is not None:
+        return ControlNetModel.from_pretrained(path)
+    from safetensors.torch import load_file
+
+    weights = os.path.join(path, "diffusion_pytorch_model.safetensors")
+    if not os.path.exists(weights):
+        raise FileNotFoundError(f"'{path}' has no diffusion_pytorch_model.safetensors; export the branch again with `realisid train`")
+    cn = _cut_to_levels(ControlNetModel.from_config({**config, "layers_per_block": max(layers)}), layers)
+    cn.load_state_dict(load_file(weights), strict=True)
+    return cn
+
+
 class _ControlBranch(nn.Module):
     kind = "?"
 
@@ -38,11 +117,7 @@ class _ControlBranch(nn.Module):
     @classmethod
     def from_unet(cls, unet, conditioning_channels: int, conditioning_embedding_out_channels: Sequence[int],
                   load_weights_from_unet: bool = True, **settings: Any):
-        from diffusers import ControlNetModel
-
-        cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=tuple(conditioning_embedding_out_channels),
-                                       load_weights_from_unet=load_weights_from_unet, conditioning_channels=conditioning_channels)
-        return cls(cn, **settings)
+        return cls(controlnet_from_unet(unet, conditioning_channels, conditioning_embedding_out_channels, load_weights_from_unet), **settings)
 
     @property
     def cond_scale_factor(self) -> int:
@@ -64,8 +139,6 @@ class _ControlBranch(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str, **overrides: Any):
-        from diffusers import ControlNetModel
-
         meta_path = os.path.join(path, BRANCH_FILE)
         if not os.path.exists(meta_path):
             raise FileNotFoundError(f"'{path}' is not an exported RealisID branch (no {BRANCH_FILE}); export one with `realisid train` or point at RUN_DIR/export/<branch>")
@@ -74,7 +147,7 @@ class _ControlBranch(nn.Module):
         if settings.pop("kind") != cls.kind:
             raise ValueError(f"'{path}' holds a different branch kind than {cls.kind}")
         settings.update(overrides)
-        return cls(ControlNetModel.from_pretrained(path), **settings)
+        return cls(load_controlnet(path), **settings)
 
 
 class LocalBranch(_ControlBranch):
