@@ -116,6 +116,15 @@ def test_pretrain_then_train_on_the_prepared_default(tmp_path):
                                          r"\(unet.block_out_channels: there \[64, 128, 160\], here \[64, 64, 96\]\); give"):
         pretrain(load_config("base", overrides + ["model.tiny.unet.block_out_channels=[64,64,96]"]))
 
+    # and its stages were trained with this recipe: a finished stage is not reused for another one (a VAE change
+    # reaches every stage trained from that VAE)
+    with pytest.raises(ValueError, match=r"work holds stages trained with another recipe: 'unet_heads' \(unet_heads.lr: there 0.0003, "
+                                         r"here 0.5; delete .*tiny-sd-heads and .*unet-heads-stage.pt to train it again\)"):
+        pretrain(load_config("base", overrides + ["pretrain.unet_more.steps=0", "pretrain.unet_heads.lr=0.5"]))
+    with pytest.raises(ValueError, match=r"'vae' \(vae.lr: there 0.001, here 0.5; .*'unet' .*'unet_heads' .*'synthetic-face-analyzer' "
+                                         r"\(vae.lr: there 0.001, here 0.5; delete .*synthetic-face-analyzer to train it again\)"):
+        pretrain(load_config("base", overrides + ["pretrain.unet_more.steps=0", "pretrain.vae.lr=0.5"]))
+
     from realisid.pipeline import Person, RealisIDPipeline
     from realisid.train import train
 
@@ -267,3 +276,29 @@ def test_progress_lines_count_seconds_per_step_from_the_resumed_step(caplog):
     assert line.startswith("stage: 10/20 loss 0.5000")
     seconds = float(line.split("(")[1].split(" s each")[0])
     assert 0.9 < seconds < 1.2, line  # 5 s over 5 steps; counting from 0 would report 0.5
+
+
+def test_work_folder_stages_keep_the_recipe_they_started_with(tmp_path):
+    from realisid.embedded.pretrain import WORK_RECIPES, claim_stages
+    from realisid.embedded.stages import mark_done
+
+    first = {"vae": {"lr": 1}, "unet": {"vae": {"lr": 1}, "steps": 5}}
+    claim_stages(str(tmp_path), first)
+    claim_stages(str(tmp_path), {"vae": {"lr": 2}, "unet": {"vae": {"lr": 2}, "steps": 5}})  # nothing started: the new recipe holds
+    mark_done(str(tmp_path / "vae"), {})
+    (tmp_path / "unet-stage.pt").write_bytes(b"")  # a UNet phase stopped half-way
+    with pytest.raises(ValueError, match=r"'vae' \(lr: there 2, here 3; delete .*vae to train it again\); 'unet' \(steps: there 5, "
+                                         r"here 6; vae.lr: there 2, here 3; delete .*tiny-sd and .*unet-stage.pt to train it again\)"):
+        claim_stages(str(tmp_path), {"vae": {"lr": 3}, "unet": {"vae": {"lr": 3}, "steps": 6}})
+    recorded = json.loads((tmp_path / WORK_RECIPES).read_text())
+    assert recorded["vae"] == {"lr": 2}  # a refused run changes nothing
+    (tmp_path / "unet-stage.pt").unlink()
+    import shutil
+
+    shutil.rmtree(tmp_path / "vae")  # deleted stages train again, with the new recipe
+    claim_stages(str(tmp_path), {"vae": {"lr": 3}, "unet": {"vae": {"lr": 3}, "steps": 6}})
+    assert json.loads((tmp_path / WORK_RECIPES).read_text())["unet"]["steps"] == 6
+    legacy = tmp_path / "legacy"
+    mark_done(str(legacy / "vae"), {})  # a stage from before the record existed is claimed as it stands
+    claim_stages(str(legacy), {"vae": {"lr": 9}})
+    assert json.loads((legacy / WORK_RECIPES).read_text()) == {"vae": {"lr": 9}}

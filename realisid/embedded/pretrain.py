@@ -60,6 +60,7 @@ def pretrain(cfg: DictConfig) -> dict:
     t_all = time.perf_counter()
     architecture = OmegaConf.to_container(cfg.model.tiny, resolve=True)
     claim_work_dir(work, architecture)
+    claim_stages(work, stage_recipes(cfg))
     record: dict[str, Any] = {"recipe": OmegaConf.to_container(p, resolve=True), "architecture": architecture,
                               "synthetic": synthetic_shards(cfg), "machine": _machine(), "stages": {}}
     threads = int(p.threads) if p.get("threads") else torch.get_num_threads()
@@ -239,6 +240,70 @@ def claim_work_dir(work: str, architecture: dict) -> None:
                              "pretrain.work_dir (and pretrain.out_dir), or set model.tiny back")
         return
     atomic_write_json(path, architecture)
+
+
+WORK_RECIPES = "RECIPES.json"
+
+
+def stage_recipes(cfg: DictConfig) -> dict[str, dict]:
+    """What each stage's result depends on: the seed, the synthetic data, its own ``pretrain.<key>`` section and those
+    of the stages it trains from (a UNet phase on the VAE and the phases before it; the analyzer on the VAE, through
+    which it sees copies of its training images). Settings that change only speed or bookkeeping are left out."""
+    p = cfg.pretrain
+
+    def section(key: str, drop: tuple[str, ...] = ()) -> dict:
+        return {k: v for k, v in OmegaConf.to_container(p[key], resolve=True).items() if k not in drop}
+
+    synthetic = {k: v for k, v in OmegaConf.to_container(cfg.prepare.synthetic, resolve=True).items() if k != "out_dir"}
+    common = {"seed": int(cfg.experiment.seed), "synthetic": synthetic}
+    vae = {**common, "vae": section("vae")}
+    chain = {**vae, "unet": section("unet", drop=("checkpoint_every",))}
+    out = {"vae": vae, "unet": chain}
+    for key, *_ in CONTINUATIONS:
+        if p.get(key) is not None and int(p[key].steps) > 0:
+            chain = {**chain, key: section(key)}
+            out[key] = chain
+    standin = OmegaConf.to_container(cfg.prepare.standin, resolve=True)
+    out["standin-arcface"] = {**common, "standin": standin}
+    out["standin-arcface-eval"] = {**common, "standin": standin, "seed": int(cfg.prepare.eval_standin.seed)}
+    out["synthetic-face-analyzer"] = {**vae, "detector": section("detector")}
+    return out
+
+
+def _stage_files(work: str, stage: str) -> list[str]:
+    """The stage's folder in ``work``, and for a UNet phase the checkpoint it resumes from."""
+    if stage == "unet":
+        return [os.path.join(work, "tiny-sd"), os.path.join(work, "unet-stage.pt")]
+    for key, folder, stage_file, *_ in CONTINUATIONS:
+        if stage == key:
+            return [os.path.join(work, folder), os.path.join(work, stage_file)]
+    return [os.path.join(work, stage)]
+
+
+def claim_stages(work: str, recipes: dict[str, dict]) -> None:
+    """A work folder's finished (or half-trained) stages are reused as they are, so they must come from this config's
+    recipe: each stage's recipe is recorded in ``work/RECIPES.json`` and a run whose recipe differs for a stage that has
+    started there is refused before anything trains, naming the settings and the files to delete. A stage that has
+    not started takes this run's recipe; one started before the record existed is claimed as it stands."""
+    path = os.path.join(work, WORK_RECIPES)
+    recorded: dict = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            recorded = json.load(f)
+    clashes = []
+    for stage, recipe in recipes.items():
+        files = _stage_files(work, stage)
+        started = _stage_done(files[0]) is not None or any(os.path.exists(f) for f in files[1:])
+        if started and stage in recorded and recorded[stage] != recipe:
+            clashes.append(f"'{stage}' ({_differences(recorded[stage], recipe, there='there')}; delete "
+                           f"{' and '.join(files)} to train it again)")
+    if clashes:
+        raise ValueError(f"pretrain.work_dir={work} holds stages trained with another recipe: {'; '.join(clashes)}. A finished "
+                         "stage does not train on with new settings: give this recipe its own pretrain.work_dir (and "
+                         "pretrain.out_dir), set the settings back, or delete the stages named")
+    merged = {**recorded, **recipes}
+    if merged != recorded:
+        atomic_write_json(path, merged)
 
 
 def _phase_result(base_dir: str, bb):
