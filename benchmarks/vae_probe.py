@@ -54,12 +54,15 @@ def write_summary(folder: str) -> str:
     lines = ["# What bounds the base's faces: its VAE, probed (`benchmarks/vae_probe.py`)", "",
              "Round-trip error of held-out photos (posterior mean, [-1, 1] pixels; face = inside the face boxes). Shipped VAE: "
              "6000 steps of `make pretrain`'s recipe. Each probe trains with that recipe's loss for the steps given.", "",
-             "| probe | VAE channels | parameters | steps | s / step | face MSE before -> after | image MSE before -> after | picture | command |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| probe | VAE channels | parameters (MB in float16) | steps | s / step | face MSE before -> after | face MSE, weights in float16 | "
+             "image MSE before -> after | picture | command |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows:
         after = r.get("mse_after", r["mse_before"])
-        lines.append(f"| {name} | {r['vae_block_out_channels']} x {r['latent_channels']} latent | {r['parameters'] / 1e6:.2f} M | "
-                     f"{r.get('vae_steps', 0)} | {r.get('seconds_per_step', '-')} | {r['mse_before']['face']:.4f} -> {after['face']:.4f} | "
+        half = f"{r['mse_float16_weights']['face']:.4f}" if "mse_float16_weights" in r else "-"
+        lines.append(f"| {name} | {r['vae_block_out_channels']} x {r['latent_channels']} latent | {r['parameters'] / 1e6:.2f} M "
+                     f"({r['parameters'] * 2 / 2**20:.1f}) | {r.get('vae_steps', 0)} | {r.get('seconds_per_step', '-')} | "
+                     f"{r['mse_before']['face']:.4f} -> {after['face']:.4f} | {half} | "
                      f"{r['mse_before']['image']:.5f} -> {after['image']:.5f} | [png]({name}/round_trip.png) | `{r['command']}` |")
     if rows:
         first = rows[0][1]
@@ -109,6 +112,12 @@ def main(argv=None) -> int:
         seconds = time.perf_counter() - t0
         record.update(stats, lr=args.lr, seconds=round(seconds, 1), seconds_per_step=round(seconds / max(1, args.steps), 3))
         record["mse_after"] = B.reconstruction_mse(vae, val, count=args.count)
+    # the package stores weights to fit its budget: the same VAE with its weights rounded to float16 (run in float32)
+    import copy
+
+    rounded = copy.deepcopy(vae).to(torch.float16).to(torch.float32)
+    record["float16_megabytes"] = round(record["parameters"] * 2 / 2**20, 2)
+    record["mse_float16_weights"] = B.reconstruction_mse(rounded, val, count=args.count)
     with torch.no_grad():
         save_round_trip(examples, B.vae_round_trip(vae, examples), os.path.join(out, "round_trip.png"))
     save_probe(out, record, write_summary)

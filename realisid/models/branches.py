@@ -12,10 +12,11 @@ A branch exports as a folder: the ControlNet in diffusers format (``ControlNetMo
 loads it as it is) plus ``realisid_branch.json`` with the branch settings.
 
 diffusers' ControlNet takes one ``layers_per_block`` for every level while its UNet takes one per level. A branch of a
-UNet with per-level layers (the embedded default's: two at the 16x16 level, one below) is built here as a ControlNet
-with the most layers at every level, cut back to the UNet's count per level (a down block's first ``n`` layers are
-what diffusers builds for ``n``), and keeps the per-level list in its config. Such a folder loads with
-:func:`load_controlnet` (or ``LocalBranch.from_pretrained``), not with ``ControlNetModel.from_pretrained``.
+UNet with per-level layers (one grown by :mod:`realisid.models.grow`, or a shape such as two layers at the 16x16 level
+and one below) is built here as a ControlNet with the most layers at every level, cut back to the UNet's count per
+level (a down block's first ``n`` layers are what diffusers builds for ``n``), and keeps the per-level list in its
+config. Such a folder loads with :func:`load_controlnet` (or ``LocalBranch.from_pretrained``), not with
+``ControlNetModel.from_pretrained``.
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def _cut_to_levels(cn, layers: Sequence[int]):
     zero_convs = list(cn.controlnet_down_blocks)
     kept = [zero_convs[0]]
     at = 1
-    for i, (block, n) in enumerate(zip(cn.down_blocks, layers)):
+    for block, n in zip(cn.down_blocks, layers):
         block.resnets = block.resnets[:n]
         if getattr(block, "attentions", None) is not None:
             block.attentions = block.attentions[:n]
