@@ -23,6 +23,7 @@ probe there (``--summary DIR`` rewrites it alone).
 """
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import logging
 import os
@@ -113,8 +114,6 @@ def main(argv=None) -> int:
         record.update(stats, lr=args.lr, seconds=round(seconds, 1), seconds_per_step=round(seconds / max(1, args.steps), 3))
         record["mse_after"] = B.reconstruction_mse(vae, val, count=args.count)
     # the package stores weights to fit its budget: the same VAE with its weights rounded to float16 (run in float32)
-    import copy
-
     rounded = copy.deepcopy(vae).to(torch.float16).to(torch.float32)
     record["float16_megabytes"] = round(record["parameters"] * 2 / 2**20, 2)
     record["mse_float16_weights"] = B.reconstruction_mse(rounded, val, count=args.count)

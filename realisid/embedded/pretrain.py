@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 CONTINUATIONS = (("unet_refine", "tiny-sd-refined", "unet-refine-stage.pt", 3, "base UNet refinement"),
                  ("unet_heads", "tiny-sd-heads", "unet-heads-stage.pt", 11, "base UNet heads"),
                  ("unet_more", "tiny-sd-more", "unet-more-stage.pt", 17, "base UNet more heads"))
+# every UNet phase, phase 1 included: its cached stage folder and the checkpoint it resumes from, in the work folder
+UNET_PHASE_FILES = {"unet": ("tiny-sd", "unet-stage.pt"), **{key: (folder, stage_file) for key, folder, stage_file, *_ in CONTINUATIONS}}
 
 
 def pretrain(cfg: DictConfig) -> dict:
@@ -107,9 +109,9 @@ def pretrain(cfg: DictConfig) -> dict:
 
     # ---- 3. UNet + text encoder; then the continuation phases, each from the previous phase's EMA weights
     u = p.unet
-    base_dir = os.path.join(work, "tiny-sd")
+    base_dir, stage_file = (os.path.join(work, f) for f in UNET_PHASE_FILES["unet"])
     record["stages"]["unet"] = _unet_stage(bb, moments, data, u, base_dir, seed=seed + 1, steps=int(u.steps), batch_size=int(u.batch_size),
-                                           lr=float(u.lr), checkpoint=os.path.join(work, "unet-stage.pt"), device=device)
+                                           lr=float(u.lr), checkpoint=stage_file, device=device)
     bb = _phase_result(base_dir, bb)  # what users load: the float16-stored UNet, read back as float32
     for key, folder, stage_file, offset, what in CONTINUATIONS:
         r = p.get(key)
@@ -272,12 +274,7 @@ def stage_recipes(cfg: DictConfig) -> dict[str, dict]:
 
 def _stage_files(work: str, stage: str) -> list[str]:
     """The stage's folder in ``work``, and for a UNet phase the checkpoint it resumes from."""
-    if stage == "unet":
-        return [os.path.join(work, "tiny-sd"), os.path.join(work, "unet-stage.pt")]
-    for key, folder, stage_file, *_ in CONTINUATIONS:
-        if stage == key:
-            return [os.path.join(work, folder), os.path.join(work, stage_file)]
-    return [os.path.join(work, stage)]
+    return [os.path.join(work, f) for f in UNET_PHASE_FILES.get(stage, (stage,))]
 
 
 def claim_stages(work: str, recipes: dict[str, dict]) -> None:
@@ -354,7 +351,7 @@ def seed_from_shipped(cfg: DictConfig, source: str, work: str) -> list[str]:
         log.info("pretrain.from_shipped: the base's UNet or text encoder differs from the shipped one (%s); its phases train from "
                  "scratch on the shipped VAE's latents", _differences(theirs["architecture"], mine["architecture"]))
     last = shipped[-1] if shipped else None
-    folders = {"unet": "tiny-sd", **{key: folder for key, folder, *_ in CONTINUATIONS}}
+    folders = {key: folder for key, (folder, _) in UNET_PHASE_FILES.items()}
     taken: list[str] = []
     for stage in ("vae", *shipped, "standin-arcface", "standin-arcface-eval", "synthetic-face-analyzer"):
         key = _SEEDED_RECIPE.get(stage)
