@@ -1,14 +1,16 @@
 """How often a base model draws a face the synthetic face analyzer finds, over many held-out captions.
 
-    python benchmarks/base_found_rate.py [BASE ...] [--captions 60] [--seeds 1,2] [--thresholds 0.3,0.5] [--out DIR]
+    python benchmarks/base_found_rate.py [BASE ...] [--captions 60] [--seeds 1,2] [--thresholds 0.3,0.5] [--analyzer DIR] [--out DIR]
 
 BASE: diffusers folders of embedded-default bases (default: the shipped ``realisid/assets/tiny-sd``; ``make pretrain``
 caches each UNet phase under ``data/cache/pretrain/``: ``tiny-sd``, ``tiny-sd-refined``, ``tiny-sd-heads``). Every
 base samples the same prompts (``--captions`` distinct held-out captions, people no model saw) with the same seeds:
 30 DDIM steps, guidance 5, as the base check of ``make pretrain``, whose 10 samples are too few to tell bases apart
 (one sample is 10 points). The analyzer is the shipped stand-in detector (it finds a face in 0 of 200 noise images
-and 3% of photos whose face is blurred away, see ``make check-embedded``). Reports the found-rate with a 95% Wilson
-interval per base, and a grid of the first 10 samples of each (green frame: a face was found).
+and 3% of photos whose face is blurred away, see ``make check-embedded``); ``--analyzer`` names another (a
+``synthetic-face-analyzer/`` folder of a ``pretrain.out_dir``), though the shipped one keeps every base under the
+same judge. Reports the found-rate with a 95% Wilson interval per base, and a grid of the first 10 samples of each
+(green frame: a face was found).
 
 ``--thresholds``: the found-rate at each detection threshold (default: the analyzer's own, 0.3), and the analyzer's
 recall on real held-out photos at each (per face-size bin), so that a threshold can be judged on both sides: how
@@ -61,6 +63,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default="1,2", help="sampling seeds, comma-separated (each seed samples every caption)")
     ap.add_argument("--thresholds", default=None, help="detection thresholds, comma-separated (default: the analyzer's own)")
     ap.add_argument("--real", type=int, default=960, help="held-out real photos for the recall at each threshold (0: none)")
+    ap.add_argument("--analyzer", default=None, metavar="DIR",
+                    help="a synthetic face analyzer folder (default: the shipped one; `make pretrain` writes one per out_dir)")
     ap.add_argument("--out", default=os.path.join("benchmarks", "results", f"{dt.date.today().isoformat()}-base-found-rate"))
     args = ap.parse_args(argv)
     bases = args.bases or [asset_path("tiny-sd")]
@@ -68,12 +72,16 @@ def main(argv=None) -> int:
         if not os.path.isdir(os.path.join(b, "unet")):
             raise SystemExit(f"base '{b}' is not a diffusers folder with a unet/; give realisid/assets/tiny-sd or a "
                              "data/cache/pretrain/<phase> folder that `make pretrain` wrote")
+    analyzer_dir = args.analyzer or asset_path("synthetic-face-analyzer")
+    if not os.path.isfile(os.path.join(analyzer_dir, "config.json")):
+        raise SystemExit(f"--analyzer {analyzer_dir}: not a synthetic face analyzer folder (no config.json); give the "
+                         "synthetic-face-analyzer/ folder that `make pretrain` wrote into its pretrain.out_dir")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     cfg = load_config("base", [])
     synthetic_shards(cfg)  # the held-out shards (drawn on the first run, as `make train` does)
     val = load_image_set(shard_urls(cfg, "val"), int(cfg.data.resolution))
     prompts = held_out_captions(val.captions, args.captions, seed=5)
-    analyzer = load_synthetic_analyzer(asset_path("synthetic-face-analyzer"))
+    analyzer = load_synthetic_analyzer(analyzer_dir)
     own = analyzer.threshold
     thresholds = parse_thresholds(args.thresholds, own)
     analyzer.threshold = 0.0  # every peak: found at t means best score >= t
@@ -105,6 +113,7 @@ def main(argv=None) -> int:
     record = {"what": "found-rate of samples from held-out captions, synthetic face analyzer (stand-in)",
               "command": "python benchmarks/base_found_rate.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "captions": args.captions, "seeds": seeds, "steps": 30, "guidance": 5.0, "thresholds": thresholds, "analyzer_threshold": own,
+              "analyzer": analyzer_dir,
               "date": dt.date.today().isoformat(), "machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}",
               "bases": rows, "real_recall": real}
     with open(os.path.join(args.out, "results.json"), "w") as f:
@@ -149,11 +158,16 @@ def real_recall(analyzer, val, bins, thresholds, count: int) -> dict:
     return out
 
 
+def _analyzer_note(record: dict) -> str:
+    where = record.get("analyzer")
+    return "" if where is None or os.path.normpath(where) == os.path.normpath(asset_path("synthetic-face-analyzer")) else f" from `{where}`"
+
+
 def table_md(record: dict) -> str:
     ts = record["thresholds"]
     lines = [f"# Base found-rate ({record['date']}, {record['machine']})", "",
              f"{record['captions']} held-out captions x seeds {record['seeds']}, 30 DDIM steps, guidance 5; synthetic face analyzer "
-             f"(stand-in detector; its own threshold {record['analyzer_threshold']}). Command: `{record['command']}`", "",
+             f"(stand-in detector{_analyzer_note(record)}; its own threshold {record['analyzer_threshold']}). Command: `{record['command']}`", "",
              "| base | " + " | ".join(f"found at threshold {t} [95%]" for t in ts) + " | seconds |",
              "|---|" + "---|" * len(ts) + "---|"]
     for r in record["bases"]:

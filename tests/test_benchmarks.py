@@ -85,6 +85,8 @@ def test_base_found_rate_interval_and_bad_base(tmp_path):
     assert lo < 110 / 120 < hi and hi - lo < 0.11
     with pytest.raises(SystemExit, match="not a diffusers folder"):
         mod.main([str(tmp_path)])
+    with pytest.raises(SystemExit, match="--analyzer .*not a synthetic face analyzer folder"):
+        mod.main([mod.asset_path("tiny-sd"), "--analyzer", str(tmp_path)])
     assert mod.parse_thresholds(None, 0.3) == [0.3] and mod.parse_thresholds("0.3,0.5", 0.3) == [0.3, 0.5]
     for bad in ("0,0.5", "half", ""):
         with pytest.raises(SystemExit, match="--thresholds"):
