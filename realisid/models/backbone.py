@@ -254,6 +254,10 @@ class Backbone(nn.Module):
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents of any dtype to images in [-1, 1], in the VAE's dtype."""
+        return self.decode_with_grad(latents)
+
+    def decode_with_grad(self, latents: torch.Tensor) -> torch.Tensor:
+        """:meth:`decode_latents` with gradients to the latents (the VAE's weights stay frozen): the identity loss."""
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         with self._vae_autocast_off():
             z = latents.to(self.vae.device, self.vae.dtype) / self.vae.config.scaling_factor + shift

@@ -62,11 +62,26 @@ class IdentityEncoder(nn.Module):
     def _encode(self, images: torch.Tensor, kps: torch.Tensor | None = None) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    differentiable = False  # the identity loss (model.loss.id_lambda) backpropagates through the encoder
+
+    def embed_with_grad(self, crops: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Features of face crops (B, 3, S, S) in [-1, 1], cut as the references are, with gradients to the
+        crops (the weights stay frozen). Only for encoders that run in torch."""
+        if not self.differentiable:
+            raise ValueError(f"model.loss.id_lambda > 0 backpropagates through the identity encoder, and {self.name} "
+                             "does not run in torch (insightface runs in onnxruntime); use model.id_encoder.kind=standin "
+                             "or clip, or set model.loss.id_lambda=0")
+        if self.mask_background and mask is not None:
+            crops = crops * mask + (1 - mask) * -1.0
+        return self._encode(crops)
+
     def to_frozen_dtype(self, dtype: torch.dtype) -> None:
         """Half precision for encoders worth it (CLIP); small or ONNX encoders stay as they are."""
 
 
 class StandInEncoder(IdentityEncoder):
+    differentiable = True
+
     def __init__(self, path: str):
         super().__init__()
         self.net = load_standin(path)
@@ -82,6 +97,7 @@ class StandInEncoder(IdentityEncoder):
 
 
 class ClipEncoder(IdentityEncoder):
+    differentiable = True
     sequence = True
     mask_background = True
     MEAN = (0.48145466, 0.4578275, 0.40821073)

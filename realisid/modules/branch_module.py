@@ -26,7 +26,8 @@ from realisid.models.branches import GlobalBranch, LocalBranch, add_residuals
 from realisid.models.id_encoder import IdProjector, build_id_encoder
 from realisid.modules.conditioner import Conditioner, other_identity_order, with_identity_free_captions, with_references_of
 from realisid.modules.efficiency import apply_efficiency, check_precision
-from realisid.modules.losses import DiffusionLoss
+from realisid.images import ID_CROP_EXPAND, centred_mask
+from realisid.modules.losses import DiffusionLoss, crop_faces, identity_cosine, identity_crop_boxes, identity_loss, predicted_x0
 from realisid.pipeline import RealisIDPipeline
 
 if TYPE_CHECKING:
@@ -66,6 +67,13 @@ class RealisIDModule(L.LightningModule):
         # a run saved before face_norm existed trained with the paper's term: its config.yaml has no key
         self.loss_fn = DiffusionLoss(sched.num_train_timesteps, sched.prediction_type, float(m.loss.face_lambda),
                                      str(m.loss.get("face_norm", "image")))
+        self.id_lambda = float(m.loss.get("id_lambda", 0.0))   # the identity loss (off unless set; see shared_step)
+        self.id_max_t = int(m.loss.get("id_max_t", 400))
+        if self.id_lambda < 0 or not 0 < self.id_max_t <= sched.num_train_timesteps:
+            raise ValueError(f"model.loss.id_lambda={self.id_lambda} / id_max_t={self.id_max_t}; give id_lambda >= 0 and "
+                             f"0 < id_max_t <= {sched.num_train_timesteps} (the scheduler's training timesteps)")
+        if self.id_lambda > 0 and not self.id_encoder.differentiable:
+            self.id_encoder.embed_with_grad(torch.zeros(0))  # raises, naming the encoder and the fix
         self.conditioner = Conditioner(self)  # a plain object: the parts stay registered here (same state-dict keys)
         check_precision(m.backbone_dtype, cfg.trainer.precision, cfg.trainer.accelerator)
         self.ema: WeightEMA | None = None
@@ -101,9 +109,14 @@ class RealisIDModule(L.LightningModule):
         return ready_batch(batch) if isinstance(batch, dict) else batch
 
     # ---- the step -----------------------------------------------------------------------------------
-    def shared_step(self, batch: dict, generator: torch.Generator | None = None, dropout: bool = True) -> dict[str, torch.Tensor]:
+    def shared_step(self, batch: dict, generator: torch.Generator | None = None, dropout: bool = True,
+                    id_term: bool = False) -> dict[str, torch.Tensor]:
         """One diffusion training forward. With a precomputed batch (latents, text embeddings, identity features,
-        host-side crop boxes) it reads nothing back from the device, so it can be compiled and never stalls the GPU."""
+        host-side crop boxes) it reads nothing back from the device, so it can be compiled and never stalls the GPU.
+
+        ``id_term`` (the training step, when ``model.loss.id_lambda`` > 0) adds the identity loss: ``id_lambda *
+        (1 - cos)`` between the conditioning encoder's features of the face in the decoded x0 prediction and of the
+        reference (:meth:`identity_similarity`). Held-out losses leave it out, so they compare across runs."""
         device_gen = _device_gen(generator, self.device)  # latents, noise and timesteps; ``generator``: dropout
         latents = self.batch_latents(batch, device_gen)
         x = self.loss_fn.inputs(latents, self.alphas_cumprod, device_gen, self.device)  # x_t and the target in fp32
@@ -116,7 +129,32 @@ class RealisIDModule(L.LightningModule):
         pred = self.backbone.unet(noisy, x.timesteps, encoder_hidden_states=text.embeds, added_cond_kwargs=text.added_cond_kwargs,
                                   down_block_additional_residuals=res[0] if res else None,
                                   mid_block_additional_residual=res[1] if res else None, return_dict=False)[0]
-        return self.loss_fn(pred, x.target, batch["loc_map"])
+        out = self.loss_fn(pred, x.target, batch["loc_map"])
+        if id_term and self.id_lambda > 0:
+            cos = self.identity_similarity(x, pred, batch, tokens)
+            id_loss = identity_loss(cos, torch.ones_like(cos))
+            out = {**out, "loss": out["loss"] + self.id_lambda * id_loss, "id_loss": id_loss}
+        return out
+
+    def identity_similarity(self, x, pred: torch.Tensor, batch: dict, tokens: torch.Tensor) -> torch.Tensor:
+        """The cosine between the conditioning encoder's features of the face in the predicted clean image (x0 from
+        the prediction, decoded by the frozen VAE, the face box cut as references are cut) and the reference's
+        features, with gradients to the prediction, for the samples where it counts: timestep below
+        ``model.loss.id_max_t`` (where x0 is sharp enough to hold a face) and identity not dropped (empty when none).
+        Only those are decoded (the VAE decoder is the loss's cost): one read of the selection from the device per
+        step. The encoder is the conditioning one: the benchmark judges with another (``evaluation.encoder``)."""
+        kept = tokens.detach().flatten(1).abs().amax(1) > 0     # dropped identities get zero tokens
+        sel = torch.nonzero(kept & (x.timesteps.to(kept.device) < self.id_max_t)).flatten()
+        if sel.numel() == 0:
+            return pred.new_zeros(0, dtype=torch.float32)
+        x0 = predicted_x0(self.alphas_cumprod, x.noisy[sel], pred[sel], x.timesteps[sel], self.noise_scheduler.config.prediction_type)
+        images = self.backbone.decode_with_grad(x0).float()
+        size = int(self.id_encoder.image_size)
+        boxes = identity_crop_boxes(batch["face_box"].to(images.device)[sel], images.shape[-1], images.shape[-2], ID_CROP_EXPAND)
+        crops = crop_faces(images, boxes, size)
+        mask = torch.from_numpy(centred_mask(size)).to(crops.device, crops.dtype)[None, None]
+        embedded = self.id_encoder.embed_with_grad(crops.to(self.dtype), mask)
+        return identity_cosine(embedded, self.conditioner.identity_features(batch)[sel.to(tokens.device)])
 
     def batch_latents(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
         """The batch's latents: sampled from the precomputed VAE posterior (the VAE does not run), else encoded."""
@@ -133,7 +171,7 @@ class RealisIDModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int):
         """The loss, always returned: a non-finite one is dealt with before the optimizer step (see
         :meth:`on_before_optimizer_step`), where every rank takes the same decision."""
-        out = self.shared_step(batch, generator=self.step_generator(batch_idx))
+        out = self.shared_step(batch, generator=self.step_generator(batch_idx), id_term=True)
         bad = (~torch.isfinite(out["loss"].detach())).float()
         self._nonfinite = bad if self._nonfinite is None else self._nonfinite + bad  # summed over accumulated micro-batches
         loss = out["loss"].detach()  # kept for the message: the first non-finite one, else the latest

@@ -112,3 +112,54 @@ class DiffusionLoss:
         if self.face_norm == "image":
             return {**out, "face_mse": face}
         return {**out, "face_mse": face_term(err, mask, "image"), "face_mse_per_face": face}
+
+
+# ---- the identity loss (optional: model.loss.id_lambda) ------------------------------------------------------
+def predicted_x0(alphas_cumprod: torch.Tensor, noisy: torch.Tensor, pred: torch.Tensor, timesteps: torch.Tensor,
+                 prediction_type: str) -> torch.Tensor:
+    """The clean latent the prediction implies, in fp32: the inverse of :func:`diffusion_inputs` given x_t.
+
+    ``v_prediction``: ``x0 = sqrt(a_t) x_t - sqrt(1 - a_t) v``; ``epsilon``: ``x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)``
+    (unstable where a_t is near 0, so the identity loss only uses small timesteps)."""
+    a = alphas_cumprod.to(noisy.device, torch.float32)[timesteps].view(-1, *([1] * (noisy.ndim - 1)))
+    x_t, p = noisy.float(), pred.float()
+    if prediction_type == "v_prediction":
+        return a.sqrt() * x_t - (1.0 - a).sqrt() * p
+    if prediction_type == "epsilon":
+        return (x_t - (1.0 - a).sqrt() * p) / a.sqrt().clamp_min(1e-4)
+    raise ValueError(f"scheduler prediction_type={prediction_type!r}; RealisID trains epsilon or v_prediction backbones")
+
+
+def identity_crop_boxes(face_boxes: torch.Tensor, width: int, height: int, expand: float) -> torch.Tensor:
+    """Square boxes (B, 4) float around ``face_boxes`` (B, 4) in pixels: the side ``expand`` times the box's long
+    side (at most the image's short side), centred on the face, then shifted to lie inside the image; what
+    :func:`realisid.images.identity_crop` cuts, without its rounding to whole pixels. On the boxes' device."""
+    b = face_boxes.float()
+    side = ((b[:, 2:] - b[:, :2]).amax(1) * expand).clamp(1.0, float(min(width, height)))
+    cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
+    x0 = torch.minimum((cx - side / 2).clamp_min(0.0), width - side)
+    y0 = torch.minimum((cy - side / 2).clamp_min(0.0), height - side)
+    return torch.stack([x0, y0, x0 + side, y0 + side], 1)
+
+
+def crop_faces(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """``boxes`` (B, 4) of ``images`` (B, C, H, W) resampled to ``size`` x ``size`` (bilinear, averaging the
+    pixels a larger box covers, as an antialiased resize does), differentiable in the images."""
+    from torchvision.ops import roi_align
+
+    rois = torch.cat([torch.arange(len(boxes), device=boxes.device, dtype=boxes.dtype)[:, None], boxes], 1)
+    return roi_align(images, rois.to(images.dtype), output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+
+
+def identity_cosine(embedded: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Per-sample cosine of two identity features, (B,) ; token sequences (B, N, D) are averaged over N first."""
+    e = embedded.float().mean(1) if embedded.ndim == 3 else embedded.float()
+    r = reference.float().mean(1) if reference.ndim == 3 else reference.float()
+    return F.cosine_similarity(e, r.to(e.device), dim=-1)
+
+
+def identity_loss(cosine: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``1 - cos`` averaged over the samples with weight > 0 (weights 0/1: small timestep and identity kept); 0
+    when no sample counts, so the term never divides by zero."""
+    w = weight.float()
+    return ((1.0 - cosine) * w).sum() / w.sum().clamp_min(1.0)
