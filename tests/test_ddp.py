@@ -52,8 +52,8 @@ from realisid.modules.branch_module import RealisIDModule
 
 real = RealisIDModule.shared_step
 
-def poisoned(self, batch, generator=None, dropout=True):
-    out = real(self, batch, generator, dropout)
+def poisoned(self, batch, generator=None, dropout=True, **kwargs):
+    out = real(self, batch, generator, dropout, **kwargs)
     if self.training and self.global_rank == 1 and self.global_step == 2:  # one rank only
         out["loss"] = out["loss"] * float("nan")
     return out

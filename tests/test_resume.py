@@ -62,8 +62,8 @@ def test_nonfinite_loss_stops_or_skips(tmp_path, face_shards, monkeypatch, caplo
 
     real = RealisIDModule.shared_step
 
-    def poisoned(self, batch, generator=None, dropout=True):
-        out = real(self, batch, generator, dropout)
+    def poisoned(self, batch, generator=None, dropout=True, **kwargs):
+        out = real(self, batch, generator, dropout, **kwargs)
         if self.training and self.global_step == 3:
             out["loss"] = out["loss"] * float("nan")
         return out
