@@ -183,6 +183,32 @@ def test_ref_is_the_largest_face_of_another_image(tiny_set):
             assert dist[s["key"]] > dist[source["key"]] + 5.0, (s["key"], dist)  # clearly not its own crop
 
 
+def test_rerender_swaps_only_the_background(tiny_set):
+    from realisid.embedded.synthetic.writer import parse_key, rerender_with_background
+
+    out, manifests = tiny_set
+    extra = {k: manifests["val"][k] for k in ("seed", "image_size", "backgrounds")}
+    samples = [s for shard in manifests["val"]["shards"] for s in _read(os.path.join(out, shard))]
+    outside, inside = [], []
+    for s in samples:
+        a = rerender_with_background(s["key"], 0, **extra)
+        b = rerender_with_background(s["key"], 1, **extra)
+        # the same photo: box and key points as written, and its pixels up to the JPEG
+        np.testing.assert_allclose(a.bbox, s["meta"]["bbox"], atol=1e-3)
+        np.testing.assert_allclose(a.kps, np.asarray(s["meta"]["kps"]), atol=1e-3)
+        np.testing.assert_allclose(b.kps, a.kps)
+        assert a.caption != b.caption or a.image != b.image
+        x = np.asarray(a.image, np.float32) - np.asarray(b.image, np.float32)
+        x0, y0, x1, y1 = (int(round(v)) for v in a.bbox)
+        cx, cy, w, h = (x0 + x1) // 2, (y0 + y1) // 2, max((x1 - x0) // 6, 1), max((y1 - y0) // 6, 1)
+        inside.append(np.abs(x[cy - h:cy + h, cx - w:cx + w]).max())     # the middle of the face
+        outside.append(np.abs(x[:3, :3]).mean())                            # a corner far from it
+    assert max(inside) == 0.0
+    assert np.mean(outside) > 20.0, outside
+    with pytest.raises(ValueError, match="synth-<identity>-<image>"):
+        parse_key("photo-12")
+
+
 def test_generation_is_deterministic(tmp_path):
     kw = dict(num_identities=3, images_per_identity=3, val_identities=1, image_size=48, ref_size=24, shard_size=4)
     generate_synthetic_shards(str(tmp_path / "a"), seed=5, **kw)

@@ -33,12 +33,15 @@ class RenderedFace:
 
 
 def render_face(identity: Identity, rng: np.random.Generator, image_size: int = 128,
-                face_size: float | None = None, backgrounds: Sequence[str] = BACKGROUNDS) -> RenderedFace:
+                face_size: float | None = None, backgrounds: Sequence[str] = BACKGROUNDS,
+                background_rng: np.random.Generator | None = None) -> RenderedFace:
     """Draw one photo of ``identity`` with random pose, expression, location, background and clothing.
 
     ``face_size`` is the face box long side over the image edge (the bins' measure); ``None`` draws it
     with :func:`sample_face_size`. ``backgrounds``: the kinds to choose from (see :data:`BACKGROUNDS`). All
-    randomness comes from ``rng``, in a fixed order.
+    randomness comes from ``rng``, in a fixed order; the background is its last draw, so ``background_rng``
+    (default: ``rng``) redraws only the background and caption words of the same photo (the person, pose,
+    expression, placement and clothing stay), which is how :func:`.writer.rerender_with_background` swaps it.
     """
     if face_size is None:
         face_size = sample_face_size(rng)
@@ -55,7 +58,7 @@ def render_face(identity: Identity, rng: np.random.Generator, image_size: int = 
     shirt_name, shirt = _COLOURS[int(rng.integers(len(_COLOURS)))]
     shirt = _jitter(rng, shirt, 18)
     collar = COLLARS[int(rng.integers(len(COLLARS)))]
-    bg, bg_words = _background(rng, W, backgrounds)
+    bg, bg_words = _background(rng if background_rng is None else background_rng, W, backgrounds)
 
     canvas = Image.fromarray(bg, "RGB")
     if ss > 1:

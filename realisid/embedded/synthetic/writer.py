@@ -32,6 +32,31 @@ def _image_rngs(seed: int, index: int, j: int) -> tuple[np.random.Generator, np.
     return np.random.default_rng([s, 0x51, index, j]), np.random.default_rng([s, 0x52, index, j])
 
 
+def parse_key(key: str) -> tuple[int, int]:
+    """``synth-IIII-JJJJ`` (a synthetic sample's key) -> (identity index, image index)."""
+    parts = str(key).split("-")
+    if len(parts) != 3 or parts[0] != "synth" or not (parts[1].isdigit() and parts[2].isdigit()):
+        raise ValueError(f"{key!r} is not a synthetic sample key (synth-<identity>-<image>, as generate_synthetic_shards "
+                         "names them); only photos of the synthetic set can be drawn again")
+    return int(parts[1]), int(parts[2])
+
+
+def rerender_with_background(key: str, background_seed: int | None, *, seed: int, image_size: int,
+                             backgrounds: Sequence[str] = BACKGROUNDS):
+    """The synthetic photo ``key`` of the set of ``seed`` (its manifest's ``seed``, ``image_size`` and
+    ``backgrounds``) drawn again with another background: the same person, pose, expression, face box, key
+    points and clothing, and a background drawn from its own stream ``background_seed`` (None: the photo as
+    written, its own background, without the shard's JPEG compression). Returns a
+    :class:`.render.RenderedFace`. Used to measure how much of an identity similarity is the background
+    (``benchmarks/background_leak.py``)."""
+    i, j = parse_key(key)
+    size_rng, rng = _image_rngs(seed, i, j)
+    s = int(seed) & 0xFFFFFFFF
+    bg_rng = None if background_seed is None else np.random.default_rng([s, 0x55, i, j, int(background_seed)])
+    return render_face(make_identity(i, seed), rng, image_size, sample_face_size(size_rng), tuple(backgrounds),
+                       background_rng=bg_rng)
+
+
 def generate_synthetic_shards(out_dir: str, *, num_identities: int = 64, images_per_identity: int = 24,
                               val_identities: int = 8, image_size: int = 128, ref_size: int = 64,
                               shard_size: int = 256, seed: int = 0, ref_choices: int = 1,
