@@ -206,13 +206,19 @@ class RealisIDPipeline:
                  scheduler: str = "ddim", guidance_text: float = 7.5, guidance_id: float = 5.0, id_delay: float = 0.1,
                  seed: int = 0, use_local: bool = True, use_global: bool = True, output_type: str = "pil",
                  guidance_rescale: float = 0.0, id_guidance_until: float = 1.0,
-                 guidance_id_by_bin: Mapping[str, float] | None = None) -> RealisIDOutput:
+                 guidance_id_by_bin: Mapping[str, float] | None = None, image: torch.Tensor | None = None,
+                 strength: float = 1.0) -> RealisIDOutput:
+        """``image`` (3, R, R) or (1, 3, R, R) in [-1, 1], with ``strength`` in [0, 1]: start from that image's latent
+        noised to the step ``strength`` of the way back (img2img; the last ``round(strength * steps)`` steps run,
+        0 = the image through the VAE, 1 = from noise as without it). Without ``image`` sampling starts from noise."""
         check_guidance_rescale(guidance_rescale)
         check_id_guidance_until(id_guidance_until)
         by_bin = check_guidance_id_by_bin(guidance_id_by_bin, self.bins)
+        init = check_init_image(image, strength, self.resolution)
         with self.autocast():
             return self._sample(prompt, people, negative_prompt, num_inference_steps, scheduler, guidance_text, guidance_id,
-                                id_delay, seed, use_local, use_global, output_type, guidance_rescale, id_guidance_until, by_bin)
+                                id_delay, seed, use_local, use_global, output_type, guidance_rescale, id_guidance_until, by_bin,
+                                init, float(strength))
 
     def autocast(self):
         """With a half-precision backbone (model.backbone_dtype) and fp32 branches, run every pass under autocast."""
@@ -222,7 +228,8 @@ class RealisIDPipeline:
         return torch.autocast(self.device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
 
     def _sample(self, prompt, people, negative_prompt, num_inference_steps, scheduler, guidance_text, guidance_id, id_delay, seed,
-                use_local, use_global, output_type, guidance_rescale=0.0, id_guidance_until=1.0, by_bin=None) -> RealisIDOutput:
+                use_local, use_global, output_type, guidance_rescale=0.0, id_guidance_until=1.0, by_bin=None, init=None,
+                strength=1.0) -> RealisIDOutput:
         if not people:
             raise ValueError("give at least one person (a reference face and a target box)")
         R, f = self.resolution, self.backbone.vae_scale_factor
@@ -233,12 +240,20 @@ class RealisIDPipeline:
         g = torch.Generator(device="cpu").manual_seed(int(seed))
         shape = (1, self.backbone.latent_channels, R // f, R // f)
         # the sampler's state stays in fp32 across steps; only each pass's input is cast to the UNet's dtype
-        latents = (torch.randn(shape, generator=g) * sched.init_noise_sigma).to(self.device, torch.float32)
+        noise = torch.randn(shape, generator=g)
+        latents = (noise * sched.init_noise_sigma).to(self.device, torch.float32)
+        start = 0
+        if init is not None and strength < 1.0:  # img2img: the image's latent, noised to the first step that runs
+            start = num_inference_steps - int(round(strength * num_inference_steps))
+            if hasattr(sched, "set_begin_index"):
+                sched.set_begin_index(start)
+            x0 = self.backbone.encode_images(init.to(self.device), generator=g).float()
+            latents = x0 if start >= num_inference_steps else sched.add_noise(x0, noise.to(self.device), sched.timesteps[start:start + 1])
         delay_steps = int(round(id_delay * num_inference_steps))
         until_steps = int(round(id_guidance_until * num_inference_steps))
         g_map = identity_guidance_map(inputs, guidance_id, by_bin, shape[-2:], f)
         g_map = g_map.to(self.device) if torch.is_tensor(g_map) else g_map
-        for i, t in enumerate(sched.timesteps):
+        for i, t in enumerate(sched.timesteps[start:], start):
             x = sched.scale_model_input(torch.cat([latents] * 3), t).to(self.backbone.unet.dtype)
             tt = t.expand(3) if t.ndim else t.repeat(3)
             res = self.step_residuals(x, tt, inputs, i >= delay_steps, text.added_cond_kwargs, use_local, use_global)
@@ -254,6 +269,21 @@ class RealisIDPipeline:
         if output_type == "pt":
             return RealisIDOutput(image, meta, latents)  # type: ignore[arg-type]
         return RealisIDOutput(tensor_to_pil(image), meta, latents)
+
+
+def check_init_image(image: torch.Tensor | None, strength: float, resolution: int) -> torch.Tensor | None:
+    """img2img's start image as (1, 3, R, R) float, or None; refuses a strength outside [0, 1], a strength below 1
+    without an image, and an image of another size."""
+    if not 0.0 <= float(strength) <= 1.0:
+        raise ValueError(f"strength={strength}: give a value in [0, 1] (1 = from noise, 0 = the image through the VAE)")
+    if image is None:
+        if float(strength) < 1.0:
+            raise ValueError(f"strength={strength} needs an image to start from (image=...); without one sampling starts from noise")
+        return None
+    x = image[None] if image.ndim == 3 else image
+    if x.ndim != 4 or x.shape[0] != 1 or x.shape[1] != 3 or tuple(x.shape[-2:]) != (resolution, resolution):
+        raise ValueError(f"image of shape {tuple(image.shape)}: give (3, {resolution}, {resolution}) in [-1, 1], the pipeline's resolution")
+    return x.float()
 
 
 def check_guidance_rescale(phi: float) -> float:

@@ -158,6 +158,35 @@ def test_identity_guidance_by_bin_gives_each_face_size_its_own_scale(joint):
     assert identity_guidance_map(two, 5.0, None, (8, 8), 8) == 5.0
 
 
+def test_img2img_runs_the_last_strength_of_the_steps_from_the_noised_image(joint, monkeypatch):
+    pipe = joint.pipeline()
+    people = [person((8, 8, 32, 32))]
+    g = torch.Generator().manual_seed(7)
+    img, other = torch.rand(3, 64, 64, generator=g) * 2 - 1, torch.rand(3, 64, 64, generator=g) * 2 - 1
+    # strength 1: from noise, the image ignored
+    torch.testing.assert_close(sample(pipe, people, image=img, strength=1.0), sample(pipe, people), rtol=0, atol=0)
+    # strength 0: no step runs; the image through the VAE (posterior sampled with the seed's generator after the noise)
+    g0 = torch.Generator().manual_seed(0)
+    h = pipe.resolution // pipe.backbone.vae_scale_factor
+    torch.randn((1, pipe.backbone.latent_channels, h, h), generator=g0)
+    through_vae = pipe.backbone.decode_latents(pipe.backbone.encode_images(img[None], generator=g0).float())
+    torch.testing.assert_close(sample(pipe, people, image=img, strength=0.0), through_vae, rtol=0, atol=1e-5)
+    # strength 0.5 of 4 steps: the last 2 steps run, and the start image shows in the sample
+    calls = []
+    original = pipe.backbone.unet.forward
+    monkeypatch.setattr(pipe.backbone.unet, "forward", lambda *a, **k: calls.append(int(a[1][0])) or original(*a, **k))
+    a = sample(pipe, people, image=img, strength=0.5, num_inference_steps=4)
+    sched = pipe.backbone.sampling_scheduler("ddim")
+    sched.set_timesteps(4)
+    assert calls == [int(t) for t in sched.timesteps[2:]]
+    monkeypatch.undo()
+    assert (a - sample(pipe, people, image=other, strength=0.5, num_inference_steps=4)).abs().max() > 1e-3
+    for kw, needle in (({"image": img, "strength": 1.5}, "strength=1.5"), ({"strength": 0.5}, "needs an image"),
+                       ({"image": img[:, :32], "strength": 0.5}, "of shape")):
+        with pytest.raises(ValueError, match=needle):
+            sample(pipe, people, **kw)
+
+
 def test_guidance_rescale_matches_the_conditioned_spread_and_blends_by_phi():
     from realisid.pipeline import rescale_guidance
 
@@ -254,6 +283,37 @@ def test_generate_cli_bad_boxes_one_line(run_dir, tmp_path, capsys, args, needle
     err = capsys.readouterr().err.strip()
     assert needle in err and "\n" not in err and "Traceback" not in err
     assert not (tmp_path / "o.png").exists()
+
+
+def test_generate_cli_img2img_and_its_bad_inputs(run_dir, tmp_path, capsys):
+    import numpy as np
+    from realisid.cli import main
+
+    a, _ = _refs(tmp_path)
+    rng = np.random.default_rng(0)
+    square, wide = tmp_path / "start.png", tmp_path / "wide.png"
+    Image.fromarray(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)).save(square)   # resized to the run's 64 px
+    Image.new("RGB", (80, 64), (90, 90, 90)).save(wide)
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    base = ["generate", "--run", str(run_dir), "--prompt", "x", "--ref", a, "--box", "2,10,26,34", "--steps", "4", "--analyzer", "none"]
+    outs = {}
+    for name, extra in (("noise", []), ("half", ["--init-image", str(square), "--strength", "0.5"]),
+                        ("default", ["--init-image", str(square)])):
+        assert main(base + extra + ["--out", str(tmp_path / f"{name}.png")]) == 0
+        outs[name] = np.asarray(Image.open(tmp_path / f"{name}.png"), np.float32)
+    rec = json.load(open(tmp_path / "half.json"))
+    assert rec["strength"] == 0.5 and rec["init_image"] == str(square)
+    assert json.load(open(tmp_path / "default.json"))["strength"] == 0.75 and "strength" not in json.load(open(tmp_path / "noise.json"))
+    assert np.abs(outs["half"] - outs["noise"]).max() > 1 and np.abs(outs["half"] - outs["default"]).max() > 1
+    for extra, needle in ((["--strength", "0.5"], "--strength 0.5 needs --init-image"),
+                          (["--init-image", str(wide)], "is 80x64: give a square photo"),
+                          (["--init-image", str(tmp_path / "missing.png")], "no such file"),
+                          (["--init-image", str(tmp_path / "broken.png")], "not a readable image"),
+                          (["--init-image", str(square), "--strength", "1.5"], "strength=1.5: give a value in [0, 1]")):
+        assert main(base + extra + ["--out", str(tmp_path / "bad.png")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and "\n" not in err and "Traceback" not in err
+        assert not (tmp_path / "bad.png").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")

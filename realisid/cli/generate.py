@@ -34,6 +34,7 @@ def cmd_generate(args) -> int:
     until = check_id_guidance_until(float(s.get("id_guidance_until", 1.0) if args.id_guidance_until is None else args.id_guidance_until))
     by_bin = check_guidance_id_by_bin(guidance_id_by_bin(s) if args.guidance_id_by_bin is None
                                       else parse_by_bin(args.guidance_id_by_bin), bins_from_config(cfg.get("bins")))
+    init, strength = load_init_image(args.init_image, args.strength, R)
     from realisid.faces import analyzer_config, load_face_analyzer
 
     # the run's face analyzer (faces.*), or --analyzer; with neither usable, the real one that ships in packages
@@ -56,7 +57,10 @@ def cmd_generate(args) -> int:
         out = pipe(args.prompt, people, negative_prompt=args.negative_prompt, num_inference_steps=settings["steps"],
                    scheduler=settings["scheduler"], guidance_text=settings["guidance_text"], guidance_id=settings["guidance_id"],
                    id_delay=settings["id_delay"], guidance_rescale=settings["guidance_rescale"],
-                   id_guidance_until=settings["id_guidance_until"], guidance_id_by_bin=by_bin, seed=args.seed)
+                   id_guidance_until=settings["id_guidance_until"], guidance_id_by_bin=by_bin, seed=args.seed,
+                   image=init, strength=strength)
+    if init is not None:
+        settings.update(init_image=args.init_image, strength=strength)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     out.images[0].save(args.out)
     record = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": args.seed, "run": args.run, **settings,
@@ -71,6 +75,38 @@ def cmd_generate(args) -> int:
         json.dump(record, f, indent=2)
     sys.stdout.write(f"wrote {args.out} and {meta_path} ({len(people)} people, identity encoder {pipe.id_encoder.name})\n")
     return 0
+
+
+def load_init_image(path: str | None, strength: float | None, resolution: int):
+    """``--init-image`` / ``--strength`` as the pipeline's ``image`` ((3, R, R) in [-1, 1]) and ``strength``, checked
+    before any model loads: a missing, unreadable or non-square photo and a strength outside [0, 1] or without a
+    photo are refused naming the value."""
+    from realisid.pipeline import check_init_image
+
+    if path is None:
+        if strength is not None:
+            raise ValueError(f"--strength {strength} needs --init-image PHOTO (the photo to start from)")
+        return None, 1.0
+    strength = 0.75 if strength is None else float(strength)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--init-image {path}: no such file; give a square photo to start from")
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"--init-image {path}: not a readable image ({exc}); give a PNG or JPEG photo") from None
+    if im.width != im.height:
+        raise ValueError(f"--init-image {path} is {im.width}x{im.height}: give a square photo (the boxes are in the square "
+                         f"{resolution} px output); crop it first")
+    if im.width != resolution:
+        im = im.resize((resolution, resolution), Image.BICUBIC)
+    from realisid.images import to_tensor
+
+    image = to_tensor(im)
+    check_init_image(image, strength, resolution)
+    return image, strength
 
 
 def write_panel(references: list[str], sample, path: str) -> str:
@@ -147,6 +183,10 @@ def add_generate_parser(sub) -> None:
                                                     "default: the run's faces.*, else yunet-sface")
     g.add_argument("--model-dir", default=None, help="the analyzer's model folder (insightface)")
     g.add_argument("--largest-face", action="store_true", help="take the largest face of a reference with several people")
+    g.add_argument("--init-image", default=None, help="img2img: start from this square photo (resized to the run's resolution) "
+                                                     "noised by --strength instead of from noise")
+    g.add_argument("--strength", type=float, default=None, help="0..1 with --init-image: the fraction of the steps that run "
+                                                               "(1 = from noise, 0 = the photo through the VAE; default 0.75)")
     _device_args(g)
     g.set_defaults(func=cmd_generate)
 
