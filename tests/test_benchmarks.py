@@ -376,3 +376,16 @@ def test_background_leak_sees_a_copied_background_and_not_a_photo_of_its_own(tmp
     assert lo <= m <= hi and abs(m) < 0.05, (m, lo, hi)
     with pytest.raises(ValueError, match="synthetic set"):
         mod.synthetic_manifest([str(tmp_path / "val-000000.tar")])
+
+
+
+def test_identity_by_noise_strengths_and_photos():
+    mod = _load_script("identity_by_noise")
+    assert mod.parse_strengths("0, 0.5,1") == [0.0, 0.5, 1.0]
+    for bad in ("", "0.5,2", "half"):
+        with pytest.raises(ValueError, match="comma-separated numbers in"):
+            mod.parse_strengths(bad)
+    examples = [{"identity": f"p{i}", "key": f"p{i}-{j:04d}"} for i in range(3) for j in (3, 0, 2, 1)]
+    refs = [{"identity": "p0", "key": "p0-0000"}, {"identity": "p2", "key": "p2-0002"}]
+    got = [ex["key"] for ex in mod.choose_photos(examples, refs, 2)]
+    assert got == ["p0-0001", "p0-0002", "p2-0000", "p2-0001"]   # by key, the reference's own photo left out, only refs' people
