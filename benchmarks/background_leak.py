@@ -41,16 +41,15 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from realisid.bench import build_cases, reference_faces, write_csv  # noqa: E402
-from realisid.data.example import ExampleMaker  # noqa: E402
+from realisid.bench import bench_sampling, build_cases, held_out_references, write_csv  # noqa: E402
 from realisid.data.shards import read_manifest  # noqa: E402
-from realisid.data.stream import load_examples, resolve_shards  # noqa: E402
+from realisid.data.stream import resolve_shards  # noqa: E402
 from realisid.embedded.synthetic.writer import rerender_with_background  # noqa: E402
 from realisid.evaluation import build_evaluator, to_uint8  # noqa: E402
 from realisid.geometry import face_size, scale_bin  # noqa: E402
 from realisid.images import identity_crop, to_tensor  # noqa: E402
 from realisid.metrics.calibrated import calibrated_identity, fmt, other_similarity, scored  # noqa: E402
-from realisid.pipeline import RealisIDPipeline, guidance_id_by_bin  # noqa: E402
+from realisid.pipeline import Person, RealisIDPipeline  # noqa: E402
 
 
 def synthetic_manifest(urls: Sequence[str]) -> dict:
@@ -124,17 +123,12 @@ def measure(run_dir: str, overrides: Sequence[str], swaps: int, log) -> dict:
         raise FileNotFoundError(f"{run_dir}: no export/ yet; the run has not finished (rerun its sweep or `make train` to finish it)")
     pipe = RealisIDPipeline.from_export(os.path.join(run_dir, "export"))
     b = cfg.bench
-    urls = resolve_shards(cfg.data.val_shards, "data.val_shards")
-    manifest = synthetic_manifest(urls)
+    manifest = synthetic_manifest(resolve_shards(cfg.data.val_shards, "data.val_shards"))
     size = int(cfg.model.id_encoder.image_size)
-    maker = ExampleMaker(embed_dim=cfg.data.embed_dim, resolution=int(cfg.data.resolution), vae_scale_factor=pipe.backbone.vae_scale_factor,
-                         local_latent_size=int(cfg.model.local.latent_size), crop_expand=float(cfg.model.local.crop_expand),
-                         id_image_size=size)
-    examples = load_examples(urls, maker, int(b.real_images))
+    examples, refs = held_out_references(cfg, pipe.backbone.vae_scale_factor)
     if examples and tuple(examples[0]["image"].shape[-2:]) != (int(manifest["image_size"]),) * 2:
         raise ValueError(f"data.resolution={cfg.data.resolution} but the synthetic set was drawn at {manifest['image_size']} px: "
                          "the swapped photos would not match the boxes; benchmark at the set's resolution")
-    refs = reference_faces(examples, int(b.references), size, int(b.get("reference_offset", 0)))
     cases, _ = build_cases(b, refs, int(cfg.data.resolution))
     ev = build_evaluator(cfg, pipe.id_encoder.name)
     bins = list(ev.bins)
@@ -149,7 +143,7 @@ def measure(run_dir: str, overrides: Sequence[str], swaps: int, log) -> dict:
         if ex["identity"] not in bank or ex["key"] in ref_keys:
             continue
         box = [float(v) for v in ex["face_box"]]
-        (face, emb), = ev.find_faces(to_uint8(ex["image"]), [box])
+        (_, emb), = ev.find_faces(to_uint8(ex["image"]), [box])
         # self: the photo drawn again with its own background and with another (no JPEG on either side)
         same, other = (np.array(rerender_with_background(ex["key"], k, seed=int(manifest["seed"]), image_size=int(manifest["image_size"]),
                                                            backgrounds=tuple(manifest["backgrounds"])).image) for k in (None, swaps))
@@ -158,20 +152,17 @@ def measure(run_dir: str, overrides: Sequence[str], swaps: int, log) -> dict:
         real_rows.append({"identity": ex["identity"], "key": ex["key"], "face_size": s, "bin": scale_bin(s, ev.bins),
                           "emb": emb, "self": 1.0 - float(emb_a @ emb_b) if emb_a is not None and emb_b is not None else float("nan")})
 
-    # the benchmark's cases, generated as the sweeps benchmark them (setting "trained")
+    # the benchmark's cases, generated as the sweeps benchmark them (setting "trained"), each face found once
     t0 = time.perf_counter()
-    sample_kwargs = {"num_inference_steps": int(b.steps), "guidance_text": float(cfg.sampling.guidance_text),
-                     "guidance_id": float(cfg.sampling.guidance_id), "id_delay": float(cfg.sampling.id_delay),
-                     "guidance_rescale": float(cfg.sampling.get("guidance_rescale", 0.0)),
-                     "id_guidance_until": float(cfg.sampling.get("id_guidance_until", 1.0)),
-                     "guidance_id_by_bin": guidance_id_by_bin(cfg.sampling)}
-    gen_rows, images = ev.evaluate(pipe, cases, ev.new_metrics(), sample_kwargs=sample_kwargs, setting="trained", bank=bank)
-    log(f"  {len(cases)} cases generated in {time.perf_counter() - t0:.0f} s")
+    sample_kwargs = bench_sampling(cfg)
     gen_faces = []
-    for case, img in zip(cases, images):
-        for (face, emb), box, ident in zip(ev.find_faces(to_uint8(img), case.boxes), case.boxes, case.identities):
+    for case in cases:
+        people = [Person(box=bx, id_image=i, id_mask=m) for bx, i, m in zip(case.boxes, case.id_images, case.id_masks)]
+        img = pipe(case.prompt, people, seed=case.seed, output_type="pt", **sample_kwargs).images[0].cpu()
+        for (_, emb), box, ident in zip(ev.find_faces(to_uint8(img), case.boxes), case.boxes, case.identities):
             s = face_size(box, img.shape[-1], img.shape[-2])
             gen_faces.append({"identity": ident, "face_size": s, "bin": scale_bin(s, ev.bins), "emb": emb})
+    log(f"  {len(cases)} cases generated in {time.perf_counter() - t0:.0f} s")
 
     out: dict[str, Any] = {"run": run_dir, "cases": len(cases), "swaps": swaps, "real_photos": len(real_rows),
                            "reference_self_cos": [float(np.mean(ref_self)), float(np.min(ref_self))]}

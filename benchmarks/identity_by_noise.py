@@ -31,13 +31,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from realisid.bench import reference_faces, write_csv  # noqa: E402
-from realisid.data.example import ExampleMaker  # noqa: E402
-from realisid.data.stream import load_examples, resolve_shards  # noqa: E402
+from realisid.bench import bench_sampling, held_out_references, write_csv  # noqa: E402
 from realisid.evaluation import build_evaluator, to_uint8  # noqa: E402
 from realisid.geometry import face_size, scale_bin  # noqa: E402
 from realisid.metrics.calibrated import calibrated_identity, fmt  # noqa: E402
-from realisid.pipeline import Person, RealisIDPipeline, guidance_id_by_bin  # noqa: E402
+from realisid.pipeline import Person, RealisIDPipeline  # noqa: E402
 
 
 def parse_strengths(text: str) -> list[float]:
@@ -83,23 +81,14 @@ def main(argv=None) -> int:
     cfg = OmegaConf.merge(OmegaConf.load(os.path.join(args.run, "config.yaml")), OmegaConf.from_dotlist(args.set))
     pipe = RealisIDPipeline.from_export(os.path.join(args.run, "export"))
     b = cfg.bench
-    size = int(cfg.model.id_encoder.image_size)
-    maker = ExampleMaker(embed_dim=cfg.data.embed_dim, resolution=int(cfg.data.resolution), vae_scale_factor=pipe.backbone.vae_scale_factor,
-                         local_latent_size=int(cfg.model.local.latent_size), crop_expand=float(cfg.model.local.crop_expand),
-                         id_image_size=size)
-    examples = load_examples(resolve_shards(cfg.data.val_shards, "data.val_shards"), maker, int(b.real_images))
-    refs = reference_faces(examples, int(b.references), size, int(b.get("reference_offset", 0)))
+    examples, refs = held_out_references(cfg, pipe.backbone.vae_scale_factor)
     by_id = {r["identity"]: r for r in refs}
     ev = build_evaluator(cfg, pipe.id_encoder.name)
     bins = list(ev.bins)
     bank = ev.reference_bank({r["identity"]: r["id_image"] for r in refs})
     real = ev.real_rows(examples, bank, exclude={r["key"] for r in refs})
     photos = choose_photos(examples, refs, args.photos)
-    base_kwargs = {"num_inference_steps": int(b.steps), "guidance_text": float(cfg.sampling.guidance_text),
-                   "guidance_id": float(cfg.sampling.guidance_id), "id_delay": float(cfg.sampling.id_delay),
-                   "guidance_rescale": float(cfg.sampling.get("guidance_rescale", 0.0)),
-                   "id_guidance_until": float(cfg.sampling.get("id_guidance_until", 1.0)),
-                   "guidance_id_by_bin": guidance_id_by_bin(cfg.sampling)}
+    base_kwargs = bench_sampling(cfg)
     prompt = str(list(b.prompts)[0])
     modes = {"reference": {}, "no identity": {"guidance_id": 0.0, "guidance_id_by_bin": None}}
     rows, table = [], {}

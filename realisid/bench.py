@@ -289,6 +289,27 @@ def bench_settings(settings_cfg, only: str | Sequence[str] | None = None) -> dic
     return {n: have[n] for n in names}
 
 
+def held_out_references(cfg, vae_scale_factor: int) -> tuple[list[dict], list[dict]]:
+    """The benchmark's held-out photos (``data.val_shards``, at most ``bench.real_images``) and its references
+    (:func:`reference_faces` with ``bench.references`` and ``bench.reference_offset``)."""
+    b = cfg.bench
+    size = int(cfg.model.id_encoder.image_size)
+    maker = ExampleMaker(embed_dim=cfg.data.embed_dim, resolution=int(cfg.data.resolution), vae_scale_factor=int(vae_scale_factor),
+                         local_latent_size=int(cfg.model.local.latent_size), crop_expand=float(cfg.model.local.crop_expand),
+                         id_image_size=size)
+    examples = load_examples(resolve_shards(cfg.data.val_shards, "data.val_shards"), maker, int(b.real_images))
+    return examples, reference_faces(examples, int(b.references), size, int(b.get("reference_offset", 0)))
+
+
+def bench_sampling(cfg) -> dict[str, Any]:
+    """The pipeline keywords the benchmark samples with: ``bench.steps`` and the run's ``sampling.*`` guidance."""
+    s = cfg.sampling
+    return {"num_inference_steps": int(cfg.bench.steps), "guidance_text": float(s.guidance_text),
+            "guidance_id": float(s.guidance_id), "id_delay": float(s.id_delay),
+            "guidance_rescale": float(s.get("guidance_rescale", 0.0)), "id_guidance_until": float(s.get("id_guidance_until", 1.0)),
+            "guidance_id_by_bin": guidance_id_by_bin(s)}
+
+
 def run_bench(cfg, run_dir: str, out_dir: str, *, settings: Mapping[str, Mapping[str, Any]] | None = None,
               progress: bool = True, device: str | None = None, dtype: str | None = None) -> dict:
     """Benchmark ``run_dir``'s export with ``cfg.bench``; returns the paths written, the summary and the calibrated table.
@@ -298,12 +319,8 @@ def run_bench(cfg, run_dir: str, out_dir: str, *, settings: Mapping[str, Mapping
     os.makedirs(out_dir, exist_ok=True)
     pipe = RealisIDPipeline.from_export(os.path.join(run_dir, "export"), device=device, dtype=dtype)
     b = cfg.bench
-    maker = ExampleMaker(embed_dim=cfg.data.embed_dim, resolution=int(cfg.data.resolution), vae_scale_factor=pipe.backbone.vae_scale_factor,
-                         local_latent_size=int(cfg.model.local.latent_size), crop_expand=float(cfg.model.local.crop_expand),
-                         id_image_size=int(cfg.model.id_encoder.image_size))
-    examples = load_examples(resolve_shards(cfg.data.val_shards, "data.val_shards"), maker, int(b.real_images))
+    examples, refs = held_out_references(cfg, pipe.backbone.vae_scale_factor)
     offset = int(b.get("reference_offset", 0))
-    refs = reference_faces(examples, int(b.references), int(cfg.model.id_encoder.image_size), offset)
     if len(refs) < 2:
         raise ValueError(f"the benchmark needs references of at least 2 held-out identities (sim_other); data.val_shards has {len(refs)}")
     cases, skipped = build_cases(b, refs, int(cfg.data.resolution))
@@ -326,11 +343,7 @@ def run_bench(cfg, run_dir: str, out_dir: str, *, settings: Mapping[str, Mapping
             bar.step(done[0])
             done[0] += 1
 
-    sample_kwargs = {"num_inference_steps": int(b.steps), "guidance_text": float(cfg.sampling.guidance_text),
-                     "guidance_id": float(cfg.sampling.guidance_id), "id_delay": float(cfg.sampling.id_delay),
-                     "guidance_rescale": float(cfg.sampling.get("guidance_rescale", 0.0)),
-                     "id_guidance_until": float(cfg.sampling.get("id_guidance_until", 1.0)),
-                     "guidance_id_by_bin": guidance_id_by_bin(cfg.sampling)}
+    sample_kwargs = bench_sampling(cfg)
     for name, flags in settings.items():
         metrics = ev.new_metrics()
         ev.add_real(metrics, [e["image"] for e in examples], [e["face_box"].tolist() for e in examples])
