@@ -360,6 +360,8 @@ def run_bench(cfg, run_dir: str, out_dir: str, *, settings: Mapping[str, Mapping
     summary = summarize(rows)
     header = {"run": run_dir, "date": _dt.date.today().isoformat(), "machine": machine(),
               "device": f"{pipe.device}, frozen parts {str(pipe.backbone.unet.dtype).removeprefix('torch.')}", "cases": str(len(cases)),
+              "base UNet": (f"trained with the branches by this run ({pipe.backbone.unet_trained_by}; model.unet_train, not the paper's frozen base)"
+                            if pipe.backbone.unet_trained_by else f"frozen ({pipe.backbone.name})"),
               "prompts": json.dumps(list(b.prompts)), "sampling": json.dumps(sample_kwargs),
               "settings (override sampling)": json.dumps(settings), **ev.describe(),
               "real photos (ceiling)": f"{len(real)} held-out photos of the {len(refs)} reference identities",

@@ -29,7 +29,7 @@ from realisid.data.guidance import contour_map, location_map
 from realisid.data.shards import SampleError, decode_image
 from realisid.geometry import DEFAULT_BINS, FRONTAL_KPS, bins_from_config, box_iou, expand_square_box, face_size, scale_bin
 from realisid.images import centred_mask, hwc_uint8, identity_crop, identity_crop_kps, to_tensor
-from realisid.models.backbone import DTYPES, load_backbone
+from realisid.models.backbone import DTYPES, load_backbone, load_trained_unet
 from realisid.models.branches import GlobalBranch, LocalBranch, add_residuals
 from realisid.models.id_encoder import IdProjector, build_id_encoder
 
@@ -86,6 +86,9 @@ class RealisIDPipeline:
             raise FileNotFoundError(f"'{export_dir}' has no config.yaml: not a RealisID export (expected RUN_DIR/export)")
         c = OmegaConf.load(cfg_path)
         backbone = backbone or load_backbone(c.model, seed=c.experiment.seed)
+        unet_dir = os.path.join(export_dir, "unet")
+        if os.path.isdir(unet_dir):  # the run trained part of the base UNet (model.unet_train): sample with its UNet
+            load_trained_unet(backbone, unet_dir)
         enc = build_id_encoder(c.model.id_encoder)
         proj = IdProjector(enc.embed_dim, int(c.model.id_tokens), backbone.cross_attention_dim, sequence=enc.sequence)
         proj.load_state_dict(load_file(os.path.join(export_dir, "id_projector", "model.safetensors")))

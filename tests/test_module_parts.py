@@ -397,3 +397,25 @@ def test_ema_loads_the_old_format_and_diffusers_format():
         WeightEMA({**mods, "global": nn.Linear(1, 1)}, decay=0.9).load_state_dict(old)
     with pytest.raises(KeyError, match="other branches"):
         WeightEMA({"projector": nn.Linear(3, 2)}, decay=0.9).load_state_dict(ema.model.state_dict())
+
+
+def test_unet_train_selects_parameters_and_refuses_bad_values(tiny_cfg):
+    from realisid.models.backbone import load_backbone
+    from realisid.modules import build_module
+    from realisid.modules.branch_module import unfreeze_unet
+
+    frozen = build_module(tiny_cfg("joint"))
+    assert "unet" not in frozen.trainable_modules() and not any(p.requires_grad for p in frozen.backbone.parameters())
+    module = build_module(tiny_cfg("joint", "model.unet_train=[up_blocks.1, conv_out]", "optim.unet_lr=3e-5"))
+    trained = {n for n, p in module.backbone.named_parameters() if p.requires_grad}
+    assert trained and all(n.startswith(("unet.up_blocks.1.", "unet.conv_out.")) for n in trained)
+    assert any(n.startswith("unet.conv_out.") for n in trained)
+    groups = module.configure_optimizers()["optimizer"].param_groups
+    assert [g["initial_lr"] for g in groups] == [module.cfg.optim.lr, 3e-5]  # before the warm-up factor
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in module.backbone.unet.parameters() if p.requires_grad}
+    unet = load_backbone(tiny_cfg("joint").model).unet
+    with pytest.raises(ValueError, match=r"no UNet parameter is named 'upblocks'.*top level: .*up_blocks"):
+        unfreeze_unet(unet, ["upblocks"], "fp32")
+    with pytest.raises(ValueError, match="model.backbone_dtype=fp16"):
+        unfreeze_unet(unet, ["up_blocks"], "fp16")
+    assert not any(p.requires_grad for p in unet.parameters())  # a refused value leaves the UNet frozen

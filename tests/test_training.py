@@ -256,3 +256,45 @@ def test_face_norm_reaches_the_loss_and_old_runs_keep_the_papers_term(tiny_cfg):
     old = OmegaConf.create(OmegaConf.to_container(cfg))
     del old.model.loss["face_norm"]
     assert build_module(old).loss_fn.face_norm == "image"
+
+
+@pytest.mark.slow
+def test_unet_train_trains_checkpoints_exports_and_samples_with_the_trained_unet(tiny_cfg, face_shards, tmp_path):
+    """model.unet_train: the named UNet parameters (and only they) move, are kept in the checkpoint, exported as a
+    diffusers UNet folder, and the pipeline loaded from the export samples with them (as the module did)."""
+    from diffusers import UNet2DConditionModel
+
+    from realisid.models.backbone import load_backbone
+    from realisid.modules import build_module
+    from realisid.pipeline import Person, RealisIDPipeline
+    from realisid.train import train
+
+    cfg = tiny_cfg("joint", f"data.train_shards={face_shards}/train-*.tar", f"data.val_shards={face_shards}/val-*.tar",
+                   "data.batch_size=2", "data.num_workers=0", "data.shuffle_buffer=4", "data.val_samples=2",
+                   "trainer.max_steps=3", "trainer.val_check_interval=3", "trainer.checkpoint_every_n_steps=3",
+                   "trainer.enable_progress_bar=false", "validation.num_images=0", "evaluation.every_n_validations=0",
+                   "model.unet_train=[up_blocks.0]", "optim.unet_lr=1e-2", f"experiment.runs_dir={tmp_path}/runs")
+    run = train(cfg)["run_dir"]
+    ckpt = torch.load(os.path.join(run, "checkpoints/last.ckpt"), map_location="cpu", weights_only=False)
+    kept = [k for k in ckpt["state_dict"] if k.startswith("backbone.")]
+    assert kept and all(k.startswith("backbone.unet.up_blocks.0.") for k in kept)
+    base = load_backbone(cfg.model, seed=cfg.experiment.seed).unet.state_dict()
+    moved = {k for k in kept if not torch.equal(ckpt["state_dict"][k], base[k.removeprefix("backbone.unet.")])}
+    assert moved, "no trained UNet weight moved"
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(run, "export/unet"))  # a plain diffusers UNet
+    for k, v in unet.state_dict().items():  # the trained block as checkpointed, everything else the base's
+        torch.testing.assert_close(v, ckpt["state_dict"].get("backbone.unet." + k, base[k]), rtol=0, atol=0)
+
+    module = build_module(cfg)
+    module.load_state_dict(ckpt["state_dict"], strict=False)
+    module.eval()
+    pipe_a = RealisIDPipeline.from_module(module)
+    pipe_b = RealisIDPipeline.from_export(os.path.join(run, "export"))
+    assert pipe_b.backbone.unet_trained_by == os.path.join(run, "export", "unet")
+    person = Person(box=(8, 8, 40, 40), id_image=torch.zeros(3, 32, 32))
+    ia = pipe_a("a photo", [person], num_inference_steps=3, seed=1, output_type="pt").images
+    ib = pipe_b("a photo", [person], num_inference_steps=3, seed=1, output_type="pt").images
+    torch.testing.assert_close(ia, ib, rtol=0, atol=1e-5)
+    pipe_b.backbone = load_backbone(cfg.model, seed=cfg.experiment.seed)  # the same branches on the frozen base
+    ic = pipe_b("a photo", [person], num_inference_steps=3, seed=1, output_type="pt").images
+    assert (ia - ic).abs().max() > 1e-4  # the trained UNet draws differently from the frozen base

@@ -65,7 +65,7 @@ def cmd_generate(args) -> int:
     out.images[0].save(args.out)
     record = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": args.seed, "run": args.run, **settings,
               "resolution": R, "device": str(pipe.device), "frozen_dtype": str(pipe.backbone.unet.dtype).removeprefix("torch."),
-              "identity_encoder": pipe.id_encoder.name, "backbone": pipe.backbone.name,
+              "identity_encoder": pipe.id_encoder.name, "backbone": pipe.backbone.name, "unet_trained_by_run": pipe.backbone.unet_trained_by,
               "branches": [k for k, b in (("local", pipe.local_branch), ("global", pipe.global_branch)) if b is not None],
               "people": [{**r, **m} for r, m in zip(refs, out.people)]}
     if args.panel:

@@ -102,6 +102,7 @@ class Backbone(nn.Module):
         self.scheduler_config = dict(scheduler_config)
         self.layout = layout
         self.name = name
+        self.unet_trained_by: str | None = None  # an export's unet/ folder when a run trained part of the UNet
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         zeros = force_zeros_for_empty_prompt
         self.force_zeros_for_empty_prompt = layout == "sdxl" and (zeros is None or bool(zeros))
@@ -380,6 +381,25 @@ def vae_scale_factor_of(model_cfg: Mapping[str, Any]) -> int:
     else:
         channels = model_cfg["tiny"]["vae"]["block_out_channels"]
     return 2 ** (len(channels) - 1)
+
+
+def load_trained_unet(backbone: Backbone, unet_dir: str) -> None:
+    """Put the UNet weights a run trained (``model.unet_train``, exported as ``export/unet``) into ``backbone``;
+    the folder holds the whole UNet (diffusers ``save_pretrained``), so its shapes must match the base's."""
+    from safetensors.torch import load_file
+
+    path = os.path.join(unet_dir, "diffusion_pytorch_model.safetensors")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"'{unet_dir}' has no diffusion_pytorch_model.safetensors: the run's UNet export is incomplete; "
+                                "export the run again (its checkpoints/last.ckpt holds the trained UNet weights)")
+    weights = load_file(path)
+    own = backbone.unet.state_dict()
+    bad = sorted(set(own) ^ set(weights))[:3] or [k for k in own if tuple(own[k].shape) != tuple(weights[k].shape)][:3]
+    if bad:
+        raise ValueError(f"'{unet_dir}' is not a UNet of the base '{backbone.name}' (differs at {bad}); the run was trained "
+                         "on another base: give the model.pretrained it was trained with")
+    backbone.unet.load_state_dict({k: v.to(own[k].dtype) for k, v in weights.items()})
+    backbone.unet_trained_by = unet_dir
 
 
 def load_backbone(model_cfg: Mapping[str, Any], seed: int = 0) -> Backbone:

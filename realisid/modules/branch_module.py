@@ -48,6 +48,8 @@ class RealisIDModule(L.LightningModule):
         self.strict_loading = False  # checkpoints hold only trainable weights (see on_save_checkpoint)
         m = cfg.model
         self.backbone = load_backbone(m, seed=cfg.experiment.seed)
+        # base UNet parameters trained with the branches (model.unet_train; empty: the paper's frozen base)
+        self.unet_train = unfreeze_unet(self.backbone.unet, list(m.get("unet_train") or []), str(m.backbone_dtype))
         self.id_encoder = build_id_encoder(m.id_encoder)
         self.projector = IdProjector(self.id_encoder.embed_dim, int(m.id_tokens), self.backbone.cross_attention_dim,
                                      sequence=self.id_encoder.sequence)
@@ -242,12 +244,17 @@ class RealisIDModule(L.LightningModule):
             mods["local"] = self.local_branch
         if self.global_branch is not None:
             mods["global"] = self.global_branch
+        if self.unet_train:
+            mods["unet"] = self.backbone.unet   # only its parameters under model.unet_train require grad
         return mods
 
     def configure_optimizers(self):
         o = self.cfg.optim
-        params = [p for m in self.trainable_modules().values() for p in m.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=float(o.lr), weight_decay=float(o.weight_decay), betas=tuple(o.betas))
+        groups = [{"params": [p for name, m in self.trainable_modules().items() if name != "unet"
+                              for p in m.parameters() if p.requires_grad], "lr": float(o.lr)}]
+        if self.unet_train:
+            groups.append({"params": [p for p in self.backbone.unet.parameters() if p.requires_grad], "lr": float(o.unet_lr)})
+        opt = torch.optim.AdamW(groups, lr=float(o.lr), weight_decay=float(o.weight_decay), betas=tuple(o.betas))
         warm = max(1, int(o.warmup_steps))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -273,7 +280,7 @@ class RealisIDModule(L.LightningModule):
         if self.ema is not None:
             self.ema.swap_out()
 
-    STATE_PREFIX = {"projector": "projector.", "local": "local_branch.", "global": "global_branch."}
+    STATE_PREFIX = {"projector": "projector.", "local": "local_branch.", "global": "global_branch.", "unet": "backbone.unet."}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.ema is not None:
@@ -283,7 +290,8 @@ class RealisIDModule(L.LightningModule):
                 self.ema.load_state_dict(checkpoint["realisid_ema"])
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep checkpoints to the trainable weights: the frozen backbone is reloaded from its path.
+        """Keep checkpoints to the trainable weights: the frozen backbone is reloaded from its path (the UNet
+        parameters under ``model.unet_train`` are trained, so they are kept).
 
         A checkpoint with non-finite weights is refused, so it never replaces a good one. With EMA, the live
         weights are saved even while the average is swapped in (a save during validation), and the average
@@ -295,7 +303,8 @@ class RealisIDModule(L.LightningModule):
                     raise FloatingPointError(f"refusing to write a checkpoint at step {self.global_step}: {name}.{pname} has NaN/Inf "
                                              "weights; the previous checkpoint is kept")
         sd = checkpoint["state_dict"]
-        for k in [k for k in sd if k.startswith(FROZEN_PREFIXES)]:
+        kept = {"backbone.unet." + n for n in self.unet_train}
+        for k in [k for k in sd if k.startswith(FROZEN_PREFIXES) and k not in kept]:
             del sd[k]
         if self.ema is not None:
             sd.update(self.ema.live_state(self.STATE_PREFIX))
@@ -325,10 +334,39 @@ class RealisIDModule(L.LightningModule):
                   os.path.join(proj_dir, "model.safetensors"))
         OmegaConf.save(self.cfg, os.path.join(out_dir, "config.yaml"), resolve=True)
         paths["id_projector"] = proj_dir
+        if self.unet_train:  # the whole UNet as a diffusers folder: the base's frozen parts plus what this run trained
+            self.backbone.unet.save_pretrained(os.path.join(out_dir, "unet"))
+            paths["unet"] = os.path.join(out_dir, "unet")
         return paths
 
     def pipeline(self):
         return RealisIDPipeline.from_module(self)
+
+
+def unfreeze_unet(unet: torch.nn.Module, prefixes: list[str], backbone_dtype: str) -> list[str]:
+    """Let the base UNet's parameters whose names start with one of ``prefixes`` (``model.unet_train``, e.g.
+    ``[up_blocks]``) train with the branches; returns their names. A departure from the paper, whose base stays
+    frozen: a run that uses it exports its UNet (``export/unet``) and every sample from it is drawn with that UNet."""
+    if not prefixes:
+        return []
+    if backbone_dtype != "fp32":
+        raise ValueError(f"model.unet_train={prefixes} with model.backbone_dtype={backbone_dtype}: trained UNet weights in half "
+                         "precision lose most updates; set model.backbone_dtype=fp32 (trainer.precision *-mixed still runs it in half)")
+    names = [n for n, _ in unet.named_parameters()]
+    top = sorted({n.split(".")[0] for n in names})
+    chosen = []
+    for pre in prefixes:
+        hit = [n for n in names if n == pre or n.startswith(str(pre).rstrip(".") + ".")]
+        if not hit:
+            raise ValueError(f"model.unet_train: no UNet parameter is named {pre!r} or under it; give module paths such as "
+                             f"up_blocks or up_blocks.2 (top level: {', '.join(top)})")
+        chosen += [n for n in hit if n not in chosen]
+    params = dict(unet.named_parameters())
+    for n in chosen:
+        params[n].requires_grad_(True)
+    log.info("training %d of the base UNet's parameter tensors with the branches (%s): the base is no longer frozen",
+             len(chosen), ", ".join(map(str, prefixes)))
+    return chosen
 
 
 def _load_or_init(cls, path, init):
