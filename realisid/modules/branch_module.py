@@ -352,16 +352,15 @@ def unfreeze_unet(unet: torch.nn.Module, prefixes: list[str], backbone_dtype: st
     if backbone_dtype != "fp32":
         raise ValueError(f"model.unet_train={prefixes} with model.backbone_dtype={backbone_dtype}: trained UNet weights in half "
                          "precision lose most updates; set model.backbone_dtype=fp32 (trainer.precision *-mixed still runs it in half)")
-    names = [n for n, _ in unet.named_parameters()]
-    top = sorted({n.split(".")[0] for n in names})
+    params = dict(unet.named_parameters())
     chosen = []
     for pre in prefixes:
-        hit = [n for n in names if n == pre or n.startswith(str(pre).rstrip(".") + ".")]
+        hit = [n for n in params if n == pre or n.startswith(str(pre).rstrip(".") + ".")]
         if not hit:
+            top = sorted({n.split(".")[0] for n in params})
             raise ValueError(f"model.unet_train: no UNet parameter is named {pre!r} or under it; give module paths such as "
                              f"up_blocks or up_blocks.2 (top level: {', '.join(top)})")
         chosen += [n for n in hit if n not in chosen]
-    params = dict(unet.named_parameters())
     for n in chosen:
         params[n].requires_grad_(True)
     log.info("training %d of the base UNet's parameter tensors with the branches (%s): the base is no longer frozen",
