@@ -259,3 +259,28 @@ def test_precompute_caches_arcface_features_aligned_with_the_reference_keypoints
         img = ((pre["id_image"][i].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()
         want = analyzer.embed(img, pre["id_kps"][i].numpy())  # aligned with the sample's own key points
         np.testing.assert_allclose(pre["id_features"][i].float().numpy(), want, atol=2e-3)
+
+
+def test_standin_grid_features_are_the_feature_map_and_the_embedding_as_tokens(eval_standin):
+    from realisid.models.id_encoder import IdProjector, StandInEncoder, build_id_encoder, encoder_fingerprint
+
+    vec, grid = StandInEncoder(eval_standin), StandInEncoder(eval_standin, "grid")
+    torch.manual_seed(0)
+    x, m = torch.rand(3, 3, 32, 32) * 2 - 1, torch.ones(3, 1, 32, 32)
+    tokens = grid(x, m)
+    # 32 px crops, widths (32, 64, 128), a 16-d embedding: the 4x4 map before the last stage (64 channels) + the embedding
+    assert grid.sequence and not vec.sequence and grid.embed_dim == 64 and tokens.shape == (3, 17, 64)
+    torch.testing.assert_close(tokens[:, -1, :16], vec(x, m) * 4.0)  # the embedding, scaled to unit entries, zero-padded
+    assert torch.count_nonzero(tokens[:, -1, 16:]) == 0
+    torch.testing.assert_close(tokens[:, :16].std(-1, unbiased=False), torch.ones(3, 16), atol=1e-3, rtol=0)  # layer-normed cells
+    assert not torch.allclose(tokens[0, :16], tokens[1, :16])  # the cells follow the face
+    assert IdProjector(64, 4, 32, sequence=True)(tokens).shape == (3, 4, 32)
+    # from the config: a sequence for the resampler; the embedding's fingerprint is the one caches were made with
+    cfg = {"kind": "standin", "path": eval_standin}
+    assert build_id_encoder({**cfg, "features": "grid"}).sequence and not build_id_encoder(cfg).sequence
+    plain, gridded = encoder_fingerprint({**cfg, "features": "embedding"}), encoder_fingerprint({**cfg, "features": "grid"})
+    assert plain == encoder_fingerprint(cfg) and plain.startswith("standin:/") and gridded == plain.replace("standin:", "standin:grid:", 1)
+    with pytest.raises(ValueError, match=r"features=grid is for kind=standin .*kind=clip.*set model.id_encoder.features=embedding"):
+        build_id_encoder({"kind": "clip", "features": "grid"})
+    with pytest.raises(ValueError, match=r"features='grd'; valid: embedding, grid"):
+        build_id_encoder({**cfg, "features": "grd"})

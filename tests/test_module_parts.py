@@ -419,3 +419,23 @@ def test_unet_train_selects_parameters_and_refuses_bad_values(tiny_cfg):
     with pytest.raises(ValueError, match="model.backbone_dtype=fp16"):
         unfreeze_unet(unet, ["up_blocks"], "fp16")
     assert not any(p.requires_grad for p in unet.parameters())  # a refused value leaves the UNet frozen
+
+
+def test_grid_identity_tokens_train_the_resampler_from_live_and_cached_features(shards, eval_standin):
+    from realisid.config import load_config
+    from realisid.modules import build_module
+
+    torch.manual_seed(0)
+    module = build_module(load_config("joint", RANDOM_TINY + ["model.id_encoder.kind=standin", f"model.id_encoder.path={eval_standin}",
+                                                             "model.id_encoder.features=grid"]))
+    assert module.projector.sequence and module.id_encoder.embed_dim == 64
+    pre, live = _batch(module, shards, precomputed=True), _batch(module, shards, precomputed=False)
+    assert pre["id_features"].shape == (len(live["caption"]), 17, 64)  # what `realisid precompute` caches for this config
+    with torch.no_grad():
+        torch.testing.assert_close(module.conditioner.identity_tokens(pre), module.conditioner.identity_tokens(live))
+        for name, p in module.named_parameters():  # past the zero convolutions' start, where nothing reaches the UNet
+            if "controlnet_down_blocks" in name or "controlnet_mid_block" in name:
+                p.normal_(0.0, 0.05)
+    module.shared_step(live, generator=torch.Generator().manual_seed(0), dropout=False)["loss"].backward()
+    grads = [p.grad for p in (module.projector.queries, module.projector.proj_in.weight)]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)  # the reference's tokens reach the loss

@@ -80,20 +80,26 @@ class IdentityEncoder(nn.Module):
 
 
 class StandInEncoder(IdentityEncoder):
+    """``features``: ``embedding``, the 64-d identity vector (as ArcFace's, IP-Adapter-FaceID style), or ``grid``,
+    the feature map before the last stage as tokens plus the embedding as one more (a sequence, read by the
+    projector's resampler as the paper reads CLIP's patch tokens; see :meth:`StandInArcFace.tokens`)."""
+
     differentiable = True
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, features: str = "embedding"):
         super().__init__()
         self.net = load_standin(path)
         self.net.requires_grad_(False)
         self.image_size = int(self.net.config["image_size"])
-        self.embed_dim = int(self.net.config["embed_dim"])
-        self.name = STANDIN_NAME
+        self.features = features
+        self.sequence = features == "grid"
+        self.embed_dim = int(self.net.token_dim if self.sequence else self.net.config["embed_dim"])
+        self.name = STANDIN_NAME + (" (grid tokens)" if self.sequence else "")
 
     def _encode(self, images, kps=None):  # the stand-in reads the crop as it is: no alignment
         if images.shape[-1] != self.image_size:
             images = F.interpolate(images, size=(self.image_size,) * 2, mode="bilinear", antialias=True, align_corners=False)
-        return self.net(images)
+        return self.net.tokens(images) if self.sequence else self.net(images)
 
 
 class ClipEncoder(IdentityEncoder):
@@ -166,10 +172,25 @@ class ArcFaceEncoder(IdentityEncoder):
         return torch.stack(out).to(images.device)
 
 
+FEATURES = ("embedding", "grid")
+
+
+def standin_features(cfg: Mapping[str, Any]) -> str:
+    """``model.id_encoder.features``, checked: ``grid`` exists for the stand-in only."""
+    features = str(cfg.get("features") or "embedding")
+    if features not in FEATURES:
+        raise ValueError(f"model.id_encoder.features={features!r}; valid: {', '.join(FEATURES)}")
+    if features == "grid" and cfg.get("kind") != "standin":
+        raise ValueError(f"model.id_encoder.features=grid is for kind=standin (its feature map as tokens); kind={cfg.get('kind')} "
+                         "gives what it gives (clip: patch tokens, arcface: one embedding): set model.id_encoder.features=embedding")
+    return features
+
+
 def build_id_encoder(cfg: Mapping[str, Any]) -> IdentityEncoder:
     kind = cfg.get("kind")
+    features = standin_features(cfg) if kind in ENCODER_KINDS else "embedding"
     if kind == "standin":
-        return StandInEncoder(cfg["path"])
+        return StandInEncoder(cfg["path"], features)
     if kind == "clip":
         return ClipEncoder(cfg.get("path"), cfg.get("tiny_clip"))
     if kind == "arcface":
@@ -202,7 +223,8 @@ def encoder_fingerprint(cfg: Mapping[str, Any]) -> str:
         if not files and os.path.isfile(root):
             st = os.stat(root)
             files.append((os.path.basename(root), st.st_size, int(st.st_mtime)))
-        return f"{kind}:{root}@{_digest(files)}"
+        grid = ":grid" if standin_features(cfg) == "grid" else ""   # features=embedding keeps existing caches valid
+        return f"{kind}{grid}:{root}@{_digest(files)}"
     tiny = cfg.get("tiny_clip") if kind == "clip" else None
     tiny = {str(k): v for k, v in dict(tiny or {}).items()}
     return f"{kind}:tiny-random@{_digest(tiny)}"

@@ -90,6 +90,28 @@ class StandInArcFace(nn.Module):
         h = self.bn(self.fc(h.mean(dim=(2, 3))))
         return F.normalize(h, dim=1)
 
+    @property
+    def token_dim(self) -> int:
+        """Width of :meth:`tokens`: the wider of the grid's channels and the embedding."""
+        widths = self.config["widths"]
+        return max(widths[-2] if len(widths) > 1 else widths[0], self.embed_dim)
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The face as a token sequence ``(B, h*w + 1, token_dim)``: each cell of the feature map before the last
+        stage (4x4 for a 32 px crop: where the eyes, mouth, hair and glasses are), layer-normed, then the identity
+        embedding scaled to the same per-entry size; the narrower part is zero-padded to ``token_dim``. What the
+        paper takes from CLIP (patch tokens), here from the stand-in."""
+        h = self.stem(x)
+        for stage in self.stages[:-1]:
+            h = stage(h)
+        grid = h.flatten(2).transpose(1, 2)
+        grid = F.layer_norm(grid, grid.shape[-1:])
+        emb = F.normalize(self.bn(self.fc(self.stages[-1](h).mean(dim=(2, 3)))), dim=1) * math.sqrt(self.embed_dim)
+        width = self.token_dim
+        grid = F.pad(grid, (0, width - grid.shape[-1]))
+        emb = F.pad(emb, (0, width - emb.shape[-1]))
+        return torch.cat([grid, emb[:, None]], dim=1)
+
 
 class _Stage(nn.Module):
     def __init__(self, cin: int, cout: int):
