@@ -85,8 +85,12 @@ class RealisIDPipeline:
         if not os.path.exists(cfg_path):
             raise FileNotFoundError(f"'{export_dir}' has no config.yaml: not a RealisID export (expected RUN_DIR/export)")
         c = OmegaConf.load(cfg_path)
-        backbone = backbone or load_backbone(c.model, seed=c.experiment.seed)
         unet_dir = os.path.join(export_dir, "unet")
+        if os.path.isdir(unet_dir) and backbone is not None:  # loading would change a backbone the caller may share
+            raise ValueError(f"'{export_dir}' holds a trained base UNet (unet/, from model.unet_train="
+                             f"{list(c.model.get('unet_train') or [])}), which would overwrite the UNet of the backbone passed "
+                             "in; call from_export without backbone= so it loads a backbone of its own")
+        backbone = backbone or load_backbone(c.model, seed=c.experiment.seed)
         if os.path.isdir(unet_dir):  # the run trained part of the base UNet (model.unet_train): sample with its UNet
             load_trained_unet(backbone, unet_dir)
         enc = build_id_encoder(c.model.id_encoder)

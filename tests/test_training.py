@@ -291,6 +291,10 @@ def test_unet_train_trains_checkpoints_exports_and_samples_with_the_trained_unet
     pipe_a = RealisIDPipeline.from_module(module)
     pipe_b = RealisIDPipeline.from_export(os.path.join(run, "export"))
     assert pipe_b.backbone.unet_trained_by == os.path.join(run, "export", "unet")
+    shared = load_backbone(cfg.model, seed=cfg.experiment.seed)
+    with pytest.raises(ValueError, match=r"holds a trained base UNet \(unet/, from model.unet_train=\['up_blocks.0'\]\).*without backbone="):
+        RealisIDPipeline.from_export(os.path.join(run, "export"), backbone=shared)
+    assert shared.unet_trained_by is None  # the caller's backbone is left as it was
     person = Person(box=(8, 8, 40, 40), id_image=torch.zeros(3, 32, 32))
     ia = pipe_a("a photo", [person], num_inference_steps=3, seed=1, output_type="pt").images
     ib = pipe_b("a photo", [person], num_inference_steps=3, seed=1, output_type="pt").images

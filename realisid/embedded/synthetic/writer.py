@@ -32,6 +32,13 @@ def _image_rngs(seed: int, index: int, j: int) -> tuple[np.random.Generator, np.
     return np.random.default_rng([s, 0x51, index, j]), np.random.default_rng([s, 0x52, index, j])
 
 
+def _render_photo(ident, seed: int, i: int, j: int, image_size: int, face_size: float, backgrounds: Sequence[str],
+                  background_rng: np.random.Generator | None = None):
+    """Photo ``j`` of identity ``i`` (person ``ident``) of the set of ``seed``, at ``face_size``: the one place a
+    synthetic photo is drawn, so a photo drawn again (:func:`rerender_with_background`) is the photo written."""
+    return render_face(ident, _image_rngs(seed, i, j)[1], image_size, face_size, tuple(backgrounds), background_rng=background_rng)
+
+
 def parse_key(key: str) -> tuple[int, int]:
     """``synth-IIII-JJJJ`` (a synthetic sample's key) -> (identity index, image index)."""
     parts = str(key).split("-")
@@ -50,11 +57,10 @@ def rerender_with_background(key: str, background_seed: int | None, *, seed: int
     :class:`.render.RenderedFace`. Used to measure how much of an identity similarity is the background
     (``benchmarks/background_leak.py``)."""
     i, j = parse_key(key)
-    size_rng, rng = _image_rngs(seed, i, j)
     s = int(seed) & 0xFFFFFFFF
     bg_rng = None if background_seed is None else np.random.default_rng([s, 0x55, i, j, int(background_seed)])
-    return render_face(make_identity(i, seed), rng, image_size, sample_face_size(size_rng), tuple(backgrounds),
-                       background_rng=bg_rng)
+    return _render_photo(make_identity(i, seed), seed, i, j, image_size, sample_face_size(_image_rngs(seed, i, j)[0]),
+                         backgrounds, bg_rng)
 
 
 def generate_synthetic_shards(out_dir: str, *, num_identities: int = 64, images_per_identity: int = 24,
@@ -95,13 +101,13 @@ def generate_synthetic_shards(out_dir: str, *, num_identities: int = 64, images_
         crops: dict[tuple[int, int], Image.Image] = {}
         for i in indices:
             for j in largest[i]:
-                face = render_face(idents[i], _image_rngs(seed, i, j)[1], image_size, sizes[i][j], backgrounds)
+                face = _render_photo(idents[i], seed, i, j, image_size, sizes[i][j], backgrounds)
                 crops[(i, j)] = _face_crop(face.image, face.bbox, ref_size)
         order_rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 0x53, len(indices)])
         for j in range(images_per_identity):
             for i in (indices[k] for k in order_rng.permutation(len(indices))):
                 ident = idents[i]
-                face = render_face(ident, _image_rngs(seed, i, j)[1], image_size, sizes[i][j], backgrounds)
+                face = _render_photo(ident, seed, i, j, image_size, sizes[i][j], backgrounds)
                 options = [k for k in largest[i] if k != j][:ref_choices]
                 src = options[int(np.random.default_rng([int(seed) & 0xFFFFFFFF, 0x54, i, j]).integers(len(options)))]
                 meta = face_meta((image_size, image_size), face.bbox, face.kps, det_score=1.0, identity=ident.name,
