@@ -127,3 +127,48 @@ def test_identity_loss_settings_are_checked(batch_and_config):
 
     with pytest.raises(ValueError, match="onnx-arcface does not run in torch.*id_lambda=0"):
         Onnx().embed_with_grad(torch.zeros(1, 3, 8, 8))
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_ddim_step_with_a_perfect_prediction_lands_on_the_same_clean_latent(prediction_type):
+    from realisid.modules.losses import ddim_step, diffusion_inputs
+
+    acp = torch.cumprod(1 - torch.linspace(1e-4, 2e-2, 1000), 0)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    noisy, target = diffusion_inputs(acp, x0, eps, torch.tensor([700, 700]), prediction_type)
+    prev, got_x0 = ddim_step(acp, noisy, target, 700, 300, prediction_type)
+    torch.testing.assert_close(got_x0, x0, atol=1e-4, rtol=1e-4)
+    want, _ = diffusion_inputs(acp, x0, eps, torch.tensor([300, 300]), prediction_type)   # the same noise, less of it
+    torch.testing.assert_close(prev, want, atol=1e-4, rtol=1e-4)
+    last, _ = ddim_step(acp, noisy, target, 700, -1, prediction_type)                    # -1: all the way to x0
+    torch.testing.assert_close(last, x0, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="prediction_type='sample'"):
+        ddim_step(acp, noisy, target, 700, 300, "sample")
+
+
+def test_sampled_identity_loss_draws_from_noise_and_trains_the_branches_through_every_step(batch_and_config):
+    root, _ = batch_and_config
+    module, batch = _module_and_batch(root, "model.loss.id_lambda=0.5", "model.loss.id_mode=sampled", "model.loss.id_samples=2",
+                                      "model.loss.id_sample_steps=3")
+    assert module.sample_timesteps() == [999, 666, 332]   # trailing spacing from pure noise
+    with torch.no_grad():   # off the zero-initialised output convolutions, so the reference reaches the drawing
+        for part in module.trainable_modules().values():
+            for p in part.parameters():
+                p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    plain = module.shared_step(batch, generator=torch.Generator().manual_seed(3), dropout=False)
+    out = module.shared_step(batch, generator=torch.Generator().manual_seed(3), dropout=False, id_term=True)
+    again = module.shared_step(batch, generator=torch.Generator().manual_seed(3), dropout=False, id_term=True)
+    assert 0 < float(out["id_loss"].detach()) <= 2
+    torch.testing.assert_close(out["loss"], plain["loss"] + 0.5 * out["id_loss"])   # the diffusion draws are untouched
+    torch.testing.assert_close(again["id_loss"], out["id_loss"])                    # the drawing's noise is the step's
+    other = module.shared_step(batch, generator=torch.Generator().manual_seed(4), dropout=False, id_term=True)
+    assert float(other["id_loss"].detach()) != float(out["id_loss"].detach())
+    out["id_loss"].backward()
+    for name, part in module.trainable_modules().items():
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters()), name
+    assert all(p.grad is None for p in module.backbone.parameters()) and all(p.grad is None for p in module.id_encoder.parameters())
+    with pytest.raises(ValueError, match=r"id_mode='pulid'; valid: x0 .*, sampled"):
+        _module_and_batch(root, "model.loss.id_lambda=1.0", "model.loss.id_mode=pulid")
+    with pytest.raises(ValueError, match="id_samples=0"):
+        _module_and_batch(root, "model.loss.id_lambda=1.0", "model.loss.id_mode=sampled", "model.loss.id_samples=0")

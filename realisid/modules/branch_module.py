@@ -27,7 +27,8 @@ from realisid.models.id_encoder import IdProjector, build_id_encoder
 from realisid.modules.conditioner import Conditioner, other_identity_order, with_identity_free_captions, with_references_of
 from realisid.modules.efficiency import apply_efficiency, check_precision
 from realisid.images import ID_CROP_EXPAND, centred_mask
-from realisid.modules.losses import DiffusionLoss, crop_faces, identity_cosine, identity_crop_boxes, identity_loss, predicted_x0
+from realisid.modules.losses import (DiffusionLoss, crop_faces, ddim_step, identity_cosine, identity_crop_boxes, identity_loss,
+                                     predicted_x0)
 from realisid.pipeline import RealisIDPipeline
 
 if TYPE_CHECKING:
@@ -74,6 +75,14 @@ class RealisIDModule(L.LightningModule):
         if self.id_lambda < 0 or not 0 < self.id_max_t <= sched.num_train_timesteps:
             raise ValueError(f"model.loss.id_lambda={self.id_lambda} / id_max_t={self.id_max_t}; give id_lambda >= 0 and "
                              f"0 < id_max_t <= {sched.num_train_timesteps} (the scheduler's training timesteps)")
+        self.id_mode = str(m.loss.get("id_mode", "x0"))
+        self.id_samples, self.id_sample_steps = int(m.loss.get("id_samples", 4)), int(m.loss.get("id_sample_steps", 4))
+        if self.id_mode not in ("x0", "sampled"):
+            raise ValueError(f"model.loss.id_mode={self.id_mode!r}; valid: x0 (the step's own x0 prediction), sampled (images "
+                             "drawn from noise with gradients)")
+        if self.id_samples < 1 or not 1 <= self.id_sample_steps <= sched.num_train_timesteps:
+            raise ValueError(f"model.loss.id_samples={self.id_samples} / id_sample_steps={self.id_sample_steps}; give at least 1 "
+                             "of each (4 and 4 cost about one more training step's compute)")
         if self.id_lambda > 0 and not self.id_encoder.differentiable:
             self.id_encoder.embed_with_grad(torch.zeros(0))  # raises, naming the encoder and the fix
         self.conditioner = Conditioner(self)  # a plain object: the parts stay registered here (same state-dict keys)
@@ -133,7 +142,8 @@ class RealisIDModule(L.LightningModule):
                                   mid_block_additional_residual=res[1] if res else None, return_dict=False)[0]
         out = self.loss_fn(pred, x.target, batch["loc_map"])
         if id_term and self.id_lambda > 0:
-            cos = self.identity_similarity(x, pred, batch, tokens)
+            cos = (self.sampled_identity_similarity(batch, tokens, tuple(latents.shape[1:]), image_hw, generator)
+                   if self.id_mode == "sampled" else self.identity_similarity(x, pred, batch, tokens))
             id_loss = identity_loss(cos, torch.ones_like(cos))
             out = {**out, "loss": out["loss"] + self.id_lambda * id_loss, "id_loss": id_loss}
         return out
@@ -150,6 +160,11 @@ class RealisIDModule(L.LightningModule):
         if sel.numel() == 0:
             return pred.new_zeros(0, dtype=torch.float32)
         x0 = predicted_x0(self.alphas_cumprod, x.noisy[sel], pred[sel], x.timesteps[sel], self.noise_scheduler.config.prediction_type)
+        return self._face_cosine(x0, batch, sel, tokens)
+
+    def _face_cosine(self, x0: torch.Tensor, batch: dict, sel: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """x0 latents of the samples ``sel`` decoded by the frozen VAE, each face box cut as references are cut and
+        embedded by the conditioning encoder, against the reference's features; with gradients to ``x0``."""
         images = self.backbone.decode_with_grad(x0).float()
         size = int(self.id_encoder.image_size)
         boxes = identity_crop_boxes(batch["face_box"].to(images.device)[sel], images.shape[-1], images.shape[-2], ID_CROP_EXPAND)
@@ -157,6 +172,45 @@ class RealisIDModule(L.LightningModule):
         mask = torch.from_numpy(centred_mask(size)).to(crops.device, crops.dtype)[None, None]
         embedded = self.id_encoder.embed_with_grad(crops.to(self.dtype), mask)
         return identity_cosine(embedded, self.conditioner.identity_features(batch)[sel.to(tokens.device)])
+
+    def sample_timesteps(self) -> list[int]:
+        """The ``id_sample_steps`` DDIM timesteps of ``id_mode=sampled``, trailing spacing: from the last training
+        timestep (pure noise under the zero-terminal-SNR schedule) down, e.g. [999, 749, 499, 249]."""
+        n, k = int(self.noise_scheduler.config.num_train_timesteps), self.id_sample_steps
+        return [int(round(n - 1 - i * n / k)) for i in range(k)]
+
+    def sampled_identity_similarity(self, batch: dict, tokens: torch.Tensor, latent_chw: tuple[int, ...],
+                                    image_hw: tuple[int, int], generator: torch.Generator | None) -> torch.Tensor:
+        """``model.loss.id_mode=sampled``, PuLID's idea: the first ``id_samples`` samples whose identity was kept are
+        drawn from pure noise with the identity-free caption, their reference and their boxes, in ``id_sample_steps``
+        DDIM steps of the UNet with the branches (no guidance), gradients through every step; the cosine of the
+        face drawn against the reference (:meth:`_face_cosine`). The identity must come from the reference, as in the
+        benchmark. The noise comes from a stream seeded off ``generator`` after the step's own draws, so the
+        diffusion loss draws exactly what it draws without this term. One read of the selection from the device."""
+        kept = tokens.detach().flatten(1).abs().amax(1) > 0     # dropped identities get zero tokens
+        sel = torch.nonzero(kept).flatten()[: self.id_samples]
+        if sel.numel() == 0:
+            return tokens.new_zeros(0, dtype=torch.float32)
+        rows = sel.tolist()
+        n = len(batch["caption"])
+        every = torch.ones(n, dtype=torch.bool)
+        text = self.conditioner.text_conditioning(batch, every, image_hw, every)
+        added = {k: v[sel] for k, v in text.added_cond_kwargs.items()} if text.added_cond_kwargs else None
+        sub = {k: batch[k][sel.to(batch[k].device)] for k in ("pe_map", "loc_map", "crop_box")}
+        if batch.get(HOST_BOXES) is not None:
+            sub[HOST_BOXES] = [batch[HOST_BOXES][i] for i in rows]
+        seed = int(torch.randint(0, 2 ** 31 - 1, (1,), generator=generator)) if generator is not None else 0
+        z = torch.randn((len(rows), *latent_chw), generator=torch.Generator().manual_seed(seed)).to(self.device)
+        steps, prediction = self.sample_timesteps(), self.noise_scheduler.config.prediction_type
+        for i, t in enumerate(steps):
+            noisy = z.to(self.backbone.unet.dtype)
+            tt = torch.full((len(rows),), t, device=self.device, dtype=torch.long)
+            res = self.branch_residuals(noisy, tt, tokens[sel], sub, added)
+            pred = self.backbone.unet(noisy, tt, encoder_hidden_states=text.embeds[sel], added_cond_kwargs=added,
+                                      down_block_additional_residuals=res[0] if res else None,
+                                      mid_block_additional_residual=res[1] if res else None, return_dict=False)[0]
+            z, x0 = ddim_step(self.alphas_cumprod, z, pred, t, steps[i + 1] if i + 1 < len(steps) else -1, prediction)
+        return self._face_cosine(x0, batch, sel, tokens)
 
     def batch_latents(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
         """The batch's latents: sampled from the precomputed VAE posterior (the VAE does not run), else encoded."""

@@ -130,6 +130,23 @@ def predicted_x0(alphas_cumprod: torch.Tensor, noisy: torch.Tensor, pred: torch.
     raise ValueError(f"scheduler prediction_type={prediction_type!r}; RealisID trains epsilon or v_prediction backbones")
 
 
+def ddim_step(alphas_cumprod: torch.Tensor, x_t: torch.Tensor, pred: torch.Tensor, t: int, t_prev: int,
+              prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One deterministic DDIM step (eta 0) from timestep ``t`` to ``t_prev`` (-1: to the clean latent), in fp32:
+    ``(x_{t_prev}, x0)``. The noise the prediction implies is re-applied at ``t_prev``'s level, so with a perfect
+    prediction the step lands on the same x0 at the lower noise. Differentiable in ``x_t`` and ``pred``."""
+    a = alphas_cumprod.to(x_t.device, torch.float32)[int(t)]
+    a_prev = alphas_cumprod.to(x_t.device, torch.float32)[int(t_prev)] if t_prev >= 0 else torch.ones((), device=x_t.device)
+    x, p = x_t.float(), pred.float()
+    if prediction_type == "v_prediction":
+        x0, eps = a.sqrt() * x - (1.0 - a).sqrt() * p, (1.0 - a).sqrt() * x + a.sqrt() * p
+    elif prediction_type == "epsilon":
+        x0, eps = (x - (1.0 - a).sqrt() * p) / a.sqrt().clamp_min(1e-4), p
+    else:
+        raise ValueError(f"scheduler prediction_type={prediction_type!r}; RealisID trains epsilon or v_prediction backbones")
+    return a_prev.sqrt() * x0 + (1.0 - a_prev).sqrt() * eps, x0
+
+
 def identity_crop_boxes(face_boxes: torch.Tensor, width: int, height: int, expand: float) -> torch.Tensor:
     """Square boxes (B, 4) float around ``face_boxes`` (B, 4) in pixels: the side ``expand`` times the box's long
     side (at most the image's short side), centred on the face, then shifted to lie inside the image; what
