@@ -83,13 +83,18 @@ def _module_and_batch(root, *overrides):
     return module, _batch(module, root, precomputed=True)
 
 
-def test_step_with_the_identity_loss_trains_the_branches_through_it(batch_and_config):
-    root, _ = batch_and_config
-    module, batch = _module_and_batch(root, "model.loss.id_lambda=2.0", "model.loss.id_max_t=1000")
-    with torch.no_grad():   # off the zero-initialised output convolutions, so the projector is reached too
+def _off_zero_init(module):
+    """Every trainable weight moved a little, off the zero-initialised output convolutions (where nothing reaches the UNet)."""
+    with torch.no_grad():
         for part in module.trainable_modules().values():
             for p in part.parameters():
                 p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+
+
+def test_step_with_the_identity_loss_trains_the_branches_through_it(batch_and_config):
+    root, _ = batch_and_config
+    module, batch = _module_and_batch(root, "model.loss.id_lambda=2.0", "model.loss.id_max_t=1000")
+    _off_zero_init(module)  # so the projector is reached too
     plain = module.shared_step(batch, generator=torch.Generator().manual_seed(3), dropout=False)
     out = module.shared_step(batch, generator=torch.Generator().manual_seed(3), dropout=False, id_term=True)
     assert "id_loss" not in plain                                   # held-out losses leave it out
@@ -152,10 +157,7 @@ def test_sampled_identity_loss_draws_from_noise_and_trains_the_branches_through_
     module, batch = _module_and_batch(root, "model.loss.id_lambda=0.5", "model.loss.id_mode=sampled", "model.loss.id_samples=2",
                                       "model.loss.id_sample_steps=3")
     assert module.sample_timesteps() == [999, 666, 332]   # trailing spacing from pure noise
-    with torch.no_grad():   # off the zero-initialised output convolutions, so the reference reaches the drawing
-        for part in module.trainable_modules().values():
-            for p in part.parameters():
-                p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    _off_zero_init(module)  # so the reference reaches the drawing
     plain = module.shared_step(batch, generator=torch.Generator().manual_seed(3), dropout=False)
     out = module.shared_step(batch, generator=torch.Generator().manual_seed(3), dropout=False, id_term=True)
     again = module.shared_step(batch, generator=torch.Generator().manual_seed(3), dropout=False, id_term=True)

@@ -105,6 +105,13 @@ class RealisIDModule(L.LightningModule):
             parts.append(self.global_branch(noisy, t, tokens, loc, added))
         return add_residuals(*parts)
 
+    def denoise(self, noisy, t, text_embeds, added, tokens, batch):
+        """The frozen UNet's prediction with the branches' residuals (from ``batch``'s guidance maps and boxes)."""
+        res = self.branch_residuals(noisy, t, tokens, batch, added)
+        return self.backbone.unet(noisy, t, encoder_hidden_states=text_embeds, added_cond_kwargs=added,
+                                  down_block_additional_residuals=res[0] if res else None,
+                                  mid_block_additional_residual=res[1] if res else None, return_dict=False)[0]
+
     def on_before_batch_transfer(self, batch, dataloader_idx: int = 0):
         """The crop boxes as a host list, read while the batch is still on the host (the local branch cuts and
         pastes with them: reading them from the device would stall every step)."""
@@ -136,10 +143,7 @@ class RealisIDModule(L.LightningModule):
             noisy = noisy.contiguous(memory_format=torch.channels_last)
         image_hw = tuple(s * self.backbone.vae_scale_factor for s in latents.shape[-2:])
         text, tokens = self.conditioner(batch, image_hw, generator, dropout)
-        res = self.branch_residuals(noisy, x.timesteps, tokens, batch, text.added_cond_kwargs)
-        pred = self.backbone.unet(noisy, x.timesteps, encoder_hidden_states=text.embeds, added_cond_kwargs=text.added_cond_kwargs,
-                                  down_block_additional_residuals=res[0] if res else None,
-                                  mid_block_additional_residual=res[1] if res else None, return_dict=False)[0]
+        pred = self.denoise(noisy, x.timesteps, text.embeds, text.added_cond_kwargs, tokens, batch)
         out = self.loss_fn(pred, x.target, batch["loc_map"])
         if id_term and self.id_lambda > 0:
             cos = (self.sampled_identity_similarity(batch, tokens, tuple(latents.shape[1:]), image_hw, generator)
@@ -205,10 +209,7 @@ class RealisIDModule(L.LightningModule):
         for i, t in enumerate(steps):
             noisy = z.to(self.backbone.unet.dtype)
             tt = torch.full((len(rows),), t, device=self.device, dtype=torch.long)
-            res = self.branch_residuals(noisy, tt, tokens[sel], sub, added)
-            pred = self.backbone.unet(noisy, tt, encoder_hidden_states=text.embeds[sel], added_cond_kwargs=added,
-                                      down_block_additional_residuals=res[0] if res else None,
-                                      mid_block_additional_residual=res[1] if res else None, return_dict=False)[0]
+            pred = self.denoise(noisy, tt, text.embeds[sel], added, tokens[sel], sub)
             z, x0 = ddim_step(self.alphas_cumprod, z, pred, t, steps[i + 1] if i + 1 < len(steps) else -1, prediction)
         return self._face_cosine(x0, batch, sel, tokens)
 
