@@ -1,6 +1,7 @@
 """How often a base model draws a face the synthetic face analyzer finds, over many held-out captions.
 
-    python benchmarks/base_found_rate.py [BASE ...] [--captions 60] [--seeds 1,2] [--thresholds 0.3,0.5] [--analyzer DIR] [--out DIR]
+    python benchmarks/base_found_rate.py [BASE ...] [--captions 60] [--seeds 1,2] [--thresholds 0.3,0.5] [--samplers ddim,ddpm]
+        [--steps 30] [--analyzer DIR] [--out DIR]
 
 BASE: diffusers folders of embedded-default bases (default: the shipped ``realisid/assets/tiny-sd``; ``make pretrain``
 caches each UNet phase under ``data/cache/pretrain/``: ``tiny-sd``, ``tiny-sd-refined``, ``tiny-sd-heads``). Every
@@ -11,6 +12,10 @@ and 3% of photos whose face is blurred away, see ``make check-embedded``); ``--a
 ``synthetic-face-analyzer/`` folder of a ``pretrain.out_dir``), though the shipped one keeps every base under the
 same judge. Reports the found-rate with a 95% Wilson interval per base, and a grid of the first 10 samples of each
 (green frame: a face was found).
+
+``--samplers``: each base is sampled with each of these (``sampling.scheduler`` names; default ``ddim``, the base
+check's): ``ddpm``, ``euler_a`` and ``dpm_sde`` add fresh noise at every step instead of following the deterministic
+path from the first noise. ``--steps`` sets the sampling steps (default 30, the base check's).
 
 ``--thresholds``: the found-rate at each detection threshold (default: the analyzer's own, 0.3), and the analyzer's
 recall on real held-out photos at each (per face-size bin), so that a threshold can be judged on both sides: how
@@ -44,6 +49,7 @@ from realisid.embedded.stages import shard_urls, synthetic_shards  # noqa: E402
 from realisid.evaluation import to_uint8  # noqa: E402
 from realisid.geometry import bins_from_config, box_iou, face_size, scale_bin  # noqa: E402
 from realisid.models.backbone import load_pretrained_backbone  # noqa: E402
+from realisid.models.samplers import SAMPLERS  # noqa: E402
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -63,6 +69,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default="1,2", help="sampling seeds, comma-separated (each seed samples every caption)")
     ap.add_argument("--thresholds", default=None, help="detection thresholds, comma-separated (default: the analyzer's own)")
     ap.add_argument("--real", type=int, default=960, help="held-out real photos for the recall at each threshold (0: none)")
+    ap.add_argument("--samplers", default="ddim", help=f"samplers, comma-separated, each a row per base ({', '.join(SAMPLERS)})")
+    ap.add_argument("--steps", type=int, default=30, help="sampling steps")
     ap.add_argument("--analyzer", default=None, metavar="DIR",
                     help="a synthetic face analyzer folder (default: the shipped one; `make pretrain` writes one per out_dir)")
     ap.add_argument("--out", default=os.path.join("benchmarks", "results", f"{dt.date.today().isoformat()}-base-found-rate"))
@@ -77,6 +85,12 @@ def main(argv=None) -> int:
         raise SystemExit(f"--analyzer {analyzer_dir}: not a synthetic face analyzer folder (no config.json); give the "
                          "synthetic-face-analyzer/ folder that `make pretrain` wrote into its pretrain.out_dir")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
+    unknown = [s for s in samplers if s not in SAMPLERS]
+    if unknown or not samplers:
+        raise SystemExit(f"--samplers {args.samplers!r}: unknown {unknown}; give some of {', '.join(SAMPLERS)}, comma-separated")
+    if args.steps < 1:
+        raise SystemExit(f"--steps {args.steps}: give at least 1 sampling step")
     cfg = load_config("base", [])
     synthetic_shards(cfg)  # the held-out shards (drawn on the first run, as `make train` does)
     val = load_image_set(shard_urls(cfg, "val"), int(cfg.data.resolution))
@@ -87,19 +101,19 @@ def main(argv=None) -> int:
     analyzer.threshold = 0.0  # every peak: found at t means best score >= t
     os.makedirs(args.out, exist_ok=True)
     rows = []
-    for b in bases:
+    for b, sampler in [(b, s) for b in bases for s in samplers]:
         t0 = time.perf_counter()
         bb = load_pretrained_backbone(b)
         scores, first = [], None
         for seed in seeds:
-            images = sample_base(bb, prompts, steps=30, guidance=5.0, seed=seed)
+            images = sample_base(bb, prompts, steps=args.steps, guidance=5.0, seed=seed, scheduler=sampler)
             s = [best_score(analyzer, to_uint8(im)) for im in images]
             scores += s
             if first is None:
                 first = (images[:10], [x >= thresholds[0] for x in s[:10]])
         name = os.path.basename(os.path.normpath(b))
-        save_framed_grid(first[0], first[1], os.path.join(args.out, f"{name}.png"))
-        row = {"base": b, "samples": len(scores), "scores": [round(x, 4) for x in scores], "seconds": round(time.perf_counter() - t0, 1),
+        save_framed_grid(first[0], first[1], os.path.join(args.out, f"{name}.png" if sampler == "ddim" else f"{name}-{sampler}.png"))
+        row = {"base": b, "sampler": sampler, "samples": len(scores), "scores": [round(x, 4) for x in scores], "seconds": round(time.perf_counter() - t0, 1),
                "by_threshold": {}}
         for t in thresholds:
             k, n = sum(x >= t for x in scores), len(scores)
@@ -107,12 +121,12 @@ def main(argv=None) -> int:
         first_t = row["by_threshold"][str(thresholds[0])]
         row.update(found=first_t["found"], found_rate=first_t["found_rate"], ci95=first_t["ci95"])  # the first threshold's, as before
         rows.append(row)
-        print(f"{b}: " + "; ".join(f"threshold {t}: a face in {v['found']} of {len(scores)} samples ({v['found_rate']:.2f}, 95% "
+        print(f"{b} ({sampler}, {args.steps} steps): " + "; ".join(f"threshold {t}: a face in {v['found']} of {len(scores)} samples ({v['found_rate']:.2f}, 95% "
                                    f"[{v['ci95'][0]:.2f}, {v['ci95'][1]:.2f}])" for t, v in row["by_threshold"].items()), flush=True)
     real = real_recall(analyzer, val, bins_from_config(cfg.bins), thresholds, args.real) if len(thresholds) > 1 and args.real > 0 else None
     record = {"what": "found-rate of samples from held-out captions, synthetic face analyzer (stand-in)",
               "command": "python benchmarks/base_found_rate.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "captions": args.captions, "seeds": seeds, "steps": 30, "guidance": 5.0, "thresholds": thresholds, "analyzer_threshold": own,
+              "captions": args.captions, "seeds": seeds, "steps": args.steps, "samplers": samplers, "guidance": 5.0, "thresholds": thresholds, "analyzer_threshold": own,
               "analyzer": analyzer_dir,
               "date": dt.date.today().isoformat(), "machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}",
               "bases": rows, "real_recall": real}
@@ -166,16 +180,16 @@ def _analyzer_note(record: dict) -> str:
 def table_md(record: dict) -> str:
     ts = record["thresholds"]
     lines = [f"# Base found-rate ({record['date']}, {record['machine']})", "",
-             f"{record['captions']} held-out captions x seeds {record['seeds']}, 30 DDIM steps, guidance 5; synthetic face analyzer "
+             f"{record['captions']} held-out captions x seeds {record['seeds']}, {record.get('steps', 30)} sampling steps, guidance 5; synthetic face analyzer "
              f"(stand-in detector{_analyzer_note(record)}; its own threshold {record['analyzer_threshold']}). Command: `{record['command']}`", "",
-             "| base | " + " | ".join(f"found at threshold {t} [95%]" for t in ts) + " | seconds |",
-             "|---|" + "---|" * len(ts) + "---|"]
+             "| base | sampler | " + " | ".join(f"found at threshold {t} [95%]" for t in ts) + " | seconds |",
+             "|---|---|" + "---|" * len(ts) + "---|"]
     for r in record["bases"]:
         cells = []
         for t in ts:
             v = r["by_threshold"][str(t)]
             cells.append(f"{v['found']} / {r['samples']} = {v['found_rate']:.2f} [{v['ci95'][0]:.2f}, {v['ci95'][1]:.2f}]")
-        lines.append(f"| `{r['base']}` | " + " | ".join(cells) + f" | {r['seconds']} |")
+        lines.append(f"| `{r['base']}` | {r.get('sampler', 'ddim')} | " + " | ".join(cells) + f" | {r['seconds']} |")
     if record.get("real_recall"):
         lines += ["", "The analyzer's recall on real held-out photos (a detection with IoU >= 0.5 at the face, score at or above the threshold):",
                   "", "| bin | photos | " + " | ".join(f"recall at {t}" for t in ts) + " |", "|---|---|" + "---|" * len(ts)]

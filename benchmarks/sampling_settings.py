@@ -1,15 +1,17 @@
 """Choose sampling settings (guidance scales, identity delay) on held-out identities the benchmark does not use.
 
-    python benchmarks/sampling_settings.py RUN_DIR --set 7.5,5,0.1 --set 5,5,0.1,0.7 --set 7.5,5,0.1,0,0.5 [--offset 12] [--out DIR]
+    python benchmarks/sampling_settings.py RUN_DIR --set 7.5,5,0.1 --set 5,5,0.1,0.7 --set 7.5,5,0.1,0,0.5 [--samplers ddim,ddpm]
+        [--offset 12] [--out DIR]
 
 Each ``--set`` is ``guidance_text,guidance_id,id_delay[,guidance_rescale[,id_guidance_until]]`` (defaults 0 and 1), then
 optionally ``BIN=SCALE`` items for an identity guidance per face-size bin (``--set 7.5,5,0.1,large=3``:
-``sampling.guidance_id_by_bin``; bins left out take guidance_id). The run is benchmarked once per setting exactly as the
-branch sweep benchmarks it (12 references, one person, the sweep's 9 face sizes, 20 DDIM steps, the identity-free
-prompt), except that the references are the held-out identities after the first ``--offset`` (sorted by name):
-the benchmark's own identities are the first 12, so settings chosen here are not tuned on the numbers they are
-then reported with. Writes the benchmark's files per setting and a table.md of margin, retention, found-rate and
-location IoU per bin under benchmarks/results/<date>-sampling-settings/.
+``sampling.guidance_id_by_bin``; bins left out take guidance_id). ``--samplers`` runs every setting with each sampler
+(``sampling.scheduler`` names; default ``ddim``; another sampler is added to the setting's name). The run is
+benchmarked once per setting exactly as the branch sweep benchmarks it (12 references, one person, the sweep's 9 face
+sizes, 20 sampling steps, the identity-free prompt), except that the references are the held-out identities after the
+first ``--offset`` (sorted by name): the benchmark's own identities are the first 12, so settings chosen here are not
+tuned on the numbers they are then reported with. Writes the benchmark's files per setting and a table.md of margin,
+retention, found-rate and location IoU per bin under benchmarks/results/<date>-sampling-settings/.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from realisid.bench import run_bench  # noqa: E402
 from realisid.config import load_config  # noqa: E402
 from realisid.metrics.calibrated import fmt  # noqa: E402
+from realisid.models.samplers import SAMPLERS  # noqa: E402
 from realisid.pipeline import parse_by_bin  # noqa: E402
 
 SWEEP_BENCH = ["bench.references=12", "bench.people=[1]", "bench.steps=20"]
@@ -60,6 +63,7 @@ def main(argv=None) -> int:
     ap.add_argument("run", help="training run directory with an export/ (e.g. runs/sweeps/branches/joint)")
     ap.add_argument("--set", action="append", required=True,
                     help="guidance_text,guidance_id,id_delay[,guidance_rescale[,id_guidance_until]][,BIN=SCALE...] (repeat)")
+    ap.add_argument("--samplers", default="ddim", help=f"samplers, comma-separated ({', '.join(SAMPLERS)}); each setting runs with each")
     ap.add_argument("--exp", default="joint", help="experiment whose bench settings to use (default: joint)")
     ap.add_argument("--offset", type=int, default=12, help="held-out identities to skip (the benchmark uses the first 12)")
     ap.add_argument("--out", default=os.path.join("benchmarks", "results", f"{dt.date.today().isoformat()}-sampling-settings"))
@@ -68,7 +72,11 @@ def main(argv=None) -> int:
         raise SystemExit(f"'{args.run}' has no export/; give a finished training run directory")
     if args.offset < 12:
         raise SystemExit(f"--offset {args.offset} overlaps the benchmark's 12 reference identities; use 12 or more")
-    settings = {setting_name(s): s for s in map(parse_setting, args.set)}
+    samplers = [k.strip() for k in args.samplers.split(",") if k.strip()]
+    if not samplers or any(k not in SAMPLERS for k in samplers):
+        raise SystemExit(f"--samplers {args.samplers!r}: give some of {', '.join(SAMPLERS)}, comma-separated")
+    settings = {setting_name(s) + ("" if k == "ddim" else f"-{k}"): {**s, "scheduler": k}
+                for s in map(parse_setting, args.set) for k in samplers}
     cfg = load_config(args.exp, SWEEP_BENCH + [f"bench.reference_offset={args.offset}"])
     t0 = time.perf_counter()
     res = run_bench(cfg, args.run, args.out, settings=settings, progress=False)
@@ -76,8 +84,8 @@ def main(argv=None) -> int:
     bins = [b for b in next(iter(res["calibrated"].values()))]
     lines = [f"# Sampling settings on held-out identities {args.offset + 1}-{args.offset + 12} ({dt.date.today().isoformat()}, "
              f"{minutes:.1f} min)\n",
-             f"Run: {args.run}. Benchmarked as the branch sweep does (12 references, one person, 20 DDIM steps, \"a photo of a "
-             "person\"), on the held-out identities after the benchmark's first 12. Margin and retention per bin with 95% "
+             f"Run: {args.run}. Benchmarked as the branch sweep does (12 references, one person, 20 sampling steps, \"a photo of a "
+             "person\"; DDIM unless a setting names another sampler), on the held-out identities after the benchmark's first 12. Margin and retention per bin with 95% "
              "intervals; stand-ins throughout (tiny base, synthetic face analyzer, stand-in encoders).\n"]
     for q, digits in (("margin", 3), ("retention", 2), ("found_rate", 2)):
         lines += [f"\n## {q}\n", "| setting | " + " | ".join(bins) + " |", "|---|" + "---|" * len(bins)]

@@ -302,9 +302,9 @@ def held_out_references(cfg, vae_scale_factor: int) -> tuple[list[dict], list[di
 
 
 def bench_sampling(cfg) -> dict[str, Any]:
-    """The pipeline keywords the benchmark samples with: ``bench.steps`` and the run's ``sampling.*`` guidance."""
+    """The pipeline keywords the benchmark samples with: ``bench.steps`` and the run's ``sampling.*`` sampler and guidance."""
     s = cfg.sampling
-    return {"num_inference_steps": int(cfg.bench.steps), "guidance_text": float(s.guidance_text),
+    return {"num_inference_steps": int(cfg.bench.steps), "scheduler": str(s.get("scheduler", "ddim")), "guidance_text": float(s.guidance_text),
             "guidance_id": float(s.guidance_id), "id_delay": float(s.id_delay),
             "guidance_rescale": float(s.get("guidance_rescale", 0.0)), "id_guidance_until": float(s.get("id_guidance_until", 1.0)),
             "guidance_id_by_bin": guidance_id_by_bin(s)}

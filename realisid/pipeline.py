@@ -30,6 +30,7 @@ from realisid.data.shards import SampleError, decode_image
 from realisid.geometry import DEFAULT_BINS, FRONTAL_KPS, bins_from_config, box_iou, expand_square_box, face_size, scale_bin
 from realisid.images import centred_mask, hwc_uint8, identity_crop, identity_crop_kps, to_tensor
 from realisid.models.backbone import DTYPES, load_backbone, load_trained_unet
+from realisid.models.samplers import sampler_step
 from realisid.models.branches import GlobalBranch, LocalBranch, add_residuals
 from realisid.models.id_encoder import IdProjector, build_id_encoder
 
@@ -248,6 +249,7 @@ class RealisIDPipeline:
         shape = (1, self.backbone.latent_channels, R // f, R // f)
         # the sampler's state stays in fp32 across steps; only each pass's input is cast to the UNet's dtype
         noise = torch.randn(shape, generator=g)
+        step_noise = torch.Generator(device="cpu").manual_seed(int(seed) + 1)  # a stochastic sampler's per-step noise
         latents = (noise * sched.init_noise_sigma).to(self.device, torch.float32)
         start = 0
         if init is not None and strength < 1.0:  # img2img: the image's latent, noised to the first step that runs
@@ -270,7 +272,7 @@ class RealisIDPipeline:
             e_none, e_t, e_ti = eps.float().chunk(3)
             g_id = g_map if i < until_steps else 1.0
             eps = rescale_guidance(e_none + guidance_text * (e_t - e_none) + g_id * (e_ti - e_t), e_ti, guidance_rescale)
-            latents = sched.step(eps, t, latents).prev_sample
+            latents = sampler_step(sched, eps, t, latents, step_noise)
         image = self.backbone.decode_latents(latents)
         meta = [{k: v for k, v in p.items() if k in ("box", "crop_box", "face_size", "bin", "kps")} for p in inputs]
         if output_type == "pt":

@@ -93,6 +93,15 @@ def test_the_bench_header_names_the_detection_threshold_that_decides_found():
     assert "face detection threshold" not in header()
 
 
+def test_the_bench_samples_with_the_runs_sampler():
+    from realisid.bench import bench_sampling
+    from realisid.config import load_config
+
+    assert bench_sampling(load_config("joint", []))["scheduler"] == "ddim"
+    kw = bench_sampling(load_config("joint", ["sampling.scheduler=ddpm", "bench.steps=7"]))
+    assert kw["scheduler"] == "ddpm" and kw["num_inference_steps"] == 7
+
+
 @pytest.mark.slow
 def test_sweep_skips_finished_runs(face_shards, eval_standin, tmp_path, monkeypatch):
     import realisid.sweep

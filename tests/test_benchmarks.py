@@ -87,6 +87,8 @@ def test_base_found_rate_interval_and_bad_base(tmp_path):
         mod.main([str(tmp_path)])
     with pytest.raises(SystemExit, match="--analyzer .*not a synthetic face analyzer folder"):
         mod.main([mod.asset_path("tiny-sd"), "--analyzer", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--samplers 'ddpm,heun': unknown \\['heun'\\]"):
+        mod.main([mod.asset_path("tiny-sd"), "--samplers", "ddpm,heun"])
     assert mod.parse_thresholds(None, 0.3) == [0.3] and mod.parse_thresholds("0.3,0.5", 0.3) == [0.3, 0.5]
     for bad in ("0,0.5", "half", ""):
         with pytest.raises(SystemExit, match="--thresholds"):
@@ -146,6 +148,8 @@ def test_sampling_settings_parses_sets_and_refuses_the_benchmarks_own_identities
         mod.main([str(run), "--set", "5,5,0.1", "--offset", "6"])
     with pytest.raises(SystemExit, match="has no export"):
         mod.main([str(tmp_path), "--set", "5,5,0.1"])
+    with pytest.raises(SystemExit, match="--samplers 'ddim,heun': give some of ddim, dpm, euler, ddpm, euler_a, dpm_sde"):
+        mod.main([str(run), "--set", "5,5,0.1", "--samplers", "ddim,heun"])
 
 
 def test_compare_benches_gives_the_sweeps_claims_and_needs_a_setting_when_a_folder_has_several(tmp_path):

@@ -112,6 +112,37 @@ def test_seed_determinism_and_identity_delay(joint):
     assert (e1 - e2).abs().max() > 1e-3  # without the delay, identity guidance changes the sample
 
 
+@pytest.mark.parametrize("kind", ["ddpm", "euler_a", "dpm_sde", "dpm", "euler"])
+def test_every_sampler_is_fixed_by_the_seed_alone(joint, kind):
+    pipe = joint.pipeline()
+    people = [person((8, 8, 32, 32))]
+    torch.manual_seed(11)  # the global RNG must not reach the sample: a stochastic sampler's step noise is seeded
+    a = sample(pipe, people, seed=3, scheduler=kind)
+    torch.manual_seed(12)
+    assert torch.equal(a, sample(pipe, people, seed=3, scheduler=kind))
+    assert not torch.equal(a, sample(pipe, people, seed=4, scheduler=kind))
+    assert not torch.equal(a, sample(pipe, people, seed=3))  # not DDIM's path
+
+
+def test_stochastic_samplers_draw_fresh_noise_each_step_and_the_others_do_not(joint):
+    from realisid.models.samplers import SAMPLERS, sampler_step
+
+    g = torch.Generator().manual_seed(0)
+    x, out = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g)
+    for kind in SAMPLERS:
+        steps = []
+        for seed in (1, 2):
+            sched = joint.backbone.sampling_scheduler(kind)
+            sched.set_timesteps(5)
+            t = sched.timesteps[1]
+            sched.step(out, sched.timesteps[0], sched.scale_model_input(x, sched.timesteps[0]), generator=torch.Generator().manual_seed(0))
+            steps.append(sampler_step(sched, out, t, x, torch.Generator().manual_seed(seed)))
+        stochastic = kind in ("ddpm", "euler_a", "dpm_sde")
+        assert torch.equal(steps[0], steps[1]) != stochastic, kind
+    with pytest.raises(ValueError, match="scheduler 'heun' unknown; valid: ddim, dpm, euler, ddpm, euler_a, dpm_sde"):
+        joint.backbone.sampling_scheduler("heun")
+
+
 def test_identity_guidance_until_stops_the_identity_scale_after_that_fraction_of_steps(joint):
     pipe = joint.pipeline()
     people = [person((8, 8, 32, 32))]

@@ -6,6 +6,8 @@ import logging
 import os
 import sys
 
+from realisid.models.samplers import SAMPLERS
+
 log = logging.getLogger("realisid")
 
 
@@ -168,7 +170,8 @@ def add_generate_parser(sub) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--panel", action="store_true", help="also write OUT_panel.png: the references beside the sample")
     g.add_argument("--steps", type=int, default=None)
-    g.add_argument("--scheduler", choices=["ddim", "dpm", "euler"], default=None)
+    g.add_argument("--scheduler", choices=list(SAMPLERS), default=None,
+                   help="sampler (default: the config's sampling.scheduler); ddpm, euler_a and dpm_sde add noise per step")
     g.add_argument("--guidance-text", type=float, default=None)
     g.add_argument("--guidance-id", type=float, default=None)
     g.add_argument("--guidance-rescale", type=float, default=None, help="0..1: pull the guided prediction's spread back to the "

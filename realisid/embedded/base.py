@@ -36,6 +36,7 @@ from realisid.data.shards import SampleError, check_shards_exist, decode_sample
 from realisid.data.stream import skip_bad_tar
 from realisid.geometry import square_window
 from realisid.images import crop_resized, signed_from_uint8, uint8_from_signed
+from realisid.models.samplers import sampler_step
 
 log = logging.getLogger(__name__)
 
@@ -361,23 +362,25 @@ def _warmup_cosine(steps: int, warmup_frac: float = 0.03, floor: float = 0.1) ->
 # ------------------------------------------------------------------------------------------------ sampling
 @torch.no_grad()
 def sample_base(bb, prompts: Sequence[str], *, steps: int = 30, guidance: float = 5.0, seed: int = 0,
-                batch_size: int = 16) -> torch.Tensor:
-    """Text-to-image with the base alone (DDIM, classifier-free guidance): (N, 3, R, R) in [-1, 1]."""
+                batch_size: int = 16, scheduler: str = "ddim") -> torch.Tensor:
+    """Text-to-image with the base alone (classifier-free guidance; ``scheduler`` one of ``SAMPLERS``, DDIM by
+    default): (N, 3, R, R) in [-1, 1]."""
     out = []
     R = bb.unet.config.sample_size
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start:start + batch_size])
         k = len(chunk)
-        sched = bb.sampling_scheduler("ddim")
+        sched = bb.sampling_scheduler(scheduler)
         sched.set_timesteps(steps)
         text = bb.encode_text([""] * k + chunk)
         g = torch.Generator().manual_seed(int(seed) + start)  # host noise: the same samples on any device
         lat = torch.randn((k, bb.latent_channels, R, R), generator=g).to(bb.unet.device) * sched.init_noise_sigma
+        step_noise = torch.Generator().manual_seed(int(seed) + start + 1)  # a stochastic sampler's per-step noise
         for t in sched.timesteps:
             x = sched.scale_model_input(torch.cat([lat, lat]), t)
             eps = bb.unet(x, t, encoder_hidden_states=text.embeds, return_dict=False)[0]
             e_none, e_text = eps.chunk(2)
-            lat = sched.step(e_none + guidance * (e_text - e_none), t, lat).prev_sample
+            lat = sampler_step(sched, e_none + guidance * (e_text - e_none), t, lat, step_noise)
         out.append(bb.decode_latents(lat).float().cpu())
     return torch.cat(out)
 

@@ -21,6 +21,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
+from realisid.models.samplers import SAMPLERS
 from realisid.models.tokenizer import CAPTION_WORDS, build_tiny_tokenizer
 
 log = logging.getLogger(__name__)
@@ -143,12 +144,18 @@ class Backbone(nn.Module):
         return DDPMScheduler.from_config(self.scheduler_config)
 
     def sampling_scheduler(self, kind: str = "ddim"):
-        from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+        """A sampler from the backbone's noise schedule: one of :data:`SAMPLERS`.
 
-        kinds = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}
-        if kind not in kinds:
-            raise ValueError(f"scheduler {kind!r} unknown; valid: {', '.join(kinds)}")
-        return kinds[kind].from_config(self.scheduler_config)
+        ``ddim``, ``dpm`` (DPM-Solver++ 2M) and ``euler`` follow the probability-flow ODE: the starting noise fixes the
+        image. ``ddpm`` (ancestral DDPM), ``euler_a`` (Euler ancestral) and ``dpm_sde`` (SDE DPM-Solver++) add fresh
+        noise at every step, drawn from the generator given to :func:`sampler_step`, so a seed still fixes the image.
+        """
+        if kind not in SAMPLERS:
+            raise ValueError(f"scheduler {kind!r} unknown; valid: {', '.join(SAMPLERS)} (sampling.scheduler, --scheduler)")
+        import diffusers
+
+        cls_name, extra = SAMPLERS[kind]
+        return getattr(diffusers, cls_name).from_config(self.scheduler_config, **extra)
 
     def _tokenize(self, tokenizer, prompts: Sequence[str]) -> torch.Tensor:
         ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
