@@ -7,7 +7,8 @@ Each DIR is a benchmark output folder (``calibrated.csv``, ``bins.csv``, ``resul
 ``make sweep`` or of ``make bench``; ``@SETTING`` picks one inference setting of a folder that holds several (``make
 bench`` on a joint run writes joint, local_only and global_only). The benchmarks must share their cases (references, sizes, seeds, prompts): the
 paired difference ``name - baseline`` compares the same reference, box and seed, with a 95% interval resampling
-identities, as the sweep's claims.json does. Writes a markdown table (stdout, and ``--out`` with a claims.json beside it).
+identities, as the sweep's claims.json does. The runs should also have been trained on one kind of machine: the table
+opens with a warning when their benchmark headers record different training machines, or none. Writes a markdown table (stdout, and ``--out`` with a claims.json beside it).
 
 ``NAME=DIR+DIR2`` pools replicates of one run: the same sweep trained with other seeds (``make sweep SWEEP=branches
 SEED=2`` writes ``sweep-branches-seed2/<run>``). The pooled difference is that of the replicate means, its interval
@@ -78,6 +79,7 @@ def compare(runs: dict[str, list[tuple[str, str | None]] | tuple[str, str | None
                          + f" | {cal['medium']['retention'][0]:.2f} / {cal['large']['retention'][0]:.2f}"
                          + f" | {iou['medium']:.2f} / {iou['large']:.2f} |")
     pooled = any(len(f) > 1 for f in runs.values())
+    lines = machine_warning({name: [trained_on(folder) for folder, _ in folders] for name, folders in runs.items()}) + lines
     lines += ["", "| paired difference (same cases)" + (", replicates pooled" if pooled else "") + " | " + " | ".join(BINS + ["all"]) + " |",
               "|---|" + "---|" * (len(BINS) + 1)]
     claims = {}
@@ -92,6 +94,27 @@ def compare(runs: dict[str, list[tuple[str, str | None]] | tuple[str, str | None
                 d = paired_difference(mine, theirs, BINS, seed=0)
                 lines.append(f"| &nbsp; {replicate_label(folder)} only | " + " | ".join(fmt(d[b]) for b in BINS + ["all"]) + " |")
     return "\n".join(lines) + "\n", claims
+
+
+def trained_on(folder: str) -> str:
+    """The training machine a benchmark folder's header records (benchmarks of runs trained before 2026-12-07 have
+    none)."""
+    path = os.path.join(folder, "header.json")
+    header = json.load(open(path)) if os.path.exists(path) else {}
+    return str(header.get("trained on") or "not recorded")
+
+
+def machine_warning(machines: dict[str, list[str]]) -> list[str]:
+    """Lines that head the table when the runs were not all trained on one kind of machine (or some did not record
+    it): CPU kernels round differently, and a run trained on another CPU differs as much as one with another seed."""
+    seen = {m for ms in machines.values() for m in ms}
+    if len(seen) <= 1 and "not recorded" not in seen:
+        return []
+    lines = ["**Trained on different or unrecorded machines.** The same code, seed and data train a different run on a CPU",
+             "whose kernels round differently (docs/embedded.md, \"Runs differ between machines\"): read a paired difference",
+             "as an effect only for runs trained on one machine, and train the baseline again there otherwise.", ""]
+    lines += [f"- {name}: " + "; ".join(dict.fromkeys(ms)) for name, ms in machines.items()]
+    return lines + [""]
 
 
 def replicate_label(folder: str) -> str:

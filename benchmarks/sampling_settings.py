@@ -1,17 +1,18 @@
 """Choose sampling settings (guidance scales, identity delay) on held-out identities the benchmark does not use.
 
     python benchmarks/sampling_settings.py RUN_DIR --set 7.5,5,0.1 --set 5,5,0.1,0.7 --set 7.5,5,0.1,0,0.5 [--samplers ddim,ddpm]
-        [--offset 12] [--out DIR]
+        [--steps 20] [--offset 12] [--out DIR]
 
 Each ``--set`` is ``guidance_text,guidance_id,id_delay[,guidance_rescale[,id_guidance_until]]`` (defaults 0 and 1), then
 optionally ``BIN=SCALE`` items for an identity guidance per face-size bin (``--set 7.5,5,0.1,large=3``:
 ``sampling.guidance_id_by_bin``; bins left out take guidance_id). ``--samplers`` runs every setting with each sampler
 (``sampling.scheduler`` names; default ``ddim``; another sampler is added to the setting's name). The run is
 benchmarked once per setting exactly as the branch sweep benchmarks it (12 references, one person, the sweep's 9 face
-sizes, 20 sampling steps, the identity-free prompt), except that the references are the held-out identities after the
-first ``--offset`` (sorted by name): the benchmark's own identities are the first 12, so settings chosen here are not
-tuned on the numbers they are then reported with. Writes the benchmark's files per setting and a table.md of margin,
-retention, found-rate and location IoU per bin under benchmarks/results/<date>-sampling-settings/.
+sizes, 20 sampling steps unless ``--steps`` says otherwise, the identity-free prompt), except that the references are
+the held-out identities after the first ``--offset`` (sorted by name): the benchmark's own identities are the first
+12, so settings chosen here are not tuned on the numbers they are then reported with. Writes the benchmark's files
+per setting and a table.md of margin, retention, found-rate and location IoU per bin under
+benchmarks/results/<date>-sampling-settings/.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from realisid.metrics.calibrated import fmt  # noqa: E402
 from realisid.models.samplers import SAMPLERS  # noqa: E402
 from realisid.pipeline import parse_by_bin  # noqa: E402
 
-SWEEP_BENCH = ["bench.references=12", "bench.people=[1]", "bench.steps=20"]
+SWEEP_BENCH = ["bench.references=12", "bench.people=[1]"]
 
 
 KEYS = ("guidance_text", "guidance_id", "id_delay", "guidance_rescale", "id_guidance_until")
@@ -64,6 +65,7 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", required=True,
                     help="guidance_text,guidance_id,id_delay[,guidance_rescale[,id_guidance_until]][,BIN=SCALE...] (repeat)")
     ap.add_argument("--samplers", default="ddim", help=f"samplers, comma-separated ({', '.join(SAMPLERS)}); each setting runs with each")
+    ap.add_argument("--steps", type=int, default=20, help="sampling steps (default 20, the sweeps' bench.steps)")
     ap.add_argument("--exp", default="joint", help="experiment whose bench settings to use (default: joint)")
     ap.add_argument("--offset", type=int, default=12, help="held-out identities to skip (the benchmark uses the first 12)")
     ap.add_argument("--out", default=os.path.join("benchmarks", "results", f"{dt.date.today().isoformat()}-sampling-settings"))
@@ -77,14 +79,16 @@ def main(argv=None) -> int:
         raise SystemExit(f"--samplers {args.samplers!r}: give some of {', '.join(SAMPLERS)}, comma-separated")
     settings = {setting_name(s) + ("" if k == "ddim" else f"-{k}"): {**s, "scheduler": k}
                 for s in map(parse_setting, args.set) for k in samplers}
-    cfg = load_config(args.exp, SWEEP_BENCH + [f"bench.reference_offset={args.offset}"])
+    if args.steps < 1:
+        raise SystemExit(f"--steps {args.steps}: give at least 1 sampling step")
+    cfg = load_config(args.exp, SWEEP_BENCH + [f"bench.steps={args.steps}", f"bench.reference_offset={args.offset}"])
     t0 = time.perf_counter()
     res = run_bench(cfg, args.run, args.out, settings=settings, progress=False)
     minutes = (time.perf_counter() - t0) / 60
     bins = [b for b in next(iter(res["calibrated"].values()))]
     lines = [f"# Sampling settings on held-out identities {args.offset + 1}-{args.offset + 12} ({dt.date.today().isoformat()}, "
              f"{minutes:.1f} min)\n",
-             f"Run: {args.run}. Benchmarked as the branch sweep does (12 references, one person, 20 sampling steps, \"a photo of a "
+             f"Run: {args.run}. Benchmarked as the branch sweep does (12 references, one person, {args.steps} sampling steps, \"a photo of a "
              "person\"; DDIM unless a setting names another sampler), on the held-out identities after the benchmark's first 12. Margin and retention per bin with 95% "
              "intervals; stand-ins throughout (tiny base, synthetic face analyzer, stand-in encoders).\n"]
     for q, digits in (("margin", 3), ("retention", 2), ("found_rate", 2)):

@@ -17,7 +17,6 @@ import glob
 import json
 import logging
 import os
-import platform
 from collections import defaultdict
 from typing import Any, Mapping, Sequence
 
@@ -29,8 +28,10 @@ from realisid.data.stream import load_examples, resolve_shards
 from realisid.embedded.base import Progress
 from realisid.evaluation import Case, build_evaluator, compute_all, to_uint8
 from realisid.images import identity_crop, to_tensor
+from realisid.machine import describe_machine
 from realisid.metrics.calibrated import calibrated_identity, fmt
 from realisid.pipeline import RealisIDPipeline, guidance_id_by_bin, tensor_to_pil
+from realisid.train import run_result
 
 log = logging.getLogger(__name__)
 PLOT_METRICS = ("similarity", "found", "loc_iou", "pose_err")  # per face size; the calibrated metrics are plotted per bin
@@ -178,8 +179,12 @@ def _save(fig, path: str) -> str:
 
 
 def machine() -> str:
-    return f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}" + (
-        f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU")
+    return describe_machine()
+
+
+def trained_on(run_dir: str) -> str:
+    """The machine a run was trained on, from its result.yaml (runs trained before 2026-12-07 did not record it)."""
+    return str(run_result(run_dir).get("machine") or "not recorded")
 
 
 def calibrated_plot(calibrated: Mapping[str, Mapping[str, dict]], bins: Sequence[str], out_dir: str, title: str = "") -> list[str]:
@@ -358,7 +363,7 @@ def run_bench(cfg, run_dir: str, out_dir: str, *, settings: Mapping[str, Mapping
                               "face_fid": vals.get(f"face_fid/{bin_name}", float("nan")), "image_fid": vals.get(f"image_fid/{bin_name}", float("nan")),
                               "loc_iou": vals.get(f"loc_iou/{bin_name}", float("nan")), "pose_err": vals.get(f"pose_err/{bin_name}", float("nan"))})
     summary = summarize(rows)
-    header = {"run": run_dir, "date": _dt.date.today().isoformat(), "machine": machine(),
+    header = {"run": run_dir, "date": _dt.date.today().isoformat(), "machine": machine(), "trained on": trained_on(run_dir),
               "device": f"{pipe.device}, frozen parts {str(pipe.backbone.unet.dtype).removeprefix('torch.')}", "cases": str(len(cases)),
               "base UNet": (f"trained with the branches by this run ({pipe.backbone.unet_trained_by}; model.unet_train, not the paper's frozen base)"
                             if pipe.backbone.unet_trained_by else f"frozen ({pipe.backbone.name})"),

@@ -18,6 +18,7 @@ from realisid.callbacks import (BatchCounter, DataPosition, HeldOutLoss, LossSum
 from realisid.config import apply_overrides, save_config
 from realisid.data.cache_format import cache_info
 from realisid.data.datamodule import FaceDataModule
+from realisid.machine import describe_machine
 from realisid.modules import build_module
 from realisid.prepare import prepare_embedded_default, wait_for_prepared
 
@@ -76,6 +77,13 @@ def run_result(run_dir: str) -> dict:
     """A run's ``result.yaml`` (what :func:`train` returned) as a dict; {} when the run has none."""
     path = os.path.join(run_dir, RESULT_FILE)
     return dict(OmegaConf.to_container(OmegaConf.load(path))) if os.path.exists(path) else {}
+
+
+def machine_history(before: str | None, now: str) -> str:
+    """What a run was trained on: this machine, or the earlier one(s) then this one when a resume moved it."""
+    if not before or before == now or before.endswith("; then " + now):
+        return before or now
+    return f"{before}; then {now}"
 
 
 def resume_config(run_dir: str, overrides=()) -> DictConfig:
@@ -175,6 +183,7 @@ def train(cfg: DictConfig, run_dir: str | None = None, resume: str | None = None
               "samples": os.path.join(run_dir, "samples"), "prepared": prepared, **summary.summary(),
               **held_out.summary()}
     result["global_step"] = trainer.global_step
+    result["machine"] = machine_history(run_result(run_dir).get("machine") if resume else None, describe_machine(host=False))
     if interrupt.interrupted:
         result["interrupted"] = f"{interrupt.interrupted} at step {trainer.global_step}; resume with `make train RESUME={run_dir}`"
     elif trainer.is_global_zero:

@@ -150,6 +150,8 @@ def test_sampling_settings_parses_sets_and_refuses_the_benchmarks_own_identities
         mod.main([str(tmp_path), "--set", "5,5,0.1"])
     with pytest.raises(SystemExit, match="--samplers 'ddim,heun': give some of ddim, dpm, euler, ddpm, euler_a, dpm_sde"):
         mod.main([str(run), "--set", "5,5,0.1", "--samplers", "ddim,heun"])
+    with pytest.raises(SystemExit, match="--steps 0: give at least 1 sampling step"):
+        mod.main([str(run), "--set", "5,5,0.1", "--steps", "0"])
 
 
 def test_compare_benches_gives_the_sweeps_claims_and_needs_a_setting_when_a_folder_has_several(tmp_path):
@@ -187,6 +189,34 @@ def test_compare_benches_gives_the_sweeps_claims_and_needs_a_setting_when_a_fold
         mod.compare({"joint": (str(two), "nope"), "global_only": runs["global_only"]}, "global_only")
     with pytest.raises(SystemExit, match="has no calibrated.csv"):
         mod.parse_run(f"x={tmp_path}")
+
+
+def test_compare_benches_warns_when_runs_were_trained_on_different_machines(tmp_path):
+    import json
+    import shutil
+
+    mod = _load_script("compare_benches")
+    sweep = os.path.join(ROOT, "benchmarks", "results", "sweep-branches")
+    folders = {}
+    for name in ("global_only", "joint"):
+        folders[name] = tmp_path / name
+        shutil.copytree(os.path.join(sweep, name), folders[name])
+
+    def trained(**machines):
+        for name, m in machines.items():
+            header = json.load(open(folders[name] / "header.json"))
+            header.pop("trained on", None)
+            if m is not None:
+                header["trained on"] = m
+            json.dump(header, open(folders[name] / "header.json", "w"))
+        return mod.compare({n: (str(f), None) for n, f in folders.items()}, "global_only")[0]
+
+    avx2 = "x86_64 2 CPUs (AMD EPYC, AVX2 kernels), torch 2.14.1"
+    assert "different or unrecorded machines" not in trained(global_only=avx2, joint=avx2)
+    table = trained(global_only=avx2, joint=avx2.replace("AVX2", "AVX512"))
+    assert table.startswith("**Trained on different or unrecorded machines.**")
+    assert f"- global_only: {avx2}\n" in table and "- joint: x86_64 2 CPUs (AMD EPYC, AVX512 kernels)" in table
+    assert "- joint: not recorded" in trained(global_only=avx2, joint=None)
 
 
 def test_compare_benches_pools_training_seeds():

@@ -26,6 +26,10 @@ def test_few_step_training_run_and_export(tiny_cfg, face_shards, tmp_path):
     assert res["steps"] == 6 and "loss_first_fifth" in res
     assert res["val_loss_first_step"] == 0 and res["val_loss_last_step"] == 6  # held-out loss before training and at the end
     assert res["id_use_step"] == 6 and res["id_use_face_mse_own"] > 0  # identity use: 2 validation samples, 2 identities
+    from realisid.machine import describe_machine
+    from realisid.train import run_result
+
+    assert run_result(run)["machine"] == describe_machine(host=False) and "kernels)" in res["machine"]  # what it was trained on
     ckpt = torch.load(os.path.join(run, "checkpoints/last.ckpt"), map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 6
     assert not any(k.startswith("backbone.") for k in ckpt["state_dict"])  # frozen weights stay out of checkpoints
@@ -302,3 +306,13 @@ def test_unet_train_trains_checkpoints_exports_and_samples_with_the_trained_unet
     pipe_b.backbone = load_backbone(cfg.model, seed=cfg.experiment.seed)  # the same branches on the frozen base
     ic = pipe_b("a photo", [person], num_inference_steps=3, seed=1, output_type="pt").images
     assert (ia - ic).abs().max() > 1e-4  # the trained UNet draws differently from the frozen base
+
+
+def test_a_resumed_run_records_each_machine_it_trained_on():
+    from realisid.train import machine_history
+
+    a, b = "x86_64 2 CPUs (AMD EPYC, AVX2 kernels), torch 2.14.1", "x86_64 2 CPUs (Xeon, AVX512 kernels), torch 2.14.1"
+    assert machine_history(None, a) == a and machine_history(a, a) == a
+    assert machine_history(a, b) == f"{a}; then {b}"
+    assert machine_history(f"{a}; then {b}", b) == f"{a}; then {b}"  # resumed again on the same machine
+    assert machine_history(f"{a}; then {b}", a) == f"{a}; then {b}; then {a}"

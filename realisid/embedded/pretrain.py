@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import shutil
 import time
 from typing import Any
@@ -40,6 +39,7 @@ from realisid.embedded.stages import mark_done as _mark, shard_urls, stage_done 
 from realisid.embedded.standin import train_standin
 from realisid.geometry import bins_from_config
 from realisid.io import atomic_write_json
+from realisid.machine import describe_machine
 from realisid.models.backbone import build_tiny_backbone, load_pretrained_backbone, save_backbone
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def pretrain(cfg: DictConfig) -> dict:
     claim_work_dir(work, architecture)
     claim_stages(work, stage_recipes(cfg))
     record: dict[str, Any] = {"recipe": OmegaConf.to_container(p, resolve=True), "architecture": architecture,
-                              "synthetic": synthetic_shards(cfg), "machine": _machine(), "stages": {}}
+                              "synthetic": synthetic_shards(cfg), "machine": describe_machine(host=False), "stages": {}}
     threads = int(p.threads) if p.get("threads") else torch.get_num_threads()
     torch.set_num_threads(threads)
     device = training_device(p.get("device", "auto"))
@@ -436,6 +436,3 @@ def _folder_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
 
 
-def _machine() -> str:
-    return f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}" + (
-        f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU")
