@@ -123,7 +123,9 @@ def test_base_found_rate_recall_at_each_threshold_counts_only_detections_at_the_
                                                                                     "0.5": {"found": 1, "found_rate": 0.25, "ci95": [0.05, 0.7]}}}],
               "real_recall": rec}
     table = mod.table_md(record)
-    assert "| `b` | 3 / 4 = 0.75 [0.30, 0.95] | 1 / 4 = 0.25 [0.05, 0.70] | 1.0 |" in table
+    assert "| `b` | ddim | 3 / 4 = 0.75 [0.30, 0.95] | 1 / 4 = 0.25 [0.05, 0.70] | 1.0 |" in table  # records before --samplers: DDIM
+    record["bases"][0]["sampler"] = "ddpm"
+    assert "| `b` | ddpm | 3 / 4" in mod.table_md(record)
     assert "| large | 2 | 0.500 | 0.500 |" in table
 
 
