@@ -30,7 +30,6 @@ import datetime as dt
 import glob
 import json
 import os
-import platform
 import sys
 import time
 from collections import defaultdict
@@ -50,6 +49,7 @@ from realisid.geometry import face_size, scale_bin  # noqa: E402
 from realisid.images import identity_crop, to_tensor  # noqa: E402
 from realisid.metrics.calibrated import calibrated_identity, fmt, other_similarity, scored  # noqa: E402
 from realisid.pipeline import Person, RealisIDPipeline  # noqa: E402
+from realisid.machine import describe_machine  # noqa: E402
 
 
 def synthetic_manifest(urls: Sequence[str]) -> dict:
@@ -232,7 +232,7 @@ def main(argv=None) -> int:
         print(f"{run}: measuring", flush=True)
         results.append(measure(run, args.set, args.swaps, lambda m: print(m, flush=True)))
     os.makedirs(args.out, exist_ok=True)
-    header = {"date": dt.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+    header = {"date": dt.date.today().isoformat(), "machine": describe_machine(host=False),
               "command": "python benchmarks/background_leak.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "evaluation": "the runs' own (config.yaml), overrides: " + (", ".join(args.set) or "none"),
               "wall time": f"{time.perf_counter() - t0:.0f} s"}

@@ -32,7 +32,6 @@ import datetime as dt
 import json
 import math
 import os
-import platform
 import sys
 import time
 
@@ -50,6 +49,7 @@ from realisid.evaluation import to_uint8  # noqa: E402
 from realisid.geometry import bins_from_config, box_iou, face_size, scale_bin  # noqa: E402
 from realisid.models.backbone import load_pretrained_backbone  # noqa: E402
 from realisid.models.samplers import SAMPLERS  # noqa: E402
+from realisid.machine import describe_machine  # noqa: E402
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
               "command": "python benchmarks/base_found_rate.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "captions": args.captions, "seeds": seeds, "steps": args.steps, "samplers": samplers, "guidance": 5.0, "thresholds": thresholds, "analyzer_threshold": own,
               "analyzer": analyzer_dir,
-              "date": dt.date.today().isoformat(), "machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}",
+              "date": dt.date.today().isoformat(), "machine": describe_machine(host=False),
               "bases": rows, "real_recall": real}
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(record, f, indent=2)

@@ -23,11 +23,8 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import sys
 import time
-
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -36,6 +33,7 @@ from realisid.evaluation import build_evaluator, to_uint8  # noqa: E402
 from realisid.geometry import face_size, scale_bin  # noqa: E402
 from realisid.metrics.calibrated import calibrated_identity, fmt  # noqa: E402
 from realisid.pipeline import Person, RealisIDPipeline  # noqa: E402
+from realisid.machine import describe_machine  # noqa: E402
 
 
 def parse_strengths(text: str) -> list[float]:
@@ -112,7 +110,7 @@ def main(argv=None) -> int:
             print(f"strength {s:g}, {mode}: {len(got)} photos in {time.perf_counter() - t1:.0f} s, margin all "
                   f"{fmt(table[(s, mode)]['all']['margin'])}", flush=True)
     header = {"run": args.run, "date": dt.date.today().isoformat(),
-              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+              "machine": describe_machine(host=False),
               "command": "python benchmarks/identity_by_noise.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "photos": f"{len(photos)} held-out photos ({args.photos} per reference identity, {len(refs)} identities)",
               "prompt": prompt, "sampling": json.dumps(base_kwargs), **ev.describe(), "wall time": f"{time.perf_counter() - t0:.0f} s"}

@@ -29,7 +29,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
-import platform
 import shlex
 import sys
 import time
@@ -49,6 +48,7 @@ from realisid.embedded.check import base_check, held_out_captions, save_framed_g
 from realisid.embedded.stages import shard_urls, synthetic_shards  # noqa: E402
 from realisid.models.backbone import build_tiny_backbone, load_pretrained_backbone, save_backbone  # noqa: E402
 from realisid.models.grow import layers_setting  # noqa: E402
+from realisid.machine import describe_machine  # noqa: E402
 
 MODES = ("shipped", "scratch")
 BANDS = ((0, 200), (200, 400), (400, 600), (600, 800), (800, 1000))  # training timesteps: low noise (detail) .. pure noise (layout)
@@ -145,7 +145,7 @@ def main(argv=None) -> int:
         bb = shipped
     record = {"mode": args.mode, "unet_shape": _shape(bb.unet), "parameters": sum(p.numel() for p in bb.unet.parameters()),
               "megabytes_fp16": round(sum(p.numel() for p in bb.unet.parameters()) * 2 / 2**20, 2),
-              "held_out_photos": len(val), "machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}",
+              "held_out_photos": len(val), "machine": describe_machine(host=False),
               "date": dt.date.today().isoformat(), "command": "python benchmarks/unet_probe.py " + shlex.join(sys.argv[1:] if argv is None else argv)}
     if args.mode == "shipped":
         record["steps_note"] = "17000 (shipped)"

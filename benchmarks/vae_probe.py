@@ -27,7 +27,6 @@ import copy
 import datetime as dt
 import logging
 import os
-import platform
 import shlex
 import sys
 import time
@@ -45,6 +44,7 @@ from realisid.embedded.stages import shard_urls, synthetic_shards  # noqa: E402
 from realisid.embedded.check import photos_per_bin, save_round_trip  # noqa: E402
 from realisid.geometry import bins_from_config  # noqa: E402
 from realisid.models.backbone import build_tiny_backbone, load_pretrained_backbone  # noqa: E402
+from realisid.machine import describe_machine  # noqa: E402
 
 MODES = ("shipped", "decoder", "continue", "scratch")
 
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     record = {"mode": args.mode, "vae_block_out_channels": list(vae.config.block_out_channels),
               "latent_channels": int(vae.config.latent_channels), "parameters": sum(p.numel() for p in vae.parameters()),
               "held_out_photos": min(args.count, len(val)), "mse_before": before,
-              "machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}", "date": dt.date.today().isoformat(),
+              "machine": describe_machine(host=False), "date": dt.date.today().isoformat(),
               "command": "python benchmarks/vae_probe.py " + shlex.join(sys.argv[1:] if argv is None else argv)}
     if args.mode != "shipped":
         p = cfg.pretrain.vae

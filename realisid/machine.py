@@ -40,4 +40,3 @@ def describe_machine(host: bool = True) -> str:
     name = f"{platform.node()} " if host else ""
     return (f"{name}{platform.machine()} {os.cpu_count()} CPUs ({cpu_model()}, {cpu_kernels()} kernels), "
             f"torch {torch.__version__}{gpu}")
-
