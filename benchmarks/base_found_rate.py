@@ -101,28 +101,29 @@ def main(argv=None) -> int:
     analyzer.threshold = 0.0  # every peak: found at t means best score >= t
     os.makedirs(args.out, exist_ok=True)
     rows = []
-    for b, sampler in [(b, s) for b in bases for s in samplers]:
-        t0 = time.perf_counter()
-        bb = load_pretrained_backbone(b)
-        scores, first = [], None
-        for seed in seeds:
-            images = sample_base(bb, prompts, steps=args.steps, guidance=5.0, seed=seed, scheduler=sampler)
-            s = [best_score(analyzer, to_uint8(im)) for im in images]
-            scores += s
-            if first is None:
-                first = (images[:10], [x >= thresholds[0] for x in s[:10]])
-        name = os.path.basename(os.path.normpath(b))
-        save_framed_grid(first[0], first[1], os.path.join(args.out, f"{name}.png" if sampler == "ddim" else f"{name}-{sampler}.png"))
-        row = {"base": b, "sampler": sampler, "samples": len(scores), "scores": [round(x, 4) for x in scores], "seconds": round(time.perf_counter() - t0, 1),
-               "by_threshold": {}}
-        for t in thresholds:
-            k, n = sum(x >= t for x in scores), len(scores)
-            row["by_threshold"][str(t)] = {"found": k, "found_rate": k / n, "ci95": list(wilson(k, n))}
-        first_t = row["by_threshold"][str(thresholds[0])]
-        row.update(found=first_t["found"], found_rate=first_t["found_rate"], ci95=first_t["ci95"])  # the first threshold's, as before
-        rows.append(row)
-        print(f"{b} ({sampler}, {args.steps} steps): " + "; ".join(f"threshold {t}: a face in {v['found']} of {len(scores)} samples ({v['found_rate']:.2f}, 95% "
-                                   f"[{v['ci95'][0]:.2f}, {v['ci95'][1]:.2f}])" for t, v in row["by_threshold"].items()), flush=True)
+    for b in bases:
+        bb = load_pretrained_backbone(b)  # once per base: every sampler draws from the same weights
+        for sampler in samplers:
+            t0 = time.perf_counter()
+            scores, first = [], None
+            for seed in seeds:
+                images = sample_base(bb, prompts, steps=args.steps, guidance=5.0, seed=seed, scheduler=sampler)
+                s = [best_score(analyzer, to_uint8(im)) for im in images]
+                scores += s
+                if first is None:
+                    first = (images[:10], [x >= thresholds[0] for x in s[:10]])
+            name = os.path.basename(os.path.normpath(b))
+            save_framed_grid(first[0], first[1], os.path.join(args.out, f"{name}.png" if sampler == "ddim" else f"{name}-{sampler}.png"))
+            row = {"base": b, "sampler": sampler, "samples": len(scores), "scores": [round(x, 4) for x in scores], "seconds": round(time.perf_counter() - t0, 1),
+                   "by_threshold": {}}
+            for t in thresholds:
+                k, n = sum(x >= t for x in scores), len(scores)
+                row["by_threshold"][str(t)] = {"found": k, "found_rate": k / n, "ci95": list(wilson(k, n))}
+            first_t = row["by_threshold"][str(thresholds[0])]
+            row.update(found=first_t["found"], found_rate=first_t["found_rate"], ci95=first_t["ci95"])  # the first threshold's, as before
+            rows.append(row)
+            print(f"{b} ({sampler}, {args.steps} steps): " + "; ".join(f"threshold {t}: a face in {v['found']} of {len(scores)} samples ({v['found_rate']:.2f}, 95% "
+                                       f"[{v['ci95'][0]:.2f}, {v['ci95'][1]:.2f}])" for t, v in row["by_threshold"].items()), flush=True)
     real = real_recall(analyzer, val, bins_from_config(cfg.bins), thresholds, args.real) if len(thresholds) > 1 and args.real > 0 else None
     record = {"what": "found-rate of samples from held-out captions, synthetic face analyzer (stand-in)",
               "command": "python benchmarks/base_found_rate.py " + " ".join(sys.argv[1:] if argv is None else argv),
