@@ -238,6 +238,49 @@ def test_diffusion_loss_draws_and_scores_as_the_old_step(prediction_type):
     assert not torch.equal(per_face, want[2])
 
 
+def test_diffusion_loss_timestep_shift_moves_training_toward_high_noise():
+    """model.loss.timestep_shift: 1 draws as before (the test above); 3 puts 3/4 of the timesteps in the noisier half,
+    with the same noise; a shift <= 0 is refused naming the key."""
+    from realisid.modules.losses import DiffusionLoss
+
+    acp = torch.cumprod(1 - torch.linspace(1e-4, 2e-2, 1000), 0)
+    latents = torch.zeros(20000, 1, 1, 1)
+    uniform = DiffusionLoss(1000, "epsilon", 1.0).inputs(latents, acp, torch.Generator().manual_seed(3), "cpu")
+    shifted = DiffusionLoss(1000, "epsilon", 1.0, timestep_shift=3.0).inputs(latents, acp, torch.Generator().manual_seed(3), "cpu")
+    assert torch.equal(uniform.noise, shifted.noise)
+    assert abs(float((uniform.timesteps >= 500).float().mean()) - 0.5) < 0.02
+    assert abs(float((shifted.timesteps >= 500).float().mean()) - 0.75) < 0.02
+    assert 0 <= int(shifted.timesteps.min()) and int(shifted.timesteps.max()) <= 999
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="model.loss.timestep_shift"):
+            DiffusionLoss(1000, "epsilon", 1.0, timestep_shift=bad)
+
+
+def test_held_out_loss_draws_uniform_timesteps_whatever_the_training_shift(joint):
+    """Held-out losses (and the identity use built on them) compare across runs trained with different shifts; the
+    training step's draws do move with the shift."""
+    module, pre, _ = joint
+    assert module.loss_fn.timestep_shift == 1.0
+    with torch.no_grad():
+        held, train = module.held_out_loss(pre, 0), module.shared_step(pre, torch.Generator().manual_seed(5))
+        module.loss_fn.timestep_shift = 3.0
+        try:
+            held3, train3 = module.held_out_loss(pre, 0), module.shared_step(pre, torch.Generator().manual_seed(5))
+        finally:
+            module.loss_fn.timestep_shift = 1.0
+    _equal(held, held3)
+    assert not torch.equal(train["loss"], train3["loss"])
+
+
+def test_module_trains_with_the_configured_timestep_shift(tiny_cfg):
+    from realisid.modules import build_module
+
+    assert build_module(tiny_cfg("joint")).loss_fn.timestep_shift == 1.0
+    assert build_module(tiny_cfg("joint", "model.loss.timestep_shift=3")).loss_fn.timestep_shift == 3.0
+    with pytest.raises(ValueError, match="timestep shift 0.0"):
+        build_module(tiny_cfg("joint", "model.loss.timestep_shift=0"))
+
+
 def test_conditioner_gives_what_the_old_methods_gave(joint):
     module, pre, live = joint
     cond = module.conditioner

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from realisid.data.shards import SampleError, check_shards_exist, decode_sample
 from realisid.data.stream import skip_bad_tar
 from realisid.geometry import square_window
+from realisid.modules.losses import sample_timesteps
 from realisid.images import crop_resized, signed_from_uint8, uint8_from_signed
 from realisid.models.samplers import sampler_step
 
@@ -239,19 +240,6 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float,
     if prediction_type == "v_prediction":
         return torch.clamp(snr + 1, max=gamma) / (snr + 1)
     return torch.clamp(snr, max=gamma) / snr
-
-
-def sample_timesteps(n: int, num_train_timesteps: int, shift: float, generator: torch.Generator) -> torch.Tensor:
-    """``n`` training timesteps. ``shift`` 1: uniform. ``shift`` s > 1 moves them toward high noise as SD3's
-    resolution shift does, t = T * s u / (1 + (s - 1) u) for uniform u: a fraction s / (s + 1) of them lands in the
-    noisier half, where a base decides the layout (the steps a short schedule leaves unlearned)."""
-    if shift <= 0:
-        raise ValueError(f"timestep shift {shift} must be > 0 (1: uniform)")
-    if shift == 1:
-        return torch.randint(0, num_train_timesteps, (n,), generator=generator)
-    u = torch.rand(n, generator=generator)
-    shifted = shift * u / (1 + (shift - 1) * u)
-    return (shifted * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
 
 
 def head_weights(boxes: torch.Tensor, image_size: int, latent_size: int, face_weight: float, expand: float = 1.6) -> torch.Tensor:

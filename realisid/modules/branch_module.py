@@ -69,7 +69,7 @@ class RealisIDModule(L.LightningModule):
         sched = self.noise_scheduler.config
         # a run saved before face_norm existed trained with the paper's term: its config.yaml has no key
         self.loss_fn = DiffusionLoss(sched.num_train_timesteps, sched.prediction_type, float(m.loss.face_lambda),
-                                     str(m.loss.get("face_norm", "image")))
+                                     str(m.loss.get("face_norm", "image")), float(m.loss.get("timestep_shift", 1.0)))
         self.id_lambda = float(m.loss.get("id_lambda", 0.0))   # the identity loss (off unless set; see shared_step)
         self.id_max_t = int(m.loss.get("id_max_t", 400))
         if self.id_lambda < 0 or not 0 < self.id_max_t <= sched.num_train_timesteps:
@@ -128,16 +128,17 @@ class RealisIDModule(L.LightningModule):
 
     # ---- the step -----------------------------------------------------------------------------------
     def shared_step(self, batch: dict, generator: torch.Generator | None = None, dropout: bool = True,
-                    id_term: bool = False) -> dict[str, torch.Tensor]:
+                    id_term: bool = False, held_out: bool = False) -> dict[str, torch.Tensor]:
         """One diffusion training forward. With a precomputed batch (latents, text embeddings, identity features,
         host-side crop boxes) it reads nothing back from the device, so it can be compiled and never stalls the GPU.
 
         ``id_term`` (the training step, when ``model.loss.id_lambda`` > 0) adds the identity loss: ``id_lambda *
         (1 - cos)`` between the conditioning encoder's features of the face in the decoded x0 prediction and of the
-        reference (:meth:`identity_similarity`). Held-out losses leave it out, so they compare across runs."""
+        reference (:meth:`identity_similarity`). Held-out losses leave it out, so they compare across runs, and
+        ``held_out`` draws their timesteps uniformly whatever ``model.loss.timestep_shift`` trains with."""
         device_gen = _device_gen(generator, self.device)  # latents, noise and timesteps; ``generator``: dropout
         latents = self.batch_latents(batch, device_gen)
-        x = self.loss_fn.inputs(latents, self.alphas_cumprod, device_gen, self.device)  # x_t and the target in fp32
+        x = self.loss_fn.inputs(latents, self.alphas_cumprod, device_gen, self.device, uniform=held_out)  # x_t, target in fp32
         noisy = x.noisy.to(self.backbone.unet.dtype)  # only the UNet's input is cast to its dtype
         if self.channels_last:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
@@ -266,9 +267,10 @@ class RealisIDModule(L.LightningModule):
 
     def held_out_loss(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
         """The loss on a validation batch with the same noise, timesteps and no dropout every time it is asked:
-        values at different steps compare the same draws, so a change is the model's, not the sampling's."""
+        values at different steps compare the same draws, so a change is the model's, not the sampling's. Timesteps
+        are uniform (the training shift does not apply), so runs trained with different shifts compare too."""
         g = torch.Generator().manual_seed(int(self.cfg.experiment.seed) * 7919 + batch_idx)
-        return self.shared_step(batch, generator=g, dropout=False)
+        return self.shared_step(batch, generator=g, dropout=False, held_out=True)
 
     def identity_use(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor] | None:
         """Whether the branches use the reference: the face loss under the held-out noise, with each sample's

@@ -1,6 +1,7 @@
 """The RealisID training loss: the pure functions and :class:`DiffusionLoss`, which the training step delegates to."""
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -74,6 +75,29 @@ class DiffusionInputs(NamedTuple):
     target: torch.Tensor     # eps or v, fp32
 
 
+def check_timestep_shift(shift: float) -> float:
+    """A timestep shift must be a finite number > 0 (1: uniform timesteps, the paper's and diffusers' training)."""
+    value = float(shift)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"timestep shift {shift} must be a number > 0 (model.loss.timestep_shift or pretrain's "
+                         "timestep_shift): 1 draws training timesteps uniformly, 3 puts 3/4 of them in the noisier half")
+    return value
+
+
+def sample_timesteps(n: int, num_train_timesteps: int, shift: float, generator: torch.Generator | None = None,
+                     device: torch.device | str | None = None) -> torch.Tensor:
+    """``n`` training timesteps on ``device``. ``shift`` 1: uniform (``torch.randint``, as diffusers' scripts draw
+    them). ``shift`` s > 1 moves them toward high noise as SD3's resolution shift does, t = T * s u / (1 + (s - 1) u)
+    for uniform u: a fraction s / (s + 1) of them lands in the noisier half, where a sample's layout (and, for the
+    branches, the person drawn from noise) is decided; s < 1 moves them toward low noise."""
+    shift = check_timestep_shift(shift)
+    if shift == 1:
+        return torch.randint(0, num_train_timesteps, (n,), generator=generator, device=device)
+    u = torch.rand(n, generator=generator, device=device)
+    shifted = shift * u / (1 + (shift - 1) * u)
+    return (shifted * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
+
+
 class DiffusionLoss:
     """The training objective as one object (in the manner of sgm's ``loss_fn``): what the UNet is given and what
     its prediction is scored against.
@@ -84,17 +108,21 @@ class DiffusionLoss:
     (tests hold the two equal).
     """
 
-    def __init__(self, num_train_timesteps: int, prediction_type: str, face_lambda: float, face_norm: str = "image"):
+    def __init__(self, num_train_timesteps: int, prediction_type: str, face_lambda: float, face_norm: str = "image",
+                 timestep_shift: float = 1.0):
         self.face_norm = check_face_norm(face_norm)  # a bad value fails when the module is built
         self.num_train_timesteps = int(num_train_timesteps)
         self.prediction_type = prediction_type
         self.face_lambda = float(face_lambda)
+        self.timestep_shift = check_timestep_shift(timestep_shift)
 
     def inputs(self, latents: torch.Tensor, alphas_cumprod: torch.Tensor, generator: torch.Generator | None = None,
-               device: torch.device | str | None = None) -> DiffusionInputs:
+               device: torch.device | str | None = None, uniform: bool = False) -> DiffusionInputs:
+        """``uniform``: draw the timesteps uniformly whatever ``timestep_shift`` trains with (held-out losses, so
+        that they compare across runs trained with different shifts)."""
         device = latents.device if device is None else device
         noise = torch.randn(latents.shape, generator=generator, device=device, dtype=torch.float32)
-        t = torch.randint(0, self.num_train_timesteps, (latents.shape[0],), generator=generator, device=device)
+        t = sample_timesteps(latents.shape[0], self.num_train_timesteps, 1.0 if uniform else self.timestep_shift, generator, device)
         noisy, target = diffusion_inputs(alphas_cumprod, latents, noise, t, self.prediction_type)
         return DiffusionInputs(noise, t, noisy, target)
 
