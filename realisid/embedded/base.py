@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from realisid.data.shards import SampleError, check_shards_exist, decode_sample
 from realisid.data.stream import skip_bad_tar
 from realisid.geometry import square_window
-from realisid.modules.losses import sample_timesteps
 from realisid.images import crop_resized, signed_from_uint8, uint8_from_signed
 from realisid.models.samplers import sampler_step
+from realisid.modules.losses import sample_timesteps
 
 log = logging.getLogger(__name__)
 
