@@ -47,9 +47,9 @@ from realisid.embedded.synthetic.writer import rerender_with_background  # noqa:
 from realisid.evaluation import build_evaluator, to_uint8  # noqa: E402
 from realisid.geometry import face_size, scale_bin  # noqa: E402
 from realisid.images import identity_crop, to_tensor  # noqa: E402
+from realisid.machine import describe_machine  # noqa: E402
 from realisid.metrics.calibrated import calibrated_identity, fmt, other_similarity, scored  # noqa: E402
 from realisid.pipeline import Person, RealisIDPipeline  # noqa: E402
-from realisid.machine import describe_machine  # noqa: E402
 
 
 def synthetic_manifest(urls: Sequence[str]) -> dict:

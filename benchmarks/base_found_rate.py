@@ -47,9 +47,9 @@ from realisid.embedded.check import held_out_captions, save_framed_grid  # noqa:
 from realisid.embedded.stages import shard_urls, synthetic_shards  # noqa: E402
 from realisid.evaluation import to_uint8  # noqa: E402
 from realisid.geometry import bins_from_config, box_iou, face_size, scale_bin  # noqa: E402
+from realisid.machine import describe_machine  # noqa: E402
 from realisid.models.backbone import load_pretrained_backbone  # noqa: E402
 from realisid.models.samplers import SAMPLERS  # noqa: E402
-from realisid.machine import describe_machine  # noqa: E402
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -103,6 +103,7 @@ def main(argv=None) -> int:
     rows = []
     for b in bases:
         bb = load_pretrained_backbone(b)  # once per base: every sampler draws from the same weights
+        name = os.path.basename(os.path.normpath(b))
         for sampler in samplers:
             t0 = time.perf_counter()
             scores, first = [], None
@@ -112,7 +113,6 @@ def main(argv=None) -> int:
                 scores += s
                 if first is None:
                     first = (images[:10], [x >= thresholds[0] for x in s[:10]])
-            name = os.path.basename(os.path.normpath(b))
             save_framed_grid(first[0], first[1], os.path.join(args.out, f"{name}.png" if sampler == "ddim" else f"{name}-{sampler}.png"))
             row = {"base": b, "sampler": sampler, "samples": len(scores), "scores": [round(x, 4) for x in scores], "seconds": round(time.perf_counter() - t0, 1),
                    "by_threshold": {}}

@@ -31,9 +31,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from realisid.bench import bench_sampling, held_out_references, write_csv  # noqa: E402
 from realisid.evaluation import build_evaluator, to_uint8  # noqa: E402
 from realisid.geometry import face_size, scale_bin  # noqa: E402
+from realisid.machine import describe_machine  # noqa: E402
 from realisid.metrics.calibrated import calibrated_identity, fmt  # noqa: E402
 from realisid.pipeline import Person, RealisIDPipeline  # noqa: E402
-from realisid.machine import describe_machine  # noqa: E402
 
 
 def parse_strengths(text: str) -> list[float]:

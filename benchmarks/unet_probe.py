@@ -46,9 +46,9 @@ from realisid.embedded.analyzer import load_synthetic_analyzer  # noqa: E402
 from realisid.embedded.assets import asset_path  # noqa: E402
 from realisid.embedded.check import base_check, held_out_captions, save_framed_grid  # noqa: E402
 from realisid.embedded.stages import shard_urls, synthetic_shards  # noqa: E402
+from realisid.machine import describe_machine  # noqa: E402
 from realisid.models.backbone import build_tiny_backbone, load_pretrained_backbone, save_backbone  # noqa: E402
 from realisid.models.grow import layers_setting  # noqa: E402
-from realisid.machine import describe_machine  # noqa: E402
 
 MODES = ("shipped", "scratch")
 BANDS = ((0, 200), (200, 400), (400, 600), (600, 800), (800, 1000))  # training timesteps: low noise (detail) .. pure noise (layout)

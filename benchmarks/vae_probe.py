@@ -43,8 +43,8 @@ from realisid.embedded.assets import asset_path  # noqa: E402
 from realisid.embedded.stages import shard_urls, synthetic_shards  # noqa: E402
 from realisid.embedded.check import photos_per_bin, save_round_trip  # noqa: E402
 from realisid.geometry import bins_from_config  # noqa: E402
-from realisid.models.backbone import build_tiny_backbone, load_pretrained_backbone  # noqa: E402
 from realisid.machine import describe_machine  # noqa: E402
+from realisid.models.backbone import build_tiny_backbone, load_pretrained_backbone  # noqa: E402
 
 MODES = ("shipped", "decoder", "continue", "scratch")
 
