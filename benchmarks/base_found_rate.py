@@ -1,7 +1,7 @@
 """How often a base model draws a face the synthetic face analyzer finds, over many held-out captions.
 
     python benchmarks/base_found_rate.py [BASE ...] [--captions 60] [--seeds 1,2] [--thresholds 0.3,0.5] [--samplers ddim,ddpm]
-        [--steps 30] [--analyzer DIR] [--out DIR]
+        [--steps 30] [--guidance 5] [--analyzer DIR] [--out DIR]
 
 BASE: diffusers folders of embedded-default bases (default: the shipped ``realisid/assets/tiny-sd``; ``make pretrain``
 caches each UNet phase under ``data/cache/pretrain/``: ``tiny-sd``, ``tiny-sd-refined``, ``tiny-sd-heads``). Every
@@ -15,7 +15,9 @@ same judge. Reports the found-rate with a 95% Wilson interval per base, and a gr
 
 ``--samplers``: each base is sampled with each of these (``sampling.scheduler`` names; default ``ddim``, the base
 check's): ``ddpm``, ``euler_a`` and ``dpm_sde`` add fresh noise at every step instead of following the deterministic
-path from the first noise. ``--steps`` sets the sampling steps (default 30, the base check's).
+path from the first noise. ``--steps`` sets the sampling steps (default 30, the base check's). ``--guidance``: the
+classifier-free guidance scales, comma-separated, each a row per base and sampler (default 5, the base check's; 1 is
+the conditional model alone), so that whether a base's smudged faces come from strong guidance can be measured.
 
 ``--thresholds``: the found-rate at each detection threshold (default: the analyzer's own, 0.3), and the analyzer's
 recall on real held-out photos at each (per face-size bin), so that a threshold can be judged on both sides: how
@@ -71,6 +73,8 @@ def main(argv=None) -> int:
     ap.add_argument("--real", type=int, default=960, help="held-out real photos for the recall at each threshold (0: none)")
     ap.add_argument("--samplers", default="ddim", help=f"samplers, comma-separated, each a row per base ({', '.join(SAMPLERS)})")
     ap.add_argument("--steps", type=int, default=30, help="sampling steps")
+    ap.add_argument("--guidance", default="5", help="classifier-free guidance scales, comma-separated, each a row per base and "
+                                                     "sampler (default 5, the base check's; 1: no guidance)")
     ap.add_argument("--analyzer", default=None, metavar="DIR",
                     help="a synthetic face analyzer folder (default: the shipped one; `make pretrain` writes one per out_dir)")
     ap.add_argument("--out", default=os.path.join("benchmarks", "results", f"{dt.date.today().isoformat()}-base-found-rate"))
@@ -91,6 +95,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"--samplers {args.samplers!r}: unknown {unknown}; give some of {', '.join(SAMPLERS)}, comma-separated")
     if args.steps < 1:
         raise SystemExit(f"--steps {args.steps}: give at least 1 sampling step")
+    guidances = parse_guidances(args.guidance)
     cfg = load_config("base", [])
     synthetic_shards(cfg)  # the held-out shards (drawn on the first run, as `make train` does)
     val = load_image_set(shard_urls(cfg, "val"), int(cfg.data.resolution))
@@ -105,29 +110,12 @@ def main(argv=None) -> int:
         bb = load_pretrained_backbone(b)  # once per base: every sampler draws from the same weights
         name = os.path.basename(os.path.normpath(b))
         for sampler in samplers:
-            t0 = time.perf_counter()
-            scores, first = [], None
-            for seed in seeds:
-                images = sample_base(bb, prompts, steps=args.steps, guidance=5.0, seed=seed, scheduler=sampler)
-                s = [best_score(analyzer, to_uint8(im)) for im in images]
-                scores += s
-                if first is None:
-                    first = (images[:10], [x >= thresholds[0] for x in s[:10]])
-            save_framed_grid(first[0], first[1], os.path.join(args.out, f"{name}.png" if sampler == "ddim" else f"{name}-{sampler}.png"))
-            row = {"base": b, "sampler": sampler, "samples": len(scores), "scores": [round(x, 4) for x in scores], "seconds": round(time.perf_counter() - t0, 1),
-                   "by_threshold": {}}
-            for t in thresholds:
-                k, n = sum(x >= t for x in scores), len(scores)
-                row["by_threshold"][str(t)] = {"found": k, "found_rate": k / n, "ci95": list(wilson(k, n))}
-            first_t = row["by_threshold"][str(thresholds[0])]
-            row.update(found=first_t["found"], found_rate=first_t["found_rate"], ci95=first_t["ci95"])  # the first threshold's, as before
-            rows.append(row)
-            print(f"{b} ({sampler}, {args.steps} steps): " + "; ".join(f"threshold {t}: a face in {v['found']} of {len(scores)} samples ({v['found_rate']:.2f}, 95% "
-                                       f"[{v['ci95'][0]:.2f}, {v['ci95'][1]:.2f}])" for t, v in row["by_threshold"].items()), flush=True)
+            for guidance in guidances:
+                rows.append(sample_row(bb, b, name, sampler, guidance, prompts, seeds, args.steps, analyzer, thresholds, args.out))
     real = real_recall(analyzer, val, bins_from_config(cfg.bins), thresholds, args.real) if len(thresholds) > 1 and args.real > 0 else None
     record = {"what": "found-rate of samples from held-out captions, synthetic face analyzer (stand-in)",
               "command": "python benchmarks/base_found_rate.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "captions": args.captions, "seeds": seeds, "steps": args.steps, "samplers": samplers, "guidance": 5.0, "thresholds": thresholds, "analyzer_threshold": own,
+              "captions": args.captions, "seeds": seeds, "steps": args.steps, "samplers": samplers, "guidance": guidances, "thresholds": thresholds, "analyzer_threshold": own,
               "analyzer": analyzer_dir,
               "date": dt.date.today().isoformat(), "machine": describe_machine(host=False),
               "bases": rows, "real_recall": real}
@@ -137,6 +125,50 @@ def main(argv=None) -> int:
         f.write(table_md(record))
     print(f"written: {args.out}")
     return 0
+
+
+def sample_row(bb, base: str, name: str, sampler: str, guidance: float, prompts, seeds, steps: int, analyzer, thresholds,
+               out_dir: str) -> dict:
+    """One row of the table: ``base`` sampled with ``sampler`` at ``guidance`` for every prompt and seed, the best
+    detection score of each sample, the found-rate at each threshold and a framed grid of the first 10 samples."""
+    t0 = time.perf_counter()
+    scores, first = [], None
+    for seed in seeds:
+        images = sample_base(bb, prompts, steps=steps, guidance=guidance, seed=seed, scheduler=sampler)
+        s = [best_score(analyzer, to_uint8(im)) for im in images]
+        scores += s
+        if first is None:
+            first = (images[:10], [x >= thresholds[0] for x in s[:10]])
+    save_framed_grid(first[0], first[1], os.path.join(out_dir, grid_name(name, sampler, guidance)))
+    row = {"base": base, "sampler": sampler, "guidance": guidance, "samples": len(scores), "scores": [round(x, 4) for x in scores],
+           "seconds": round(time.perf_counter() - t0, 1), "by_threshold": {}}
+    for t in thresholds:
+        k, n = sum(x >= t for x in scores), len(scores)
+        row["by_threshold"][str(t)] = {"found": k, "found_rate": k / n, "ci95": list(wilson(k, n))}
+    first_t = row["by_threshold"][str(thresholds[0])]
+    row.update(found=first_t["found"], found_rate=first_t["found_rate"], ci95=first_t["ci95"])  # the first threshold's, as before
+    print(f"{base} ({sampler}, {steps} steps, guidance {guidance:g}): " + "; ".join(
+        f"threshold {t}: a face in {v['found']} of {len(scores)} samples ({v['found_rate']:.2f}, 95% [{v['ci95'][0]:.2f}, {v['ci95'][1]:.2f}])"
+        for t, v in row["by_threshold"].items()), flush=True)
+    return row
+
+
+def grid_name(name: str, sampler: str, guidance: float) -> str:
+    """``<base>.png`` for the base check's settings (DDIM, guidance 5), else ``<base>-<sampler>-g<guidance>.png``."""
+    parts = [name] + ([sampler] if sampler != "ddim" else []) + ([f"g{guidance:g}"] if guidance != 5.0 else [])
+    return "-".join(parts) + ".png"
+
+
+def parse_guidances(text: str) -> list[float]:
+    """``--guidance 1,3,5`` -> [1.0, 3.0, 5.0]; every scale must be a number >= 1 (1: no guidance)."""
+    try:
+        out = [float(t) for t in str(text).split(",") if t.strip()]
+    except ValueError:
+        out = []
+    if not out or any(not (g >= 1.0) for g in out):  # also refuses nan
+        raise SystemExit(f"--guidance {text!r}: give classifier-free guidance scales >= 1, comma-separated, e.g. 1,3,5 "
+                         "(1 = the conditional model alone, 5 = the base check's)")
+    return out
 
 
 def parse_thresholds(text: str | None, own: float) -> list[float]:
@@ -181,16 +213,16 @@ def _analyzer_note(record: dict) -> str:
 def table_md(record: dict) -> str:
     ts = record["thresholds"]
     lines = [f"# Base found-rate ({record['date']}, {record['machine']})", "",
-             f"{record['captions']} held-out captions x seeds {record['seeds']}, {record.get('steps', 30)} sampling steps, guidance 5; synthetic face analyzer "
+             f"{record['captions']} held-out captions x seeds {record['seeds']}, {record.get('steps', 30)} sampling steps; synthetic face analyzer "
              f"(stand-in detector{_analyzer_note(record)}; its own threshold {record['analyzer_threshold']}). Command: `{record['command']}`", "",
-             "| base | sampler | " + " | ".join(f"found at threshold {t} [95%]" for t in ts) + " | seconds |",
-             "|---|---|" + "---|" * len(ts) + "---|"]
+             "| base | sampler | guidance | " + " | ".join(f"found at threshold {t} [95%]" for t in ts) + " | seconds |",
+             "|---|---|---|" + "---|" * len(ts) + "---|"]
     for r in record["bases"]:
         cells = []
         for t in ts:
             v = r["by_threshold"][str(t)]
             cells.append(f"{v['found']} / {r['samples']} = {v['found_rate']:.2f} [{v['ci95'][0]:.2f}, {v['ci95'][1]:.2f}]")
-        lines.append(f"| `{r['base']}` | {r.get('sampler', 'ddim')} | " + " | ".join(cells) + f" | {r['seconds']} |")
+        lines.append(f"| `{r['base']}` | {r.get('sampler', 'ddim')} | {r.get('guidance', 5.0):g} | " + " | ".join(cells) + f" | {r['seconds']} |")
     if record.get("real_recall"):
         lines += ["", "The analyzer's recall on real held-out photos (a detection with IoU >= 0.5 at the face, score at or above the threshold):",
                   "", "| bin | photos | " + " | ".join(f"recall at {t}" for t in ts) + " |", "|---|---|" + "---|" * len(ts)]

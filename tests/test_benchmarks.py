@@ -95,6 +95,40 @@ def test_base_found_rate_interval_and_bad_base(tmp_path):
             mod.parse_thresholds(bad, 0.3)
 
 
+def test_base_found_rate_guidance_rows(tmp_path, monkeypatch):
+    """--guidance: each scale is its own row, sampled at that scale, its grid named after it (the base check's
+    DDIM at guidance 5 keeps <base>.png); scales below 1, nan and words are refused before any model loads."""
+    import torch
+
+    mod = _load_script("base_found_rate")
+    assert mod.parse_guidances("5") == [5.0] and mod.parse_guidances("1, 3,7.5") == [1.0, 3.0, 7.5]
+    for bad in ("0.5", "nan", "strong", "", "3,-1"):
+        with pytest.raises(SystemExit, match="--guidance"):
+            mod.parse_guidances(bad)
+    with pytest.raises(SystemExit, match="--guidance '0'"):
+        mod.main([mod.asset_path("tiny-sd"), "--guidance", "0"])
+    assert mod.grid_name("tiny-sd", "ddim", 5.0) == "tiny-sd.png"
+    assert mod.grid_name("tiny-sd", "ddpm", 5.0) == "tiny-sd-ddpm.png"
+    assert mod.grid_name("tiny-sd", "ddim", 1.5) == "tiny-sd-g1.5.png"
+    seen = []
+
+    def fake_sample(bb, prompts, *, steps, guidance, seed, scheduler):
+        seen.append((guidance, seed, scheduler, steps))
+        return torch.full((len(prompts), 3, 8, 8), (guidance - 4.0) / 10.0)  # in [-1, 1]: brighter at higher guidance
+
+    monkeypatch.setattr(mod, "sample_base", fake_sample)
+    monkeypatch.setattr(mod, "best_score", lambda analyzer, image: float(image.mean()) / 255.0)
+    monkeypatch.setattr(mod, "save_framed_grid", lambda images, found, path: open(path, "w").close())
+    rows = [mod.sample_row(None, "b", "b", "ddim", g, ["p1", "p2", "p3"], [1, 2], 4, None, [0.4], str(tmp_path)) for g in (1.0, 7.5)]
+    assert seen == [(1.0, 1, "ddim", 4), (1.0, 2, "ddim", 4), (7.5, 1, "ddim", 4), (7.5, 2, "ddim", 4)]
+    assert [r["guidance"] for r in rows] == [1.0, 7.5] and [r["samples"] for r in rows] == [6, 6]
+    assert rows[0]["found"] == 0 and rows[1]["found"] == 6  # scores 0.35 and 0.675 (the pixel mean) against the threshold 0.4
+    assert (tmp_path / "b-g1.png").exists() and (tmp_path / "b-g7.5.png").exists()
+    table = mod.table_md({"date": "d", "machine": "m", "captions": 3, "seeds": [1, 2], "steps": 4, "analyzer_threshold": 0.3,
+                          "analyzer": None, "command": "c", "thresholds": [0.4], "bases": rows, "real_recall": None})
+    assert "| `b` | ddim | 1 | 0 / 6 = 0.00" in table and "| `b` | ddim | 7.5 | 6 / 6 = 1.00" in table
+
+
 def test_base_found_rate_recall_at_each_threshold_counts_only_detections_at_the_face():
     """The threshold calibration's real side: a photo counts as found at threshold t when a detection overlapping its
     face box (IoU >= 0.5) scores t or more; a confident detection elsewhere does not count."""
@@ -123,9 +157,10 @@ def test_base_found_rate_recall_at_each_threshold_counts_only_detections_at_the_
                                                                                     "0.5": {"found": 1, "found_rate": 0.25, "ci95": [0.05, 0.7]}}}],
               "real_recall": rec}
     table = mod.table_md(record)
-    assert "| `b` | ddim | 3 / 4 = 0.75 [0.30, 0.95] | 1 / 4 = 0.25 [0.05, 0.70] | 1.0 |" in table  # records before --samplers: DDIM
+    # records written before --samplers and --guidance: DDIM at guidance 5
+    assert "| `b` | ddim | 5 | 3 / 4 = 0.75 [0.30, 0.95] | 1 / 4 = 0.25 [0.05, 0.70] | 1.0 |" in table
     record["bases"][0]["sampler"] = "ddpm"
-    assert "| `b` | ddpm | 3 / 4" in mod.table_md(record)
+    assert "| `b` | ddpm | 5 | 3 / 4" in mod.table_md(record)
     assert "| large | 2 | 0.500 | 0.500 |" in table
 
 
