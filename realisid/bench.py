@@ -369,8 +369,9 @@ def run_bench(cfg, run_dir: str, out_dir: str, *, settings: Mapping[str, Mapping
                             if pipe.backbone.unet_trained_by else f"frozen ({pipe.backbone.name})"),
               "prompts": json.dumps(list(b.prompts)), "sampling": json.dumps(sample_kwargs),
               "settings (override sampling)": json.dumps(settings), **ev.describe(),
-              "real photos (ceiling)": f"{len(real)} held-out photos of the {len(refs)} reference identities",
-              "reference identities": f"{', '.join(r['identity'] for r in refs)} (held-out, sorted, offset {offset})"}
+              "real photos (ceiling)": f"{len(real)} photos of the {len(refs)} reference identities in data.val_shards",
+              "reference identities": f"{', '.join(r['identity'] for r in refs)} (sorted, offset {offset})",
+              "data.val_shards": f"{cfg.data.val_shards} (held-out identities unless overridden)"}
     write_csv(os.path.join(out_dir, "results.csv"), rows)
     write_csv(os.path.join(out_dir, "real.csv"), real)
     write_csv(os.path.join(out_dir, "summary.csv"), summary)

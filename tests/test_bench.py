@@ -78,6 +78,7 @@ def test_scale_bench_writes_tables_and_plots(face_shards, eval_standin, tmp_path
     assert "n/a" in table  # found-rate is not measured by the stand-in analyzer, and the table says so
     assert res["header"]["conditioning identity encoder"] != res["header"]["evaluation face analyzer"]
     assert "face detection threshold" not in res["header"]  # the stand-in takes faces at their boxes: nothing is detected
+    assert res["header"]["data.val_shards"].startswith(f"{face_shards}/val-*.tar")  # where references and ceiling came from
 
 
 def test_the_bench_header_names_the_detection_threshold_that_decides_found():
