@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# the commands tests run announce themselves here, not beside the user's real jobs (realisid/jobs.py)
+os.environ["REALISID_JOBS_DIR"] = tempfile.mkdtemp(prefix="realisid-jobs-tests-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -69,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.parse_args(argv)  # argparse's own message for what is not an override
         args.overrides = list(args.overrides or []) + late
     _setup_logging(args.verbose)
+    from realisid.jobs import HEAVY_COMMANDS, announce, withdraw
+
+    # a heavy job says so while it runs and warns when another is running (they would slow each other several-fold)
+    rest = argv[argv.index(args.command) + 1:] if args.command in argv else argv
+    record, _ = announce(args.command, rest) if args.command in HEAVY_COMMANDS else (None, [])
     try:
         return int(args.func(args) or 0)
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError, FloatingPointError, RuntimeError) as err:
@@ -79,4 +84,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write(f"realisid {args.command}: interrupted\n")
         return 130
+    finally:
+        withdraw(record)
 
