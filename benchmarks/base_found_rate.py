@@ -64,6 +64,14 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+def shown_path(path: str) -> str:
+    """``path`` as results.json records it: relative to the repository when inside it (the shipped base's default is
+    resolved to an absolute path, which would name this machine's checkout), otherwise as given."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    full = os.path.abspath(path)
+    return os.path.relpath(full, root) if os.path.commonpath([full, root]) == root else path
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("bases", nargs="*", help="diffusers folders (default: the shipped base)")
@@ -111,12 +119,12 @@ def main(argv=None) -> int:
         name = os.path.basename(os.path.normpath(b))
         for sampler in samplers:
             for guidance in guidances:
-                rows.append(sample_row(bb, b, name, sampler, guidance, prompts, seeds, args.steps, analyzer, thresholds, args.out))
+                rows.append(sample_row(bb, shown_path(b), name, sampler, guidance, prompts, seeds, args.steps, analyzer, thresholds, args.out))
     real = real_recall(analyzer, val, bins_from_config(cfg.bins), thresholds, args.real) if len(thresholds) > 1 and args.real > 0 else None
     record = {"what": "found-rate of samples from held-out captions, synthetic face analyzer (stand-in)",
               "command": "python benchmarks/base_found_rate.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "captions": args.captions, "seeds": seeds, "steps": args.steps, "samplers": samplers, "guidance": guidances, "thresholds": thresholds, "analyzer_threshold": own,
-              "analyzer": analyzer_dir,
+              "analyzer": shown_path(analyzer_dir),
               "date": dt.date.today().isoformat(), "machine": describe_machine(host=False),
               "bases": rows, "real_recall": real}
     with open(os.path.join(args.out, "results.json"), "w") as f:

@@ -93,6 +93,9 @@ def test_base_found_rate_interval_and_bad_base(tmp_path):
     for bad in ("0,0.5", "half", ""):
         with pytest.raises(SystemExit, match="--thresholds"):
             mod.parse_thresholds(bad, 0.3)
+    # results.json names the shipped base by its place in the repository, not this machine's checkout
+    assert mod.shown_path(mod.asset_path("tiny-sd")) == os.path.join("realisid", "assets", "tiny-sd")
+    assert mod.shown_path(str(tmp_path)) == str(tmp_path)
 
 
 def test_base_found_rate_guidance_rows(tmp_path, monkeypatch):

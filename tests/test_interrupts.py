@@ -154,3 +154,31 @@ def test_progress_is_sparse_lines_without_a_terminal(tmp_path, face_shards, capl
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
     assert lines[0].startswith("step 1/20") and lines[-1].startswith("step 20/20") and len(lines) == 20
     assert all("s/step" in line and "left" in line for line in lines)
+
+
+def _tqdm_bar_in_a_pipe(quiet: bool, env_extra: dict | None = None) -> str:
+    """What a library's tqdm bar writes to stderr when stderr is a pipe, with or without the CLI's quieting first."""
+    code = ("import sys\nfrom realisid.cli import quiet_progress_bars\n"
+            + ("quiet_progress_bars()\n" if quiet else "")
+            + "from tqdm import tqdm\nfor _ in tqdm(range(50), desc='Loading weights'): pass\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    proc = subprocess.run([sys.executable, "-c", code], env={**env, **(env_extra or {})}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stderr
+
+
+def test_library_progress_bars_stay_out_of_a_log_file(monkeypatch):
+    assert "Loading weights" in _tqdm_bar_in_a_pipe(quiet=False)  # what transformers' loader writes at every backbone load
+    assert _tqdm_bar_in_a_pipe(quiet=True) == ""
+    # a user's own setting wins (an empty TQDM_DISABLE is tqdm's "bars on")
+    assert "Loading weights" in _tqdm_bar_in_a_pipe(quiet=True, env_extra={"TQDM_DISABLE": ""})
+    import io
+
+    from realisid.cli import quiet_progress_bars
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    assert quiet_progress_bars(Terminal()) is False and "TQDM_DISABLE" not in os.environ  # a terminal keeps its bars

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from realisid.cli.build import add_build_parser, cmd_build_shards, faces_config
@@ -17,7 +18,7 @@ from realisid.cli.faces import SAMPLE_PHOTOS, add_faces_parser, cmd_faces, expor
 from realisid.cli.generate import add_bench_parser, add_generate_parser, cmd_bench, cmd_generate, write_panel
 from realisid.cli.training import add_precompute_parser, add_sweep_parser, add_train_parser, cmd_precompute, cmd_sweep, cmd_train
 
-__all__ = ["main", "build_parser", "box_values_as_options", "add_build_parser", "faces_config", "cmd_build_shards", "cmd_train",
+__all__ = ["main", "build_parser", "quiet_progress_bars", "box_values_as_options", "add_build_parser", "faces_config", "cmd_build_shards", "cmd_train",
            "cmd_sweep", "cmd_precompute", "cmd_prepare", "cmd_pretrain", "cmd_check_embedded", "cmd_generate", "cmd_bench",
            "write_panel", "cmd_faces", "export_sample_photos", "SAMPLE_PHOTOS"]
 
@@ -31,6 +32,20 @@ def _setup_logging(verbose: bool) -> None:
                         datefmt="%H:%M:%S")
     for noisy in ("PIL", "matplotlib", "urllib3", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def quiet_progress_bars(stream=None) -> bool:
+    """No tqdm bars when ``stream`` (stderr) is a file or pipe: each update of a bar would add a line to the log
+    (transformers' "Loading weights" at every backbone load, diffusers' and the hub's bars). Sets ``TQDM_DISABLE`` and
+    ``HF_HUB_DISABLE_PROGRESS_BARS`` unless the user set them; tqdm reads them when first imported, so this runs before
+    any command imports it. Returns whether the bars were turned off."""
+    stream = sys.stderr if stream is None else stream
+    isatty = getattr(stream, "isatty", None)
+    if isatty is not None and isatty():
+        return False
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    return True
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.parse_args(argv)  # argparse's own message for what is not an override
         args.overrides = list(args.overrides or []) + late
     _setup_logging(args.verbose)
+    quiet_progress_bars()
     from realisid.jobs import HEAVY_COMMANDS, announce, withdraw
 
     # a heavy job says so while it runs and warns when another is running (they would slow each other several-fold)
