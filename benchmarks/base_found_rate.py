@@ -1,7 +1,7 @@
 """How often a base model draws a face the synthetic face analyzer finds, over many held-out captions.
 
     python benchmarks/base_found_rate.py [BASE ...] [--captions 60] [--seeds 1,2] [--thresholds 0.3,0.5] [--samplers ddim,ddpm]
-        [--steps 30] [--guidance 5] [--analyzer DIR] [--out DIR]
+        [--steps 30] [--guidance 5] [--grid 10] [--analyzer DIR] [--out DIR]
 
 BASE: diffusers folders of embedded-default bases (default: the shipped ``realisid/assets/tiny-sd``; ``make pretrain``
 caches each UNet phase under ``data/cache/pretrain/``: ``tiny-sd``, ``tiny-sd-refined``, ``tiny-sd-heads``). Every
@@ -11,7 +11,8 @@ base samples the same prompts (``--captions`` distinct held-out captions, people
 and 3% of photos whose face is blurred away, see ``make check-embedded``); ``--analyzer`` names another (a
 ``synthetic-face-analyzer/`` folder of a ``pretrain.out_dir``), though the shipped one keeps every base under the
 same judge. Reports the found-rate with a 95% Wilson interval per base, and a grid of the first 10 samples of each
-(green frame: a face was found).
+(green frame: a face was found; ``--grid N`` shows the first N of the first seed instead, for judging faces by eye on
+more than ten).
 
 ``--samplers``: each base is sampled with each of these (``sampling.scheduler`` names; default ``ddim``, the base
 check's): ``ddpm``, ``euler_a`` and ``dpm_sde`` add fresh noise at every step instead of following the deterministic
@@ -83,6 +84,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=30, help="sampling steps")
     ap.add_argument("--guidance", default="5", help="classifier-free guidance scales, comma-separated, each a row per base and "
                                                      "sampler (default 5, the base check's; 1: no guidance)")
+    ap.add_argument("--grid", type=int, default=10, help="samples in each grid: the first N of the first seed (default 10)")
     ap.add_argument("--analyzer", default=None, metavar="DIR",
                     help="a synthetic face analyzer folder (default: the shipped one; `make pretrain` writes one per out_dir)")
     ap.add_argument("--out", default=os.path.join("benchmarks", "results", f"{dt.date.today().isoformat()}-base-found-rate"))
@@ -104,6 +106,8 @@ def main(argv=None) -> int:
     if args.steps < 1:
         raise SystemExit(f"--steps {args.steps}: give at least 1 sampling step")
     guidances = parse_guidances(args.guidance)
+    if not 1 <= args.grid <= args.captions:
+        raise SystemExit(f"--grid {args.grid}: give 1 to --captions ({args.captions}) samples; the grid shows the first seed's")
     cfg = load_config("base", [])
     synthetic_shards(cfg)  # the held-out shards (drawn on the first run, as `make train` does)
     val = load_image_set(shard_urls(cfg, "val"), int(cfg.data.resolution))
@@ -119,11 +123,12 @@ def main(argv=None) -> int:
         name = os.path.basename(os.path.normpath(b))
         for sampler in samplers:
             for guidance in guidances:
-                rows.append(sample_row(bb, shown_path(b), name, sampler, guidance, prompts, seeds, args.steps, analyzer, thresholds, args.out))
+                rows.append(sample_row(bb, shown_path(b), name, sampler, guidance, prompts, seeds, args.steps, analyzer, thresholds, args.out,
+                                       grid=args.grid))
     real = real_recall(analyzer, val, bins_from_config(cfg.bins), thresholds, args.real) if len(thresholds) > 1 and args.real > 0 else None
     record = {"what": "found-rate of samples from held-out captions, synthetic face analyzer (stand-in)",
               "command": "python benchmarks/base_found_rate.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "captions": args.captions, "seeds": seeds, "steps": args.steps, "samplers": samplers, "guidance": guidances, "thresholds": thresholds, "analyzer_threshold": own,
+              "captions": args.captions, "seeds": seeds, "steps": args.steps, "samplers": samplers, "guidance": guidances, "thresholds": thresholds, "analyzer_threshold": own, "grid": args.grid,
               "analyzer": shown_path(analyzer_dir),
               "date": dt.date.today().isoformat(), "machine": describe_machine(host=False),
               "bases": rows, "real_recall": real}
@@ -136,9 +141,9 @@ def main(argv=None) -> int:
 
 
 def sample_row(bb, base: str, name: str, sampler: str, guidance: float, prompts, seeds, steps: int, analyzer, thresholds,
-               out_dir: str) -> dict:
+               out_dir: str, grid: int = 10) -> dict:
     """One row of the table: ``base`` sampled with ``sampler`` at ``guidance`` for every prompt and seed, the best
-    detection score of each sample, the found-rate at each threshold and a framed grid of the first 10 samples."""
+    detection score of each sample, the found-rate at each threshold and a framed grid of the first ``grid`` samples."""
     t0 = time.perf_counter()
     scores, first = [], None
     for seed in seeds:
@@ -146,7 +151,7 @@ def sample_row(bb, base: str, name: str, sampler: str, guidance: float, prompts,
         s = [best_score(analyzer, to_uint8(im)) for im in images]
         scores += s
         if first is None:
-            first = (images[:10], [x >= thresholds[0] for x in s[:10]])
+            first = (images[:grid], [x >= thresholds[0] for x in s[:grid]])
     save_framed_grid(first[0], first[1], os.path.join(out_dir, grid_name(name, sampler, guidance)))
     row = {"base": base, "sampler": sampler, "guidance": guidance, "samples": len(scores), "scores": [round(x, 4) for x in scores],
            "seconds": round(time.perf_counter() - t0, 1), "by_threshold": {}}

@@ -130,6 +130,14 @@ def test_base_found_rate_guidance_rows(tmp_path, monkeypatch):
     table = mod.table_md({"date": "d", "machine": "m", "captions": 3, "seeds": [1, 2], "steps": 4, "analyzer_threshold": 0.3,
                           "analyzer": None, "command": "c", "thresholds": [0.4], "bases": rows, "real_recall": None})
     assert "| `b` | ddim | 1 | 0 / 6 = 0.00" in table and "| `b` | ddim | 7.5 | 6 / 6 = 1.00" in table
+    # --grid: the first N samples of the first seed, and a size the samples cannot fill is refused before any model loads
+    shown = []
+    monkeypatch.setattr(mod, "save_framed_grid", lambda images, found, path: shown.append((len(images), list(found))))
+    mod.sample_row(None, "b", "b", "ddim", 7.5, ["p1", "p2", "p3"], [1, 2], 4, None, [0.4], str(tmp_path), grid=2)
+    assert shown == [(2, [True, True])]
+    for bad in ("0", "61"):
+        with pytest.raises(SystemExit, match=f"--grid {bad}: give 1 to --captions \\(60\\)"):
+            mod.main([mod.asset_path("tiny-sd"), "--grid", bad])
 
 
 def test_base_found_rate_recall_at_each_threshold_counts_only_detections_at_the_face():
