@@ -67,6 +67,24 @@ def test_pretrain_then_train_on_the_prepared_default(tmp_path):
     assert any(not torch.equal(heads[k], more[k]) for k in more)  # it trained on from the shipped heads phase
     vae_a, vae_b = weights(assets / "tiny-sd", "vae"), weights(more_out / "tiny-sd", "vae")
     assert all(torch.equal(vae_a[k], vae_b[k]) for k in vae_a)
+    # a further round of unet_more on that continued base (pretrain.extend): it starts from the continued weights
+    again_out, work_again = tmp_path / "assets-again", tmp_path / "work-again"
+    again_overrides = overrides + [f"pretrain.from_shipped={more_out}", f"pretrain.work_dir={work_again}", f"pretrain.out_dir={again_out}"]
+    with pytest.raises(ValueError, match=r"pretrain.unet_more differs from the recipe the shipped stage 'unet_more'"):
+        pretrain(load_config("base", again_overrides + ["pretrain.unet_more.steps=3"]))  # without extend: not a continuation
+    ext = pretrain(load_config("base", again_overrides + ["pretrain.unet_more.steps=3", "pretrain.extend=true"]))
+    assert ext["stages"]["unet_more"]["unet_steps"] == 3 and "seeded_from" not in ext["stages"]["unet_more"]
+    assert ext["stages"]["unet_more"]["extends"] == {"base": str(more_out), "unet_more": json.loads(json.dumps(cont["stages"]["unet_more"]))}
+    assert ext["stages"]["unet_heads"]["seeded_from"] == str(more_out) and "pretrain.extend" in ext["stages"]["unet_heads"]["weights"]
+    start = weights(work_again / "tiny-sd-heads")
+    assert all(torch.equal(start[k], more[k]) for k in more)  # the round started from the continued base, not its heads phase
+    assert any(not torch.equal(more[k], weights(again_out / "tiny-sd")[k]) for k in more)
+    with pytest.raises(ValueError, match=r"extend=true: the base in pretrain.from_shipped=.*assets ends with unet_heads, not a unet_more"):
+        pretrain(load_config("base", cont_overrides + ["pretrain.extend=true", f"pretrain.work_dir={tmp_path / 'w8'}"]))
+    with pytest.raises(ValueError, match=r"extend=true trains pretrain.unet_more once more .*unet_more.steps is 0"):
+        pretrain(load_config("base", again_overrides + ["pretrain.extend=true", "pretrain.unet_more.steps=0", f"pretrain.work_dir={tmp_path / 'w9'}"]))
+    with pytest.raises(ValueError, match=r"extend=true runs unet_more again .* give that base's folder as pretrain.from_shipped"):
+        pretrain(load_config("base", overrides + ["pretrain.extend=true"]))
     # a recipe that differs from the shipped one, or a folder without a record, is refused before anything trains
     with pytest.raises(ValueError, match=r"pretrain.unet_heads differs .*lr: shipped 0.0003, here 0.5"):
         pretrain(load_config("base", cont_overrides + ["pretrain.unet_heads.lr=0.5", f"pretrain.work_dir={tmp_path / 'w3'}"]))

@@ -9,7 +9,8 @@ Stages, each cached in ``pretrain.work_dir`` so an interrupted recipe resumes wh
    toward high noise (``pretrain.unet_refine``), then a loss weighted toward the heads (``pretrain.unet_heads``), then
    optionally a longer run of the heads recipe (``pretrain.unet_more``, off by default: hours on a CPU, minutes on a GPU);
    ``steps: 0`` skips a phase, and the last phase that ran is what ships; ``pretrain.from_shipped`` takes the stages
-   that the shipped assets already hold (same recipe) as done, so a continuation starts from the shipped base;
+   that the shipped assets already hold (same recipe) as done, so a continuation starts from the shipped base, and
+   with ``pretrain.extend`` a base that already ran ``unet_more`` runs it once more (a long run in rounds);
 4. the two stand-in identity encoders (conditioning, and evaluation with another seed);
 5. the synthetic face analyzer (detector + 5 points), with its accuracy on held-out identities;
 6. the base check: samples from held-out captions, 30 DDIM steps, the analyzer counts the faces it finds.
@@ -58,6 +59,9 @@ def pretrain(cfg: DictConfig) -> dict:
     p = cfg.pretrain
     seed = int(cfg.experiment.seed)
     work, out = str(p.work_dir), str(p.out_dir)
+    if p.get("extend") and not p.get("from_shipped"):
+        raise ValueError("pretrain.extend=true runs unet_more again on a base that already ran it: give that base's folder as "
+                         "pretrain.from_shipped (e.g. the pretrain.out_dir of the run before), or drop pretrain.extend")
     os.makedirs(work, exist_ok=True)
     t_all = time.perf_counter()
     architecture = OmegaConf.to_container(cfg.model.tiny, resolve=True)
@@ -122,6 +126,12 @@ def pretrain(cfg: DictConfig) -> dict:
                                             lr=float(r.lr), checkpoint=os.path.join(work, stage_file), timestep_shift=float(r.timestep_shift),
                                             face_weight=float(r.face_weight), what=what, device=device)
         bb = _phase_result(base_dir, bb)
+    if p.get("extend") and p.get("from_shipped") and "unet_more" in record["stages"]:
+        from realisid.embedded.assets import pretrained_record
+
+        shipped_more = (pretrained_record(str(p.from_shipped)) or {}).get("stages", {}).get("unet_more")
+        record["stages"]["unet_more"] = {**record["stages"]["unet_more"], "extends": {"base": os.path.abspath(str(p.from_shipped)),
+                                                                                       "unet_more": shipped_more}}
 
     # ---- 4. stand-in identity encoders
     train_urls, val_urls = shard_urls(cfg, "train"), shard_urls(cfg, "val")
@@ -262,6 +272,11 @@ def stage_recipes(cfg: DictConfig) -> dict[str, dict]:
     chain = {**vae, "unet": section("unet", drop=("checkpoint_every",))}
     out = {"vae": vae, "unet": chain}
     for key, *_ in CONTINUATIONS:
+        if key == "unet_more" and p.get("extend") and p.get("from_shipped"):
+            # its start is the shipped base, which already ran this phase: not the phases above in this folder
+            chain = {**chain, "extends": os.path.abspath(str(p.from_shipped))}
+            last = [k for k in out if k.startswith("unet")][-1]
+            out[last] = chain
         if p.get(key) is not None and int(p[key].steps) > 0:
             chain = {**chain, key: section(key)}
             out[key] = chain
@@ -350,17 +365,30 @@ def seed_from_shipped(cfg: DictConfig, source: str, work: str) -> list[str]:
     if not unet_carries:  # the VAEs are equal (checked above), so what differs is the UNet or the text encoder
         log.info("pretrain.from_shipped: the base's UNet or text encoder differs from the shipped one (%s); its phases train from "
                  "scratch on the shipped VAE's latents", _differences(theirs["architecture"], mine["architecture"]))
+    extends = None
+    if p.get("extend"):
+        if shipped[-1:] != ["unet_more"]:
+            raise ValueError(f"pretrain.extend=true: the base in pretrain.from_shipped={source} ends with "
+                             f"{shipped[-1] if shipped else 'no UNet phase it can keep'}, not a unet_more phase; without "
+                             "pretrain.extend, pretrain.unet_more continues it")
+        if p.get("unet_more") is None or int(p.unet_more.steps) <= 0:
+            raise ValueError("pretrain.extend=true trains pretrain.unet_more once more on the shipped base, but "
+                             "pretrain.unet_more.steps is 0: give it steps (e.g. 8000)")
+        extends, shipped = shipped[-1], shipped[:-1]  # its result seeds the phase before it; unet_more trains again
     last = shipped[-1] if shipped else None
     folders = {key: folder for key, (folder, _) in UNET_PHASE_FILES.items()}
     taken: list[str] = []
-    for stage in ("vae", *shipped, "standin-arcface", "standin-arcface-eval", "synthetic-face-analyzer"):
+    stages = ("vae", *shipped, "standin-arcface", "standin-arcface-eval", "synthetic-face-analyzer")
+    for stage in stages:  # every recipe is checked before anything is copied, so a refused run leaves the work folder as it was
         key = _SEEDED_RECIPE.get(stage)
         if key is not None:
             want = OmegaConf.to_container(p[key], resolve=True) if p.get(key) is not None else None
             if rec["recipe"].get(key) != want:
+                again = ", run it once more with pretrain.extend=true" if stage == "unet_more" else ""
                 raise ValueError(f"pretrain.from_shipped={source}: pretrain.{key} differs from the recipe the shipped stage "
-                                 f"'{stage}' was trained with ({_differences(rec['recipe'].get(key), want)}); set it back, or drop "
-                                 "pretrain.from_shipped to train that stage again")
+                                 f"'{stage}' was trained with ({_differences(rec['recipe'].get(key), want)}); set it back{again}, or "
+                                 "drop pretrain.from_shipped to train that stage again")
+    for stage in stages:
         dst = os.path.join(work, folders.get(stage, stage))
         if _stage_done(dst) is not None:
             continue
@@ -380,7 +408,10 @@ def seed_from_shipped(cfg: DictConfig, source: str, work: str) -> list[str]:
         if grow and stage == last:
             note["grown"] = _grow_saved_unet(dst, grow)
         if src is None:
-            note["weights"] = f"not shipped: phase '{last}' continued from them and holds the result"
+            note["weights"] = f"not shipped: phase '{extends or last}' continued from them and holds the result"
+        elif extends and stage == last:
+            note["weights"] = (f"the shipped base after its '{extends}' phase (pretrain.extend): pretrain.{extends} "
+                               "trains again from them")
         _mark(dst, {**rec["stages"][stage], **note})
         taken.append(stage)
     return taken
