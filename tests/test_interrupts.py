@@ -181,4 +181,19 @@ def test_library_progress_bars_stay_out_of_a_log_file(monkeypatch):
             return True
 
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    # main() called in-process (a test, a user's script) turns the bars off while its command runs, and leaves the
+    # caller's environment as it found it: a key it set is removed again, a user's own value stays
+    import realisid.cli as cli
+
+    seen = {}
+
+    def add_probe(sub):
+        sub.add_parser("probe").set_defaults(func=lambda args: seen.update({k: os.environ.get(k) for k in cli.PROGRESS_BAR_SETTINGS}))
+
+    monkeypatch.setattr(cli, "ADD_PARSERS", [add_probe])
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "0")
+    monkeypatch.setattr("sys.stderr", io.StringIO())  # a log file, not a terminal
+    assert cli.main(["probe"]) == 0
+    assert seen == {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "0"}
+    assert "TQDM_DISABLE" not in os.environ and os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "0"
     assert quiet_progress_bars(Terminal()) is False and "TQDM_DISABLE" not in os.environ  # a terminal keeps its bars

@@ -43,9 +43,20 @@ def quiet_progress_bars(stream=None) -> bool:
     isatty = getattr(stream, "isatty", None)
     if isatty is not None and isatty():
         return False
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for key in PROGRESS_BAR_SETTINGS:
+        os.environ.setdefault(key, "1")
     return True
+
+
+PROGRESS_BAR_SETTINGS = ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS")
+
+
+def _restore_environment(saved: dict) -> None:
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.parse_args(argv)  # argparse's own message for what is not an override
         args.overrides = list(args.overrides or []) + late
     _setup_logging(args.verbose)
+    bar_settings = {k: os.environ.get(k) for k in PROGRESS_BAR_SETTINGS}
     quiet_progress_bars()
     from realisid.jobs import HEAVY_COMMANDS, announce, withdraw
 
@@ -102,4 +114,5 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         withdraw(record)
+        _restore_environment(bar_settings)  # main() called in-process leaves its caller's environment as it found it
 
