@@ -26,7 +26,7 @@ often it fires on samples known to hold no face (e.g. a base trained 1500 steps,
 ``benchmarks/unet_probe.py scratch --save DIR``) and how many real faces it still finds. The grids frame at the first
 threshold.
 
-Writes table.md, results.json and <base>.png under benchmarks/results/<date>-base-found-rate/.
+Writes table.md, results.json and <base>.png (the base's folder name, with parent folders in front when two bases share it) under benchmarks/results/<date>-base-found-rate/.
 """
 from __future__ import annotations
 
@@ -118,9 +118,8 @@ def main(argv=None) -> int:
     analyzer.threshold = 0.0  # every peak: found at t means best score >= t
     os.makedirs(args.out, exist_ok=True)
     rows = []
-    for b in bases:
+    for b, name in zip(bases, grid_stems(bases)):
         bb = load_pretrained_backbone(b)  # once per base: every sampler draws from the same weights
-        name = os.path.basename(os.path.normpath(b))
         for sampler in samplers:
             for guidance in guidances:
                 rows.append(sample_row(bb, shown_path(b), name, sampler, guidance, prompts, seeds, args.steps, analyzer, thresholds, args.out,
@@ -152,8 +151,9 @@ def sample_row(bb, base: str, name: str, sampler: str, guidance: float, prompts,
         scores += s
         if first is None:
             first = (images[:grid], [x >= thresholds[0] for x in s[:grid]])
-    save_framed_grid(first[0], first[1], os.path.join(out_dir, grid_name(name, sampler, guidance)))
-    row = {"base": base, "sampler": sampler, "guidance": guidance, "samples": len(scores), "scores": [round(x, 4) for x in scores],
+    grid_file = grid_name(name, sampler, guidance)
+    save_framed_grid(first[0], first[1], os.path.join(out_dir, grid_file))
+    row = {"base": base, "grid": grid_file, "sampler": sampler, "guidance": guidance, "samples": len(scores), "scores": [round(x, 4) for x in scores],
            "seconds": round(time.perf_counter() - t0, 1), "by_threshold": {}}
     for t in thresholds:
         k, n = sum(x >= t for x in scores), len(scores)
@@ -164,6 +164,21 @@ def sample_row(bb, base: str, name: str, sampler: str, guidance: float, prompts,
         f"threshold {t}: a face in {v['found']} of {len(scores)} samples ({v['found_rate']:.2f}, 95% [{v['ci95'][0]:.2f}, {v['ci95'][1]:.2f}])"
         for t, v in row["by_threshold"].items()), flush=True)
     return row
+
+
+def grid_stems(bases: list[str]) -> list[str]:
+    """Each base's grid file stem: its folder's name, with as many parent folders in front (joined by ``-``) as it takes
+    to tell the bases apart, so that ``realisid/assets/tiny-sd`` and ``data/cache/assets-x/tiny-sd`` do not overwrite
+    one grid (``assets-tiny-sd``, ``assets-x-tiny-sd``); the same folder twice gets ``-2``, ``-3``."""
+    parts = [os.path.normpath(os.path.abspath(b)).strip(os.sep).split(os.sep) for b in bases]
+    distinct, depth = len({tuple(p) for p in parts}), 1
+    while depth < max((len(p) for p in parts), default=1) and len({"-".join(p[-depth:]) for p in parts}) < distinct:
+        depth += 1
+    stems = ["-".join(p[-depth:]) for p in parts]
+    out: list[str] = []
+    for stem in stems:
+        out.append(stem if stem not in out else f"{stem}-{sum(o == stem or o.startswith(stem + '-') for o in out) + 1}")
+    return out
 
 
 def grid_name(name: str, sampler: str, guidance: float) -> str:

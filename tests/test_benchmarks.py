@@ -113,6 +113,12 @@ def test_base_found_rate_guidance_rows(tmp_path, monkeypatch):
     assert mod.grid_name("tiny-sd", "ddim", 5.0) == "tiny-sd.png"
     assert mod.grid_name("tiny-sd", "ddpm", 5.0) == "tiny-sd-ddpm.png"
     assert mod.grid_name("tiny-sd", "ddim", 1.5) == "tiny-sd-g1.5.png"
+    # bases that share a folder name each keep their own grid
+    assert mod.grid_stems(["realisid/assets/tiny-sd", "w/tiny-sd-heads"]) == ["tiny-sd", "tiny-sd-heads"]
+    assert mod.grid_stems(["realisid/assets/tiny-sd", "data/cache/assets-x/tiny-sd", "data/cache/assets-y/tiny-sd"]) == [
+        "assets-tiny-sd", "assets-x-tiny-sd", "assets-y-tiny-sd"]
+    assert mod.grid_stems(["a/x/tiny-sd", "b/x/tiny-sd"]) == ["a-x-tiny-sd", "b-x-tiny-sd"]
+    assert mod.grid_stems(["m/tiny-sd", "m/tiny-sd", "m/tiny-sd"]) == ["tiny-sd", "tiny-sd-2", "tiny-sd-3"]
     seen = []
 
     def fake_sample(bb, prompts, *, steps, guidance, seed, scheduler):
