@@ -142,6 +142,21 @@ def flat_config(cfg) -> dict:
     return out
 
 
+def continuation_differences(old: dict, new: dict, defaults: dict) -> list[str]:
+    """The dotted keys in which a continued run's config ``new`` differs from its source's ``old`` (both flat), other
+    than those a continuation may change. A key the source's config lacks, because the source was trained before the
+    key existed, is no difference when ``new`` holds its default (``defaults``, the flat base config): a new key's
+    default keeps the behaviour from before it."""
+    missing = object()
+
+    def differs(k: str) -> bool:
+        if k not in old and k in defaults and new.get(k, missing) == defaults[k]:
+            return False
+        return old.get(k, "<missing>") != new.get(k, "<missing>")
+
+    return sorted(k for k in set(old) | set(new) if not k.startswith(CONTINUE_MAY_DIFFER) and differs(k))
+
+
 def start_from(source_dir: str, cfg, run_dir: str) -> int:
     """Set ``run_dir`` up to continue ``source_dir`` (another sweep's finished run) with ``cfg``: its config is
     written first, then the source's last checkpoint is copied in (atomically), so an interruption at any point
@@ -155,8 +170,7 @@ def start_from(source_dir: str, cfg, run_dir: str) -> int:
                           f"checkpoints/last.ckpt there): run `make sweep SWEEP={sweep}` first")
     source_cfg = OmegaConf.load(os.path.join(source_dir, "config.yaml"))
     old, new = flat_config(source_cfg), flat_config(cfg)
-    differ = sorted(k for k in set(old) | set(new) if old.get(k, "<missing>") != new.get(k, "<missing>")
-                    and not k.startswith(CONTINUE_MAY_DIFFER))
+    differ = continuation_differences(old, new, flat_config(load_config("base", [])))
     if differ:
         shown = ", ".join(f"{k}: {old.get(k, '<missing>')!r} -> {new.get(k, '<missing>')!r}" for k in differ[:8])
         raise ConfigError(f"{run_dir} cannot continue {source_dir}: the configs differ in {shown}"

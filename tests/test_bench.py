@@ -154,6 +154,16 @@ runs:
     with pytest.raises(ConfigError, match=r"model\.local\.upsample: True -> False"):  # not the same model: refused, nothing written
         run_sweep(more("changed", "  x: {exp: local_branch, overrides: [model.local.upsample=false], continue: mini/local_only}\n"))
     assert not (tmp_path / "runs" / "sweeps" / "changed" / "x" / "checkpoints").exists()
+    # a key added after the source was trained is no difference at its default, and is one at another value
+    from realisid.sweep import continuation_differences
+
+    defaults = {"pretrain.extend": False, "model.lr": 1.0}
+    old = {"model.lr": 1.0}
+    assert continuation_differences(old, {"model.lr": 1.0, "pretrain.extend": False}, defaults) == []
+    assert continuation_differences(old, {"model.lr": 1.0, "pretrain.extend": True}, defaults) == ["pretrain.extend"]
+    assert continuation_differences(old, {"model.lr": 2.0, "pretrain.extend": False}, defaults) == ["model.lr"]
+    assert continuation_differences({**old, "x.gone": 1}, old, defaults) == ["x.gone"]  # a key removed since: a difference
+    assert continuation_differences(old, {"model.lr": 1.0, "bench.steps": 3}, defaults) == []  # may differ anyway
     with pytest.raises(ConfigError, match="make sweep SWEEP=mini"):  # the source never finished
         run_sweep(more("early", "  x: {exp: local_branch, continue: mini/joint}\n"))
     with pytest.raises(ConfigError, match="raise the sweep's trainer.max_steps"):
