@@ -175,10 +175,7 @@ def grid_stems(bases: list[str]) -> list[str]:
     while depth < max((len(p) for p in parts), default=1) and len({"-".join(p[-depth:]) for p in parts}) < distinct:
         depth += 1
     stems = ["-".join(p[-depth:]) for p in parts]
-    out: list[str] = []
-    for stem in stems:
-        out.append(stem if stem not in out else f"{stem}-{sum(o == stem or o.startswith(stem + '-') for o in out) + 1}")
-    return out
+    return [stem if stem not in stems[:i] else f"{stem}-{stems[:i].count(stem) + 1}" for i, stem in enumerate(stems)]
 
 
 def grid_name(name: str, sampler: str, guidance: float) -> str:
