@@ -257,4 +257,7 @@ def table_md(record: dict) -> str:
 
 
 if __name__ == "__main__":
+    from realisid.cli import quiet_progress_bars
+
+    quiet_progress_bars()  # no bar lines when piped to a log
     sys.exit(main())

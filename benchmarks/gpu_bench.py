@@ -224,4 +224,7 @@ def render(res: dict, sizes: list[int]) -> str:
 
 
 if __name__ == "__main__":
+    from realisid.cli import quiet_progress_bars
+
+    quiet_progress_bars()  # no bar lines when piped to a log
     sys.exit(main())

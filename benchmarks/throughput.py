@@ -349,4 +349,7 @@ def render_faces(fa: dict) -> list[str]:
 
 
 if __name__ == "__main__":
+    from realisid.cli import quiet_progress_bars
+
+    quiet_progress_bars()  # no bar lines when piped to a log
     sys.exit(main())

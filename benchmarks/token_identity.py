@@ -128,4 +128,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from realisid.cli import quiet_progress_bars
+
+    quiet_progress_bars()  # no bar lines when piped to a log
     sys.exit(main())

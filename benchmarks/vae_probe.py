@@ -127,5 +127,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from realisid.cli import quiet_progress_bars
+
+    quiet_progress_bars()  # no bar lines when piped to a log
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     raise SystemExit(main())

@@ -156,11 +156,13 @@ def test_progress_is_sparse_lines_without_a_terminal(tmp_path, face_shards, capl
     assert all("s/step" in line and "left" in line for line in lines)
 
 
-def _tqdm_bar_in_a_pipe(quiet: bool, env_extra: dict | None = None) -> str:
-    """What a library's tqdm bar writes to stderr when stderr is a pipe, with or without the CLI's quieting first."""
-    code = ("import sys\nfrom realisid.cli import quiet_progress_bars\n"
-            + ("quiet_progress_bars()\n" if quiet else "")
-            + "from tqdm import tqdm\nfor _ in tqdm(range(50), desc='Loading weights'): pass\n")
+def _tqdm_bar_in_a_pipe(quiet: bool, env_extra: dict | None = None, imported_first: bool = False) -> str:
+    """What a library's tqdm bar writes to stderr when stderr is a pipe, with or without the CLI's quieting first;
+    ``imported_first``: transformers (and with it tqdm) is imported before the quieting, as a benchmark script does."""
+    bar = ("from transformers.utils.logging import tqdm\n" if imported_first else "from tqdm import tqdm\n") \
+        + "for _ in tqdm(range(50), desc='Loading weights'): pass\n"
+    code = ("import sys\n" + ("import transformers.utils.logging\n" if imported_first else "")
+            + "from realisid.cli import quiet_progress_bars\n" + ("quiet_progress_bars()\n" if quiet else "") + bar)
     env = {k: v for k, v in os.environ.items() if k not in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS")}
     proc = subprocess.run([sys.executable, "-c", code], env={**env, **(env_extra or {})}, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -170,6 +172,10 @@ def _tqdm_bar_in_a_pipe(quiet: bool, env_extra: dict | None = None) -> str:
 def test_library_progress_bars_stay_out_of_a_log_file(monkeypatch):
     assert "Loading weights" in _tqdm_bar_in_a_pipe(quiet=False)  # what transformers' loader writes at every backbone load
     assert _tqdm_bar_in_a_pipe(quiet=True) == ""
+    # a benchmark script imports the libraries before it can quiet them: they are told at run time
+    assert "Loading weights" in _tqdm_bar_in_a_pipe(quiet=False, imported_first=True)
+    assert _tqdm_bar_in_a_pipe(quiet=True, imported_first=True) == ""
+    assert "Loading weights" in _tqdm_bar_in_a_pipe(quiet=True, imported_first=True, env_extra={"HF_HUB_DISABLE_PROGRESS_BARS": "0"})
     # a user's own setting wins (an empty TQDM_DISABLE is tqdm's "bars on")
     assert "Loading weights" in _tqdm_bar_in_a_pipe(quiet=True, env_extra={"TQDM_DISABLE": ""})
     import io

@@ -38,14 +38,30 @@ def quiet_progress_bars(stream=None) -> bool:
     """No tqdm bars when ``stream`` (stderr) is a file or pipe: each update of a bar would add a line to the log
     (transformers' "Loading weights" at every backbone load, diffusers' and the hub's bars). Sets ``TQDM_DISABLE`` and
     ``HF_HUB_DISABLE_PROGRESS_BARS`` unless the user set them; tqdm reads them when first imported, so this runs before
-    any command imports it. Returns whether the bars were turned off."""
+    any command imports it; a library imported before (a benchmark script's imports) is told at run time. Returns whether
+    the bars were turned off."""
     stream = sys.stderr if stream is None else stream
     isatty = getattr(stream, "isatty", None)
     if isatty is not None and isatty():
         return False
     for key in PROGRESS_BAR_SETTINGS:
         os.environ.setdefault(key, "1")
+    _quiet_imported_libraries()
     return True
+
+
+def _quiet_imported_libraries() -> None:
+    """The libraries that read the settings when first imported and are imported already (a benchmark script imports
+    them at its top, before it can call this) are told at run time, unless the user turned their bars on."""
+    if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") != "1":
+        return
+    for name, off in (("huggingface_hub", "utils.disable_progress_bars"), ("transformers", "utils.logging.disable_progress_bar"),
+                      ("diffusers", "utils.logging.disable_progress_bar")):
+        if name in sys.modules:
+            import importlib
+
+            module_path, func = off.rsplit(".", 1)
+            getattr(importlib.import_module(f"{name}.{module_path}"), func)()
 
 
 PROGRESS_BAR_SETTINGS = ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS")
