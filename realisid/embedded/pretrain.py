@@ -76,8 +76,9 @@ def pretrain(cfg: DictConfig) -> dict:
     resolution = int(cfg.data.resolution)
     data = B.load_image_set(shard_urls(cfg, "train"), resolution)
     log.info("pretrain: %d training images at %d px, %d threads; VAE, UNet and samples on %s", len(data), resolution, threads, device)
+    extended = None  # with pretrain.extend: the round before, recorded under stages.unet_more.extends
     if p.get("from_shipped"):
-        seeded = seed_from_shipped(cfg, str(p.from_shipped), work)
+        seeded, extended = seed_from_shipped(cfg, str(p.from_shipped), work)
         log.info("pretrain: stages %s taken from %s as they shipped", ", ".join(seeded) or "(none: all were already done)",
                  p.from_shipped)
 
@@ -126,12 +127,8 @@ def pretrain(cfg: DictConfig) -> dict:
                                             lr=float(r.lr), checkpoint=os.path.join(work, stage_file), timestep_shift=float(r.timestep_shift),
                                             face_weight=float(r.face_weight), what=what, device=device)
         bb = _phase_result(base_dir, bb)
-    if p.get("extend") and p.get("from_shipped") and "unet_more" in record["stages"]:
-        from realisid.embedded.assets import pretrained_record
-
-        shipped_more = (pretrained_record(str(p.from_shipped)) or {}).get("stages", {}).get("unet_more")
-        record["stages"]["unet_more"] = {**record["stages"]["unet_more"], "extends": {"base": os.path.abspath(str(p.from_shipped)),
-                                                                                       "unet_more": shipped_more}}
+    if extended is not None and "unet_more" in record["stages"]:
+        record["stages"]["unet_more"] = {**record["stages"]["unet_more"], "extends": extended}
 
     # ---- 4. stand-in identity encoders
     train_urls, val_urls = shard_urls(cfg, "train"), shard_urls(cfg, "val")
@@ -330,7 +327,7 @@ def _phase_result(base_dir: str, bb):
 _SEEDED_RECIPE = {"vae": "vae", "unet": "unet", **{key: key for key, *_ in CONTINUATIONS}, "synthetic-face-analyzer": "detector"}
 
 
-def seed_from_shipped(cfg: DictConfig, source: str, work: str) -> list[str]:
+def seed_from_shipped(cfg: DictConfig, source: str, work: str) -> tuple[list[str], dict | None]:
     """Mark the stages that the assets in ``source`` (a folder ``make pretrain`` wrote: ``realisid/assets/``) already
     hold as done in ``work``, so that ``make pretrain`` only trains what comes after them, e.g. ``pretrain.unet_more``
     from the shipped base instead of the whole 3.5 h recipe. A stage is taken over only when the shipped record's
@@ -338,7 +335,8 @@ def seed_from_shipped(cfg: DictConfig, source: str, work: str) -> list[str]:
     analyzer need the same VAE; the UNet phases the same base architecture, or one whose UNet only has more layers per
     level (the shipped UNet is then grown into it, see :mod:`realisid.models.grow`). With any other UNet or text
     encoder the UNet phases train from scratch on the shipped VAE's latents. Stages already done in ``work`` are left
-    alone. Returns the stages taken over."""
+    alone. Returns the stages taken over and, with ``pretrain.extend``, the round it extends (the base's folder and
+    its unet_more record; else None)."""
     from realisid.embedded.assets import pretrained_record
 
     rec = pretrained_record(source)
@@ -414,7 +412,8 @@ def seed_from_shipped(cfg: DictConfig, source: str, work: str) -> list[str]:
                                "trains again from them")
         _mark(dst, {**rec["stages"][stage], **note})
         taken.append(stage)
-    return taken
+    extended = {"base": os.path.abspath(source), "unet_more": rec["stages"].get("unet_more")} if extends else None
+    return taken, extended
 
 
 def _growth(theirs, mine):
