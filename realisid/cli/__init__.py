@@ -55,13 +55,18 @@ def _quiet_imported_libraries() -> None:
     them at its top, before it can call this) are told at run time, unless the user turned their bars on."""
     if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") != "1":
         return
-    for name, off in (("huggingface_hub", "utils.disable_progress_bars"), ("transformers", "utils.logging.disable_progress_bar"),
-                      ("diffusers", "utils.logging.disable_progress_bar")):
-        if name in sys.modules:
-            import importlib
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
 
-            module_path, func = off.rsplit(".", 1)
-            getattr(importlib.import_module(f"{name}.{module_path}"), func)()
+        disable_progress_bars()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+    if "diffusers" in sys.modules:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()
 
 
 PROGRESS_BAR_SETTINGS = ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS")
