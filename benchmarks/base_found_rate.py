@@ -26,7 +26,9 @@ often it fires on samples known to hold no face (e.g. a base trained 1500 steps,
 ``benchmarks/unet_probe.py scratch --save DIR``) and how many real faces it still finds. The grids frame at the first
 threshold.
 
-Writes table.md, results.json and <base>.png (the base's folder name, with parent folders in front when two bases share it) under benchmarks/results/<date>-base-found-rate/.
+Writes table.md, results.json, <base>.png (the base's folder name, with parent folders in front when two bases share it)
+and real.png (the held-out photos the grid's captions were written for, in the grid's order: what the base should
+draw for them) under benchmarks/results/<date>-base-found-rate/.
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ from realisid.config import load_config  # noqa: E402
 from realisid.embedded.analyzer import load_synthetic_analyzer  # noqa: E402
 from realisid.embedded.assets import asset_path  # noqa: E402
 from realisid.embedded.base import load_image_set, sample_base  # noqa: E402
-from realisid.embedded.check import held_out_captions, save_framed_grid  # noqa: E402
+from realisid.embedded.check import held_out_indices, save_framed_grid  # noqa: E402
 from realisid.embedded.stages import shard_urls, synthetic_shards  # noqa: E402
 from realisid.evaluation import to_uint8  # noqa: E402
 from realisid.geometry import bins_from_config, box_iou, face_size, scale_bin  # noqa: E402
@@ -111,12 +113,14 @@ def main(argv=None) -> int:
     cfg = load_config("base", [])
     synthetic_shards(cfg)  # the held-out shards (drawn on the first run, as `make train` does)
     val = load_image_set(shard_urls(cfg, "val"), int(cfg.data.resolution))
-    prompts = held_out_captions(val.captions, args.captions, seed=5)
+    picked = held_out_indices(len(val.captions), args.captions, seed=5)
+    prompts = [val.captions[i] for i in picked]
     analyzer = load_synthetic_analyzer(analyzer_dir)
     own = analyzer.threshold
     thresholds = parse_thresholds(args.thresholds, own)
     analyzer.threshold = 0.0  # every peak: found at t means best score >= t
     os.makedirs(args.out, exist_ok=True)
+    real_grid = save_real_grid(val, picked[: args.grid], os.path.join(args.out, REAL_GRID), bins_from_config(cfg.bins))
     rows = []
     for b, name in zip(bases, grid_stems(bases)):
         bb = load_pretrained_backbone(b)  # once per base: every sampler draws from the same weights
@@ -130,7 +134,7 @@ def main(argv=None) -> int:
               "captions": args.captions, "seeds": seeds, "steps": args.steps, "samplers": samplers, "guidance": guidances, "thresholds": thresholds, "analyzer_threshold": own, "grid": args.grid,
               "analyzer": shown_path(analyzer_dir),
               "date": dt.date.today().isoformat(), "machine": describe_machine(host=False),
-              "bases": rows, "real_recall": real}
+              "bases": rows, "real_recall": real, "real_grid": real_grid}
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(record, f, indent=2)
     with open(os.path.join(args.out, "table.md"), "w") as f:
@@ -164,6 +168,22 @@ def sample_row(bb, base: str, name: str, sampler: str, guidance: float, prompts,
         f"threshold {t}: a face in {v['found']} of {len(scores)} samples ({v['found_rate']:.2f}, 95% [{v['ci95'][0]:.2f}, {v['ci95'][1]:.2f}])"
         for t, v in row["by_threshold"].items()), flush=True)
     return row
+
+
+REAL_GRID = "real.png"
+
+
+def save_real_grid(val, indices, path: str, bins) -> dict:
+    """The held-out photos the first grid captions were written for, in the grids' order: what the synthetic world
+    draws for those captions, so that a base's grid is judged by eye against it. Returns the file name and each photo's
+    face-size bin, since faces too small to show eyes and a mouth are as common in the photos as in any faithful
+    sample of them."""
+    indices = list(indices)
+    images = val.images[indices].float() / 127.5 - 1.0
+    save_framed_grid(images, [True] * len(indices), path)
+    side = int(val.images.shape[-1])
+    per_photo = [scale_bin(face_size(b.tolist(), side, side), bins) for b in val.boxes[indices]]
+    return {"file": os.path.basename(path), "bins": per_photo, "bin_counts": {b: per_photo.count(b) for b in bins}}
 
 
 def grid_stems(bases: list[str]) -> list[str]:
@@ -248,6 +268,11 @@ def table_md(record: dict) -> str:
             v = r["by_threshold"][str(t)]
             cells.append(f"{v['found']} / {r['samples']} = {v['found_rate']:.2f} [{v['ci95'][0]:.2f}, {v['ci95'][1]:.2f}]")
         lines.append(f"| `{r['base']}` | {r.get('sampler', 'ddim')} | {r.get('guidance', 5.0):g} | " + " | ".join(cells) + f" | {r['seconds']} |")
+    rg = record.get("real_grid")
+    if rg:
+        counts = ", ".join(f"{b} {n}" for b, n in rg["bin_counts"].items())
+        lines += ["", f"`{rg['file']}`: the held-out photos the grids' captions were written for, in the same order (what a sample of "
+                  f"them should look like); their faces by size bin: {counts}."]
     if record.get("real_recall"):
         lines += ["", "The analyzer's recall on real held-out photos (a detection with IoU >= 0.5 at the face, score at or above the threshold):",
                   "", "| bin | photos | " + " | ".join(f"recall at {t}" for t in ts) + " |", "|---|---|" + "---|" * len(ts)]

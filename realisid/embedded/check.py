@@ -73,9 +73,14 @@ def save_round_trip(photos: torch.Tensor, through: torch.Tensor, path: str) -> s
     return path
 
 
-def held_out_captions(captions: Sequence[str], n: int, seed: int) -> list[str]:
+def held_out_indices(count: int, n: int, seed: int) -> list[int]:
+    """Which ``n`` of ``count`` held-out samples the base is sampled for (distinct, in the order drawn)."""
     rng = np.random.default_rng(seed)
-    return [captions[i] for i in rng.choice(len(captions), size=min(n, len(captions)), replace=False)]
+    return [int(i) for i in rng.choice(count, size=min(n, count), replace=False)]
+
+
+def held_out_captions(captions: Sequence[str], n: int, seed: int) -> list[str]:
+    return [captions[i] for i in held_out_indices(len(captions), n, seed)]
 
 
 def check_embedded(cfg: DictConfig, out_dir: str, examples_dir: str | None = os.path.join("data", "examples")) -> dict:
