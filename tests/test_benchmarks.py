@@ -217,6 +217,37 @@ def test_base_found_rate_real_grid_shows_the_photos_of_the_sampled_captions_in_o
     assert f"their faces by size bin: {counts}." in mod.table_md(record)
 
 
+def test_base_from_noised_starts_where_the_strength_says_and_scores_only_the_face_box(tiny_cfg):
+    """Strength s starts DDIM s of the way back (1: pure noise, as a sample; a small s still runs a step); the face
+    error reads only the face box; a tiny random base returns images for every strength, and strength 1 ignores the
+    photo (it starts from the noise alone) while a small strength stays close to it."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from realisid.models.backbone import build_tiny_backbone
+
+    mod = _load_script("base_from_noised")
+    assert mod.parse_strengths("0.2, 1") == [0.2, 1.0]
+    for bad in ("0", "1.5", "x", "", "nan"):
+        with pytest.raises(SystemExit, match="--strengths"):
+            mod.parse_strengths(bad)
+    assert [mod.first_step(s, 30) for s in (1.0, 0.5, 0.2, 0.01)] == [0, 15, 24, 29]
+    ref = torch.zeros(2, 3, 16, 16)
+    img = ref.clone()
+    img[:, :, :8, :8] = 1.0  # differs only outside the box below
+    boxes = torch.tensor([[8.0, 8.0, 16.0, 16.0], [8.0, 8.0, 16.0, 16.0]])
+    assert mod.face_error(img, ref, boxes) == 0.0
+    img[0, :, 8:, 8:] = 1.0  # the whole box of the first image off by 1 (0.5 on the 0..1 scale)
+    assert mod.face_error(img, ref, boxes) == pytest.approx(0.25)
+    bb = build_tiny_backbone(OmegaConf.create(tiny_cfg("local_branch").model.tiny))
+    z_a = torch.randn(2, bb.latent_channels, 32, 32, generator=torch.Generator().manual_seed(0))
+    z_b = torch.randn(2, bb.latent_channels, 32, 32, generator=torch.Generator().manual_seed(1)) * 3
+    out = {(s, k): mod.denoise_from(bb, z, ["a", "b"], s, steps=4, guidance=2.0, seed=0) for s in (0.25, 1.0) for k, z in (("a", z_a), ("b", z_b))}
+    assert out[(1.0, "a")].shape == (2, 3, 64, 64) and torch.isfinite(out[(1.0, "a")]).all()
+    assert torch.equal(out[(1.0, "a")], out[(1.0, "b")])  # from pure noise: the photo's latents play no part
+    assert not torch.equal(out[(0.25, "a")], out[(0.25, "b")])  # one step from the photo: they do
+
+
 def test_sampling_settings_parses_sets_and_refuses_the_benchmarks_own_identities(tmp_path):
     mod = _load_script("sampling_settings")
     s = mod.parse_setting("5,3,0.1")
