@@ -5,7 +5,7 @@
 
 BASE: a diffusers folder of an embedded-default base (default: the shipped ``realisid/assets/tiny-sd``). Each of the
 first ``--photos`` held-out photos of the base check's caption draw (the same photos, in the same order, as
-``real.png`` of ``base_found_rate.py``) is encoded by the base's VAE (posterior mean), noised to the DDIM timestep a
+``real.png`` of ``base_found_rate.py`` at its default ``--captions 60``) is encoded by the base's VAE (posterior mean), noised to the DDIM timestep a
 fraction ``s`` of the way back along the 30-step trajectory (``s = 1``: pure noise, the photo's layout is gone), and
 denoised by the base over the remaining steps with the photo's own caption and classifier-free guidance 5. A base that
 keeps eyes and a mouth from ``s = 0.4`` but not from ``s = 1`` can finish faces it cannot decide; one that blurs them
