@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from realisid.config import load_config  # noqa: E402
 from realisid.embedded.analyzer import load_synthetic_analyzer  # noqa: E402
 from realisid.embedded.assets import asset_path  # noqa: E402
-from realisid.embedded.base import load_image_set  # noqa: E402
+from realisid.embedded.base import denoise_latents, load_image_set  # noqa: E402
 from realisid.embedded.check import held_out_indices  # noqa: E402
 from realisid.embedded.stages import shard_urls, synthetic_shards  # noqa: E402
 from realisid.evaluation import to_uint8  # noqa: E402
@@ -40,7 +40,6 @@ from realisid.geometry import box_iou  # noqa: E402
 from realisid.images import signed_from_uint8  # noqa: E402
 from realisid.machine import describe_machine  # noqa: E402
 from realisid.models.backbone import load_pretrained_backbone  # noqa: E402
-from realisid.models.samplers import sampler_step  # noqa: E402
 
 
 def parse_strengths(text: str) -> list[float]:
@@ -73,12 +72,7 @@ def denoise_from(bb, z0: torch.Tensor, prompts, strength: float, *, steps: int, 
     noise = torch.randn(z0.shape, generator=g)
     lat = noise * sched.init_noise_sigma if k == 0 else sched.add_noise(z0, noise, ts[:1].repeat(len(z0)))
     text = bb.encode_text([""] * len(prompts) + list(prompts))
-    step_noise = torch.Generator().manual_seed(seed + 1)
-    for t in ts:
-        x = sched.scale_model_input(torch.cat([lat, lat]), t)
-        eps = bb.unet(x, t, encoder_hidden_states=text.embeds, return_dict=False)[0]
-        e_none, e_text = eps.chunk(2)
-        lat = sampler_step(sched, e_none + guidance * (e_text - e_none), t, lat, step_noise)
+    lat = denoise_latents(bb, sched, lat, ts, text.embeds, guidance, torch.Generator().manual_seed(seed + 1))
     return bb.decode_latents(lat).float().cpu()
 
 

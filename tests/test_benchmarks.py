@@ -181,7 +181,7 @@ def test_base_found_rate_recall_at_each_threshold_counts_only_detections_at_the_
     assert "| large | 2 | 0.500 | 0.500 |" in table
 
 
-def test_base_found_rate_real_grid_shows_the_photos_of_the_sampled_captions_in_order(tmp_path):
+def test_base_found_rate_real_grid_shows_the_photos_of_the_sampled_captions_in_order(tmp_path, monkeypatch):
     """real.png: the held-out photos whose captions the grid samples, in the grid's order, with their face-size bins
     counted in the table (the by-eye judge of a base grid needs to know what the world draws for those captions)."""
     from types import SimpleNamespace
@@ -198,13 +198,9 @@ def test_base_found_rate_real_grid_shows_the_photos_of_the_sampled_captions_in_o
     images = torch.stack([torch.full((3, 64, 64), i * 10, dtype=torch.uint8) for i in range(20)])  # photo i is grey level 10 i
     boxes = torch.tensor([[0.0, 0.0, 4.0, 4.0] if i % 2 else [0.0, 0.0, 40.0, 40.0] for i in range(20)])
     saved = []
-    mod_save = mod.save_framed_grid
-    try:
-        mod.save_framed_grid = lambda ims, found, path: saved.append((ims.clone(), list(found), path))
-        rec = mod.save_real_grid(SimpleNamespace(images=images, boxes=boxes), picked[:3], str(tmp_path / "real.png"),
-                                 {"tiny": (0.0, 0.125), "large": (0.125, float("inf"))})
-    finally:
-        mod.save_framed_grid = mod_save
+    monkeypatch.setattr(mod, "save_framed_grid", lambda ims, found, path: saved.append((ims.clone(), list(found), path)))
+    rec = mod.save_real_grid(SimpleNamespace(images=images, boxes=boxes), picked[:3], str(tmp_path / "real.png"),
+                             {"tiny": (0.0, 0.125), "large": (0.125, float("inf"))})
     ims, found, path = saved[0]
     assert found == [True] * 3 and path.endswith("real.png")
     assert [round(float((im[0, 0, 0] + 1) * 127.5)) for im in ims] == [10 * i for i in picked[:3]]  # in the grid's order
@@ -220,7 +216,7 @@ def test_base_found_rate_real_grid_shows_the_photos_of_the_sampled_captions_in_o
 def test_base_from_noised_starts_where_the_strength_says_and_scores_only_the_face_box(tiny_cfg):
     """Strength s starts DDIM s of the way back (1: pure noise, as a sample; a small s still runs a step); the face
     error reads only the face box; a tiny random base returns images for every strength, and strength 1 ignores the
-    photo (it starts from the noise alone) while a small strength stays close to it."""
+    photo (it starts from the noise alone) while a small strength depends on it."""
     import torch
     from omegaconf import OmegaConf
 

@@ -364,13 +364,21 @@ def sample_base(bb, prompts: Sequence[str], *, steps: int = 30, guidance: float 
         g = torch.Generator().manual_seed(int(seed) + start)  # host noise: the same samples on any device
         lat = torch.randn((k, bb.latent_channels, R, R), generator=g).to(bb.unet.device) * sched.init_noise_sigma
         step_noise = torch.Generator().manual_seed(int(seed) + start + 1)  # a stochastic sampler's per-step noise
-        for t in sched.timesteps:
-            x = sched.scale_model_input(torch.cat([lat, lat]), t)
-            eps = bb.unet(x, t, encoder_hidden_states=text.embeds, return_dict=False)[0]
-            e_none, e_text = eps.chunk(2)
-            lat = sampler_step(sched, e_none + guidance * (e_text - e_none), t, lat, step_noise)
+        lat = denoise_latents(bb, sched, lat, sched.timesteps, text.embeds, guidance, step_noise)
         out.append(bb.decode_latents(lat).float().cpu())
     return torch.cat(out)
+
+
+def denoise_latents(bb, sched, lat: torch.Tensor, timesteps, embeds: torch.Tensor, guidance: float,
+                    step_noise: torch.Generator) -> torch.Tensor:
+    """The base's sampling loop over ``timesteps`` from ``lat``, with classifier-free guidance: ``embeds`` holds the
+    empty prompt's embeddings for the first half of the batch, the prompts' for the second."""
+    for t in timesteps:
+        x = sched.scale_model_input(torch.cat([lat, lat]), t)
+        eps = bb.unet(x, t, encoder_hidden_states=embeds, return_dict=False)[0]
+        e_none, e_text = eps.chunk(2)
+        lat = sampler_step(sched, e_none + guidance * (e_text - e_none), t, lat, step_noise)
+    return lat
 
 
 def vae_round_trip(vae, images: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
